@@ -1,0 +1,165 @@
+"""The `mimo` command: one subcommand per stage; each stays thin and calls into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mimo import __version__
+from mimo.errors import MimoError
+
+
+def cmd_info(args):
+    import torch
+
+    from mimo.config import MiMoConfig, preset_config
+    from mimo.model import MiMoForCausalLM
+
+    path = Path(args.model)
+    if path.exists():
+        cfg = MiMoConfig.load(path / "config.json") if path.is_dir() else MiMoConfig.load(path)
+    elif "/" in args.model or args.model.startswith("."):
+        raise MimoError(f"{args.model}: no such file or directory")
+    else:
+        cfg = preset_config(args.model)
+    with torch.device("meta"):
+        counts = MiMoForCausalLM(cfg).num_params()
+    info = {
+        "model": args.model,
+        "architecture": {k: getattr(cfg, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "num_nextn_predict_layers", "max_position_embeddings",
+            "rope_theta", "rms_norm_eps", "tie_word_embeddings", "attention_bias")},
+        "parameters": counts,
+        "weight_bytes": {name: counts["total"] * nbytes for name, nbytes in
+                         (("fp32", 4), ("bf16", 2), ("int8", 1))},
+    }
+    if args.json:
+        print(json.dumps(info))
+        return
+    a = info["architecture"]
+    print(f"{args.model}: MiMo decoder, {a['num_hidden_layers']} layers, hidden {a['hidden_size']}, "
+          f"FFN {a['intermediate_size']}, {a['num_attention_heads']} query / {a['num_key_value_heads']} KV heads "
+          f"(head_dim {a['head_dim']}), vocab {a['vocab_size']}, rope_theta {a['rope_theta']:g}, "
+          f"{a['num_nextn_predict_layers']} MTP layer(s)")
+    print(f"parameters: main {counts['main']:,}  per MTP layer {counts['mtp_per_layer']:,}  "
+          f"total {counts['total']:,}")
+    print("weights: " + "  ".join(f"{k} {_human_bytes(v)}" for k, v in info["weight_bytes"].items()))
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def load_model_and_tokenizer(model_dir: str, dtype: str = "auto"):
+    """A model directory -> (model, tokenizer); checks that the tokenizer fits the embedding."""
+    import torch
+
+    from mimo.checkpoint import load_model
+    from mimo.tokenizer import Tokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise MimoError(f"{model_dir}: no such model directory")
+    tokenizer = Tokenizer.load(path)
+    model = load_model(path, dtype=None if dtype == "auto" else dtype)
+    if dtype == "auto" and model.lm_head.weight.dtype == torch.float16:
+        model = model.float()  # fp16 matmuls are slow on CPUs
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise MimoError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "
+                        f"embedding of {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def cmd_generate(args):
+    from mimo.engine import Engine, SamplingParams
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
+    engine = Engine(model, tokenizer)
+    prompt_ids = tokenizer.encode(args.prompt)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    stream = None if args.json else (lambda _row, text: (sys.stdout.write(text), sys.stdout.flush()))
+    t0 = time.perf_counter()
+    out = engine.generate([prompt_ids], params, on_text=stream)[0]
+    elapsed = time.perf_counter() - t0
+    decode_tps = (len(out.tokens) - 1) / out.decode_time_s if out.decode_time_s > 0 else 0.0
+    stats = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.tokens),
+             "finish_reason": out.finish_reason, "time_to_first_token_s": round(out.time_to_first_token_s, 4),
+             "decode_tokens_per_s": round(decode_tps, 2), "total_time_s": round(elapsed, 4),
+             "mtp": args.mtp, "acceptance_rate": None}
+    if args.json:
+        print(json.dumps({"text": out.text, **stats}))
+    else:
+        sys.stdout.write("\n")
+        print(json.dumps(stats), file=sys.stderr)
+
+
+def cmd_tokenizer_train(args):
+    from mimo.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(args.files, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    print(f"wrote {out / 'tokenizer.json'} ({tok.vocab_size} tokens)", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimo", description="The MiMo recipe: MTP pretraining on reasoning-dense "
+                                "data, SFT, RL with verifiable rewards, MTP speculative decoding, evaluation.")
+    p.add_argument("--version", action="version", version=f"mimo {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("info", help="architecture, parameter counts and weight memory of a model or preset")
+    s.add_argument("model", metavar="MODEL_DIR_OR_PRESET")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="raw text completion (no chat template); text on stdout, stats on stderr")
+    s.add_argument("model", metavar="MODEL_DIR")
+    s.add_argument("prompt", metavar="PROMPT")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
+                   help="speculative decoding with the MTP layers (greedy output is identical either way)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--json", action="store_true", help="print one JSON object with the text and timings")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE with the chat special tokens on text/JSONL files")
+    t.add_argument("files", nargs="+", metavar="FILE")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--out", required=True, metavar="DIR", help="writes DIR/tokenizer.json and tokenizer_config.json")
+    t.set_defaults(func=cmd_tokenizer_train)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+        return 0
+    except MimoError as e:
+        print(f"mimo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mimo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

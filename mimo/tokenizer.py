@@ -1,0 +1,170 @@
+"""Tokenizer on the `tokenizers` library: train a byte-level BPE (Qwen2's pre-tokenization, one token per
+digit) with the chat special tokens, or load any Hugging Face tokenizer.json (Qwen2's included).
+
+The chat template (ChatML, as Qwen2 and MiMo) is a Jinja template stored in tokenizer_config.json, so
+transformers, vLLM and SGLang render the same prompts mimo does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+from mimo.errors import MimoError
+
+END_OF_TEXT = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+THINK_START, THINK_END = "<think>", "</think>"
+SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, THINK_START, THINK_END]
+
+# Qwen2's split: words, single digits, punctuation runs, newlines, whitespace
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+class Tokenizer:
+    def __init__(self, tk: HFTokenizer, config: dict | None = None, chat_template: str | None = None):
+        self.tk = tk
+        self.config = dict(config or {})
+        self.chat_template = chat_template or self.config.get("chat_template") or CHAT_TEMPLATE
+        eos = self.config.get("eos_token") or END_OF_TEXT
+        if isinstance(eos, dict):  # older tokenizer_config.json writes AddedToken dicts
+            eos = eos.get("content")
+        self.eos_token = eos
+        self.eos_token_id = tk.token_to_id(eos)
+        if self.eos_token_id is None:
+            raise MimoError(f"tokenizer: end-of-text token {eos!r} is not in the vocabulary")
+        # every token that ends a turn or a document stops generation
+        self.stop_token_ids = sorted({i for t in (eos, END_OF_TEXT, IM_END) if (i := tk.token_to_id(t)) is not None})
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, files: list, vocab_size: int, min_frequency: int = 2, show_progress: bool = True,
+              texts: list[str] | None = None) -> "Tokenizer":
+        """Byte-level BPE trained on text / JSONL files (the 'text' field, else every string field)."""
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise MimoError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        tk = HFTokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=SPECIAL_TOKENS, show_progress=show_progress,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tk.train_from_iterator(_iter_texts(files, texts or []), trainer=trainer)
+        return cls(tk, {"eos_token": END_OF_TEXT})
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """A model directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file."""
+        path = Path(path)
+        tk_file = path / "tokenizer.json" if path.is_dir() else path
+        if not tk_file.is_file():
+            raise MimoError(f"{tk_file}: not found")
+        try:
+            tk = HFTokenizer.from_file(str(tk_file))
+        except Exception as e:  # the Rust library raises plain Exception subclasses
+            raise MimoError(f"{tk_file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        config, template = {}, None
+        cfg_file = tk_file.with_name("tokenizer_config.json")
+        if cfg_file.is_file():
+            try:
+                config = json.loads(cfg_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise MimoError(f"{cfg_file}: malformed JSON ({e})") from None
+        jinja_file = tk_file.with_name("chat_template.jinja")  # transformers 5 stores it apart
+        if jinja_file.is_file():
+            template = jinja_file.read_text()
+        if "eos_token" not in config and tk.token_to_id(END_OF_TEXT) is None:
+            raise MimoError(f"{cfg_file}: no eos_token and no {END_OF_TEXT} in {tk_file}")
+        return cls(tk, config, template)
+
+    def save(self, out_dir):
+        out_dir = Path(out_dir)
+        self.tk.save(str(out_dir / "tokenizer.json"))
+        added = {str(self.tk.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                               "normalized": False, "single_word": False}
+                 for t in SPECIAL_TOKENS if self.tk.token_to_id(t) is not None}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 32768,
+            **{k: v for k, v in self.config.items() if k != "chat_template"},
+            "added_tokens_decoder": added,
+            "eos_token": self.eos_token,
+            "pad_token": self.config.get("pad_token") or END_OF_TEXT,
+            "bos_token": None,
+            "chat_template": self.chat_template,
+        }
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    # ---- use ---------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tk.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise MimoError("chat messages must be objects with string 'role' and 'content'")
+        try:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token="", eos_token=self.eos_token)
+        except jinja2.TemplateError as e:
+            raise MimoError(f"chat template failed to render ({e})") from None
+
+
+def _iter_texts(files, texts):
+    yield from texts
+    for f in files:
+        f = Path(f)
+        if not f.is_file():
+            raise MimoError(f"{f}: not found")
+        if f.suffix == ".jsonl":
+            with f.open() as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise MimoError(f"{f}:{lineno}: malformed JSON ({e})") from None
+                    if isinstance(row, dict) and isinstance(row.get("text"), str):
+                        yield row["text"]
+                    elif isinstance(row, dict):
+                        yield "\n".join(v for v in row.values() if isinstance(v, str))
+                    elif isinstance(row, str):
+                        yield row
+        else:
+            try:
+                yield f.read_text()
+            except UnicodeDecodeError:
+                raise MimoError(f"{f}: not UTF-8 text") from None

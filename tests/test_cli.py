@@ -1,0 +1,90 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mimo.cli import build_parser, main
+
+
+def subcommand_paths(parser, prefix=()):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield prefix + (name,)
+                yield from subcommand_paths(sub, prefix + (name,))
+
+
+def test_help_on_every_subcommand(capsys):
+    paths = list(subcommand_paths(build_parser()))
+    assert ("info",) in paths and ("generate",) in paths and ("tokenizer", "train") in paths
+    for path in [()] + paths:
+        with pytest.raises(SystemExit) as e:
+            main([*path, "--help"])
+        assert e.value.code == 0
+        assert "usage: mimo" in capsys.readouterr().out
+
+
+def test_console_script_exists():
+    out = subprocess.run([sys.executable, "-m", "mimo.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_info_preset_json(capsys):
+    assert main(["info", "mimo-7b", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == {"main": 7_622_619_136, "mtp_per_layer": 210_790_400, "total": 7_833_409_536}
+    assert info["weight_bytes"]["bf16"] == 2 * 7_833_409_536
+
+
+def test_info_on_model_dir(capsys, model_dir):
+    assert main(["info", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "2 layers" in out and "MTP" in out and "int8" in out
+
+
+def test_generate_greedy_stdout_only_text(capsys, model_dir):
+    args = ["generate", str(model_dir), "Question: What is 12 + 7?", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert main(args + ["--no-mtp"]) == 0
+    second = capsys.readouterr()
+    assert first.out == second.out and len(first.out.strip()) > 0
+    stats = json.loads(first.err.strip().splitlines()[-1])
+    assert stats["completion_tokens"] <= 12
+    assert main(args + ["--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["text"] + "\n" == first.out and "decode_tokens_per_s" in obj
+
+
+def test_generate_matches_manual_greedy(capsys, model_dir):
+    import torch
+
+    from mimo.checkpoint import load_model
+    from mimo.tokenizer import Tokenizer
+
+    tok, model = Tokenizer.load(model_dir), load_model(model_dir)
+    ids = tok.encode("The quick brown")
+    seq = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(10):
+            nxt = model(seq).logits[0, -1].argmax()
+            if int(nxt) in tok.stop_token_ids:
+                break
+            seq = torch.cat([seq, nxt.view(1, 1)], 1)
+    assert main(["generate", str(model_dir), "The quick brown", "--max-new-tokens", "10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == tok.decode(seq[0, len(ids):].tolist())
+
+
+def test_generate_seeded_sampling_is_reproducible(capsys, model_dir):
+    args = ["generate", str(model_dir), "hello", "--temperature", "1.0", "--seed", "7", "--max-new-tokens", "16",
+            "--json"]
+    main(args)
+    a = json.loads(capsys.readouterr().out)["text"]
+    main(args)
+    assert json.loads(capsys.readouterr().out)["text"] == a
+
+
+def test_generate_rejects_bad_values(capsys, model_dir):
+    assert main(["generate", str(model_dir), "hi", "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
