@@ -40,24 +40,42 @@ from mimo.reasoning_steps import QUESTIONS, STEPS, StepError
 # Default reasoning-gym configs: small numbers, few terms. Order is fixed: a task's position is its
 # seed code, so new tasks go at the end.
 DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
-    "basic_arithmetic": {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1,
-                         "operators": ["+", "-", "*", "/"], "allow_parentheses": True,
-                         "allow_negation": False},
+    "basic_arithmetic": {
+        "min_terms": 2,
+        "max_terms": 4,
+        "min_digits": 1,
+        "max_digits": 1,
+        "operators": ["+", "-", "*", "/"],
+        "allow_parentheses": True,
+        "allow_negation": False,
+    },
     "chain_sum": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 3},
     "products": {"min_terms": 2, "max_terms": 2, "min_digits": 2, "max_digits": 2},
     "simple_equations": {"min_terms": 2, "max_terms": 3, "min_value": 1, "max_value": 12},
     "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 100},
     "lcm": {"min_numbers": 2, "max_numbers": 2, "min_value": 2, "max_value": 30},
     "prime_factorization": {"min_value": 2, "max_value": 999},
-    "fraction_simplification": {"min_value": 1, "max_value": 20, "min_factor": 2, "max_factor": 15,
-                                "styles": ["plain"]},
+    "fraction_simplification": {
+        "min_value": 1,
+        "max_value": 20,
+        "min_factor": 2,
+        "max_factor": 15,
+        "styles": ["plain"],
+    },
     "base_conversion": {"min_base": 2, "max_base": 16, "min_value": 1, "max_value": 255},
     "letter_counting": {"min_words": 2, "max_words": 5},
-    "number_sorting": {"min_numbers": 3, "max_numbers": 5, "min_decimals": 0, "max_decimals": 0,
-                       "min_value": -99.0, "max_value": 99.0},
+    "number_sorting": {
+        "min_numbers": 3,
+        "max_numbers": 5,
+        "min_decimals": 0,
+        "max_decimals": 0,
+        "min_value": -99.0,
+        "max_value": 99.0,
+    },
     "spell_backward": {"min_word_len": 3, "max_word_len": 7},
 }
 TASK_NAMES: tuple[str, ...] = tuple(DEFAULT_CONFIGS)
+assert len(TASK_NAMES) <= 100, "the seed layout below gives each task a code < 100"
 
 TASK_TABLE = """\
 | task | default difficulty | solution steps | why this task |
@@ -67,13 +85,16 @@ TASK_TABLE = """\
 | products | two 2-digit factors | partial product per digit of the second factor, then their sum | long multiplication as short, checkable lines |
 | simple_equations | a*x + b = c, small integers | move the constant, then divide by the coefficient | two-step algebra with an exact integer answer |
 | gcd | two numbers 1-100 | Euclid: "a = q * b + r" until r = 0 | a classic algorithm with short, uniform lines |
-| lcm | two numbers 2-30 | Euclid for the gcd, then a * b / gcd | reuses gcd steps, adds one multiplication and division |
+| lcm | two numbers 2-30 | Euclid for the gcd, then a / gcd * b | reuses gcd steps, adds one division and one multiplication |
 | prime_factorization | 2-999 | trial division "n / p = m" until a prime is left | repeated division with a clear stopping rule |
 | fraction_simplification | reduced parts up to 20, factor 2-15 | Euclid for the gcd, divide numerator and denominator | combines Euclid with division |
 | base_conversion | 1-255, bases 2-16 | expand by place values to decimal, then repeated division with remainders | positional notation both ways |
 | letter_counting | 2-5 words of English text | one line per word with a running total | counting over characters, not arithmetic |
 | number_sorting | 3-5 integers in -99..99 | selection sort: "smallest of ... is ..." | comparison of signed numbers, list manipulation |
 | spell_backward | English words of 3-7 letters | spell the letters, then spell them in reverse | character-level manipulation |
+
+Questions are reasoning-gym's own text, except base_conversion and number_sorting, whose long
+formatting instructions are restated in one short line (the verifiers never read the question).
 """
 
 EVAL_POOL = 120  # items drawn per task for the evaluation pool (duplicates and drops removed)
@@ -82,7 +103,7 @@ MAX_SEED = 10_000_000  # user seeds are 0 <= seed < MAX_SEED
 EVAL_SEED = 100 * MAX_SEED * SPAN  # 10**15: every training seed lies below this
 
 
-@dataclass
+@dataclass(frozen=True)
 class Problem:
     """One verified problem. (task, seed, index) with the task config reproduces `entry`."""
 
@@ -151,6 +172,17 @@ def _verifier(task: str):
     return _dataset(task, 0, json.dumps(DEFAULT_CONFIGS[task], sort_keys=True))
 
 
+# What reasoning-gym code raises on inputs it does not expect (decimal errors are ArithmeticError).
+_BAD_INPUT = (ValueError, TypeError, AttributeError, IndexError, KeyError, ArithmeticError, AssertionError)
+
+
+def _item(name: str, ds, index: int) -> dict:
+    try:
+        return ds[index]
+    except _BAD_INPUT as e:  # a config that passed reasoning-gym's validation but breaks its generator
+        raise MimoError(f"reasoning task {name}: reasoning-gym failed on item {index}: {e!r}") from None
+
+
 def _question(name: str, entry: dict) -> str:
     short = QUESTIONS.get(name)
     text = short(entry) if short else entry["question"]
@@ -180,7 +212,7 @@ def _eval_pool(name: str, config_json: str) -> tuple[tuple[Problem, ...], frozen
     ds = _dataset(name, seed, config_json)
     problems, seen, stats = [], set(), {"drawn": EVAL_POOL, "dropped": 0, "duplicates": 0}
     for i in range(EVAL_POOL):
-        entry = ds[i]
+        entry = _item(name, ds, i)
         question = _question(name, entry)
         if question in seen:
             stats["duplicates"] += 1
@@ -248,7 +280,7 @@ def generate_with_stats(
                     f"reasoning task {spec.name}: made only {len(made)} of {k} problems from {i} draws "
                     f"({counts['excluded']} in the eval pool, {counts['dropped']} failed); widen its config"
                 )
-            entry = ds[i]
+            entry = _item(spec.name, ds, i)
             question = _question(spec.name, entry)
             if question in excluded_questions:
                 counts["excluded"] += 1
@@ -273,7 +305,8 @@ def generate(tasks=None, n: int = 1000, split: str = "train", seed: int = 0) -> 
 
 
 def eval_problems(n_per_task: int = 50, tasks=None) -> list[Problem]:
-    """The held-out problems: the first `n_per_task` of each task's eval pool, in a fixed order."""
+    """The held-out problems: the first `n_per_task` of each task's eval pool, in a fixed order
+    (tasks in the given order). The pools hold about 100 distinct problems per task."""
     if not isinstance(n_per_task, int) or n_per_task < 0:
         raise MimoError(f"n_per_task must be an integer >= 0, got {n_per_task!r}")
     return [p for spec in resolve_tasks(tasks) for p in _eval_take(spec, n_per_task)]
@@ -351,7 +384,7 @@ def score(p: Problem, completion: str) -> float:
         return 0.0
     try:
         return float(_verifier(p.task).score_answer(answer, p.entry))
-    except Exception:  # a verifier that chokes on malformed text: no credit
+    except _BAD_INPUT:  # a verifier that chokes on malformed text: no credit
         return 0.0
 
 

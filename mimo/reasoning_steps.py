@@ -14,8 +14,7 @@ context; `QUESTIONS` holds per-task functions that restate those questions in on
 from __future__ import annotations
 
 import re
-from math import gcd
-from typing import Callable
+from collections.abc import Callable
 
 
 class StepError(ValueError):
@@ -48,7 +47,7 @@ def _euclid(a: int, b: int) -> tuple[list[str], int]:
 def _times_digit(a: int, d: int) -> str:
     """One line for a non-negative number times one digit: "47 * 8 = 40 * 8 + 7 * 8 = 320 + 56 = 376"."""
     parts = _place_parts(a)
-    if len(parts) == 1:
+    if len(parts) == 1 or d <= 1:
         return f"{a} * {d} = {a * d}"
     terms = " + ".join(f"{p} * {d}" for p in parts)
     products = " + ".join(str(p * d) for p in parts)
@@ -273,7 +272,10 @@ def steps_lcm(entry: dict) -> tuple[str, str]:
     for n in numbers[1:]:
         euclid, g = _euclid(m, n)
         new = m // g * n
-        lines += euclid + [f"gcd({m}, {n}) = {g}", f"lcm({m}, {n}) = {m} / {g} * {n} = {m // g} * {n} = {new}"]
+        lines += euclid + [
+            f"gcd({m}, {n}) = {g}",
+            f"lcm({m}, {n}) = {m} / {g} * {n} = {m // g} * {n} = {new}",
+        ]
         m = new
     return "\n".join(lines or [str(m)]), str(m)
 
@@ -357,8 +359,9 @@ def steps_letter_counting(entry: dict) -> tuple[str, str]:
 
 
 def _number_text(s: str) -> str:
-    """"14.0" -> "14"; other numbers unchanged."""
-    return s[:-2] if s.endswith(".0") else s
+    """Whole numbers without ".0" ("14.0" -> "14", "-0.0" -> "0"); other numbers unchanged."""
+    s = s.removesuffix(".0")
+    return "0" if s == "-0" else s
 
 
 def steps_number_sorting(entry: dict) -> tuple[str, str]:
