@@ -49,17 +49,19 @@ def replace_dir(tmp: Path, target: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def weights_state_dict(model: MiMoForCausalLM) -> dict[str, torch.Tensor]:
+def weights_state_dict(model: MiMoForCausalLM, sd: dict | None = None) -> dict[str, torch.Tensor]:
     """state_dict under the published names; a tied lm_head is stored once (as model.embed_tokens)."""
-    sd = model.state_dict()
+    sd = dict(model.state_dict() if sd is None else sd)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
 
 
 def save_model(model: MiMoForCausalLM, out_dir, tokenizer=None, dtype=None,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, generation: dict | None = None):
-    """Write a complete model directory atomically (written beside, then renamed into place)."""
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, generation: dict | None = None,
+               state_dict: dict | None = None):
+    """Write a complete model directory atomically (written beside, then renamed into place).
+    state_dict: the weights to write when they are not the model's own (gathered from FSDP shards)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -67,7 +69,7 @@ def save_model(model: MiMoForCausalLM, out_dir, tokenizer=None, dtype=None,
     try:
         dtype = parse_dtype(dtype)
         sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-              for k, v in weights_state_dict(model).items()}
+              for k, v in weights_state_dict(model, state_dict).items()}
         cfg = MiMoConfig.from_dict(model.config.to_dict())
         cfg.torch_dtype = DTYPE_NAMES[next(iter(sd.values())).dtype]
         if tokenizer is not None:
@@ -130,7 +132,7 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         raise MimoError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
     try:
         with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     except (SafetensorError, OSError, ValueError) as e:
         raise MimoError(f"{single}: not a readable safetensors file ({e})") from None
 

@@ -112,6 +112,24 @@ def cmd_tokenizer_train(args):
     print(f"wrote {out / 'tokenizer.json'} ({tok.vocab_size} tokens)", file=sys.stderr)
 
 
+def cmd_pretrain(args):
+    from mimo.pretrain import run
+
+    run(args)
+
+
+def cmd_data_build(args):
+    from mimo.data import build_corpus, default_config, load_config
+
+    config = load_config(args.config) if args.config else default_config(args.preset)
+    if args.seed is not None:
+        config["seed"] = args.seed
+    manifest = build_corpus(config, Path(args.out))
+    train = manifest["splits"]["train"]
+    print(f"wrote {args.out}: {train['tokens']:,} training tokens in {len(train['shards'])} shard(s), "
+          f"{manifest['splits']['val']['tokens']:,} validation tokens", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimo", description="The MiMo recipe: MTP pretraining on reasoning-dense "
                                 "data, SFT, RL with verifiable rewards, MTP speculative decoding, evaluation.")
@@ -145,6 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-frequency", type=int, default=2)
     t.add_argument("--out", required=True, metavar="DIR", help="writes DIR/tokenizer.json and tokenizer_config.json")
     t.set_defaults(func=cmd_tokenizer_train)
+
+    s = sub.add_parser("data", help="reasoning-dense corpora")
+    dsub = s.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d = dsub.add_parser("build", help="procedural reasoning data + your files -> dedup, decontamination, density "
+                        "filter, staged mixture -> tokenized shards and a manifest")
+    d.add_argument("--config", metavar="FILE", help="JSON config (default: the preset's)")
+    d.add_argument("--preset", default="nano", help="default config to use without --config: nano | tiny | small")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--out", required=True, metavar="DATA_DIR")
+    d.set_defaults(func=cmd_data_build)
+
+    from mimo import pretrain
+
+    s = sub.add_parser("pretrain", help="pretrain with next-token + MTP loss (resumes; torchrun for data parallel)")
+    pretrain.add_arguments(s)
+    s.set_defaults(func=cmd_pretrain)
+
+    from mimo import bench
+
+    s = sub.add_parser("bench", help="speed benchmarks")
+    bench.add_arguments(s.add_subparsers(dest="bench_command", metavar="WHAT", required=True))
     return p
 
 

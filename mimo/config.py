@@ -93,7 +93,7 @@ class MiMoConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "MiMoConfig":
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> MiMoConfig:
         """Read a MiMo or Qwen2 config dict (as written by Xiaomi, transformers 4.x/5.x or mimo)."""
         if not isinstance(d, dict):
             raise MimoError(f"{source}: expected a JSON object")
@@ -117,25 +117,25 @@ class MiMoConfig:
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
-        kw = dict(
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or 0,
-            num_nextn_predict_layers=d.get("num_nextn_predict_layers", 0) if model_type == "mimo" else 0,
-            max_position_embeddings=d.get("max_position_embeddings", 32768),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=d.get("rope_theta", rope_params.get("rope_theta", 10000.0)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", True)),
-            initializer_range=d.get("initializer_range", 0.02),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=eos,
-            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
-        )
+        kw = {
+            "vocab_size": d["vocab_size"],
+            "hidden_size": d["hidden_size"],
+            "intermediate_size": d["intermediate_size"],
+            "num_hidden_layers": d["num_hidden_layers"],
+            "num_attention_heads": d["num_attention_heads"],
+            "num_key_value_heads": d.get("num_key_value_heads") or d["num_attention_heads"],
+            "head_dim": d.get("head_dim") or 0,
+            "num_nextn_predict_layers": d.get("num_nextn_predict_layers", 0) if model_type == "mimo" else 0,
+            "max_position_embeddings": d.get("max_position_embeddings", 32768),
+            "rms_norm_eps": d.get("rms_norm_eps", 1e-6),
+            "rope_theta": d.get("rope_theta", rope_params.get("rope_theta", 10000.0)),
+            "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
+            "attention_bias": bool(d.get("attention_bias", True)),
+            "initializer_range": d.get("initializer_range", 0.02),
+            "bos_token_id": d.get("bos_token_id"),
+            "eos_token_id": eos,
+            "torch_dtype": str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+        }
         try:
             return cls(**kw)
         except MimoError as e:
@@ -147,7 +147,7 @@ class MiMoConfig:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "MiMoConfig":
+    def load(cls, path: Path) -> MiMoConfig:
         path = Path(path)
         if not path.is_file():
             raise MimoError(f"{path}: not found")
@@ -161,7 +161,7 @@ class MiMoConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MiMoConfig":
+    def from_dict(cls, d: dict) -> MiMoConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -8,8 +8,8 @@ row stops on its own (end-of-text, stop strings, max tokens).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

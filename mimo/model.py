@@ -76,7 +76,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
 
-    def update(self, i: int, k, v, ctx: "AttnContext"):
+    def update(self, i: int, k, v, ctx: AttnContext):
         """Write k, v [B, Hkv, T, D] at ctx.positions; return the cached keys/values to attend over."""
         kc, vc = self.k[i], self.v[i]
         rows = ctx.slots if ctx.slots is not None else torch.arange(k.shape[0], device=k.device)

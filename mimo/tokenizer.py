@@ -12,7 +12,8 @@ from pathlib import Path
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from mimo.errors import MimoError
 
@@ -52,7 +53,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, files: list, vocab_size: int, min_frequency: int = 2, show_progress: bool = True,
-              texts: list[str] | None = None) -> "Tokenizer":
+              texts: list[str] | None = None) -> Tokenizer:
         """Byte-level BPE trained on text / JSONL files (the 'text' field, else every string field)."""
         if vocab_size < 256 + len(SPECIAL_TOKENS):
             raise MimoError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
@@ -69,7 +70,7 @@ class Tokenizer:
         return cls(tk, {"eos_token": END_OF_TEXT})
 
     @classmethod
-    def load(cls, path) -> "Tokenizer":
+    def load(cls, path) -> Tokenizer:
         """A model directory (tokenizer.json + tokenizer_config.json) or a tokenizer.json file."""
         path = Path(path)
         tk_file = path / "tokenizer.json" if path.is_dir() else path
@@ -77,7 +78,7 @@ class Tokenizer:
             raise MimoError(f"{tk_file}: not found")
         try:
             tk = HFTokenizer.from_file(str(tk_file))
-        except Exception as e:  # the Rust library raises plain Exception subclasses
+        except Exception as e:  # noqa: BLE001 (the Rust library raises plain Exception subclasses)
             raise MimoError(f"{tk_file}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         config, template = {}, None
         cfg_file = tk_file.with_name("tokenizer_config.json")

@@ -23,11 +23,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from tqdm import tqdm
 
 from mimo.checkpoint import load_model, replace_dir, save_model
 from mimo.errors import MimoError
-from mimo.parallel import DistInfo, all_reduce_mean, barrier, no_sync, print0, unwrap, wrap_model
+from mimo.parallel import DistInfo, all_reduce_mean, barrier, no_sync, print0, wrap_model
 
 
 @dataclass
@@ -109,38 +115,27 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer, model: torch.nn.Module):
-    """Optimizer state keyed by parameter name, as safetensors-ready tensors + JSON-able groups."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {}
-    for p, state in opt.state.items():
-        for key, value in state.items():
-            tensors[f"{names[id(p)]}::{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    return tensors, groups
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, model: torch.nn.Module, tensors: dict, groups: list):
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        name, field = key.split("::")
-        p = params[name]
-        opt.state[p][field] = value.to(p.device) if field != "step" else value
-    for g, saved in zip(opt.param_groups, groups):
-        g.update(saved)
-
-
-def save_checkpoint(run_dir: Path, step: int, model, opt, tokenizer, state: dict, keep: int):
+def save_checkpoint(run_dir: Path, step: int, model, opt, tokenizer, state: dict, keep: int, is_main: bool):
+    """Gather full model and optimizer state (a collective under FSDP2: every rank calls), rank 0 writes it
+    into a temporary directory and renames it into place, so a crash never damages the last good one."""
+    model_sd, optim_sd = get_state_dict(model, opt, options=FULL_STATE)
+    if not is_main:
+        return
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_model(model, tmp / "model", tokenizer=tokenizer)
-        tensors, groups = _optimizer_tensors(opt, model)
+        save_model(model, tmp / "model", tokenizer=tokenizer, state_dict=model_sd)
+        tensors = {f"{name}::{key}": v.detach().cpu().contiguous()
+                   for name, st in optim_sd["state"].items() for key, v in st.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "optimizer_groups": groups}, indent=2))
+        state = {**state, "optimizer_param_groups": optim_sd["param_groups"]}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         replace_dir(tmp, ckpt_dir / f"step_{step:06d}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,10 +144,16 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, tokenizer, state: dict
 
 
 def load_checkpoint(path: Path, model, opt) -> dict:
+    """Restore weights, optimizer moments and the RNG; every rank reads the same files."""
     state = json.loads((path / "trainer_state.json").read_text())
-    saved = load_model(path / "model", dtype=torch.float32)
-    model.load_state_dict(saved.state_dict())
-    _load_optimizer(opt, model, load_file(str(path / "optimizer.safetensors")), state["optimizer_groups"])
+    model_sd = load_model(path / "model", dtype=torch.float32).state_dict()
+    optim_state: dict = {}
+    for key, value in load_file(str(path / "optimizer.safetensors")).items():
+        name, field = key.split("::")
+        optim_state.setdefault(name, {})[field] = value
+    optim_sd = {"state": optim_state, "param_groups": state["optimizer_param_groups"]}
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
     return state
 
@@ -281,14 +282,14 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
             last_row = row
         bar.update(1)
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            if info.is_main:
-                state = {"step": done, "tokens": done * tokens_per_step, "data_position": done * cfg.global_batch_seqs,
-                         "config": asdict(cfg), **(extra_state or {})}
-                save_checkpoint(run_dir, done, unwrap(model), opt, tokenizer, state, cfg.keep_checkpoints)
+            state = {"step": done, "tokens": done * tokens_per_step, "data_position": done * cfg.global_batch_seqs,
+                     "config": asdict(cfg), **(extra_state or {})}
+            save_checkpoint(run_dir, done, model, opt, tokenizer, state, cfg.keep_checkpoints, info.is_main)
             barrier()
     bar.close()
+    final_sd = get_model_state_dict(model, options=FULL_STATE)
     if info.is_main:
-        save_model(unwrap(model), run_dir / "final", tokenizer=tokenizer)
+        save_model(model, run_dir / "final", tokenizer=tokenizer, state_dict=final_sd)
         plot_metrics(metrics_path, run_dir / "loss.png", title)
     barrier()
     return last_row
