@@ -203,3 +203,21 @@ def build_model(spec: str, *, meta: bool = False, seed: int = 0, dtype=None, dev
             return MiMoForCausalLM(cfg)
     model = MiMoForCausalLM(cfg).init_weights(seed)
     return model.to(device=device, dtype=parse_dtype(dtype) or torch.float32)
+
+
+def load_model_and_tokenizer(model_dir, dtype: str | None = "auto"):
+    """A model directory -> (model, tokenizer), checking that the tokenizer fits the embedding.
+    dtype 'auto': as stored, except fp16 becomes fp32 on the CPU (fp16 matmuls are slow there)."""
+    from mimo.tokenizer import Tokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise MimoError(f"{model_dir}: no such model directory")
+    tokenizer = Tokenizer.load(path)
+    model = load_model(path, dtype=None if dtype in (None, "auto") else dtype)
+    if dtype == "auto" and model.lm_head.weight.dtype == torch.float16 and not torch.cuda.is_available():
+        model = model.float()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise MimoError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "
+                        f"embedding of {model.config.vocab_size}")
+    return model, tokenizer

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="DATA_DIR")
     d.set_defaults(func=cmd_data_build)
 
+    sub.add_parser("eval", help="evaluate under MiMo's protocol (also: eval score, eval contamination)",
+                   add_help=False)
+
     from mimo import pretrain
 
     s = sub.add_parser("pretrain", help="pretrain with next-token + MTP loss (resumes; torchrun for data parallel)")
@@ -187,8 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv):
+    """`mimo eval` takes a positional MODEL_DIR and has subcommands of its own: routed by hand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        from mimo.evaluate import build_parsers
+
+        parsers = build_parsers()
+        if argv[1:2] and argv[1] in ("score", "contamination"):
+            return parsers[argv[1]].parse_args(argv[2:])
+        return parsers["eval"].parse_args(argv[1:])
+    return build_parser().parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
         return 0

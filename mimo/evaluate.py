@@ -1,0 +1,251 @@
+"""`mimo eval`: MiMo's evaluation protocol with every sample published, the spread stated, resumable.
+
+    mimo eval MODEL_DIR --task math500 [--limit N] [--samples K] [--out DIR]
+    mimo eval --endpoint http://host:8000/v1 --model NAME --task aime2024 ...
+    mimo eval score --task TASK --completions FILE.jsonl --out DIR      # grade completions made elsewhere
+    mimo eval contamination --data DATA_DIR --task TASK                 # n-gram overlap corpus <-> benchmark
+
+Output directory: samples.jsonl (one line per sample, appended as they finish: an interrupted run resumes
+without redoing them), summary.json (metrics with 95% bootstrap intervals, every setting, the model's hash,
+mimo's version), report.md with plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mimo import __version__
+from mimo.backends import Request
+from mimo.errors import MimoError
+from mimo.tasks import Task
+
+
+def read_samples(path: Path) -> list[dict]:
+    """Lines of samples.jsonl; a line cut short by a crash is dropped (and rewritten away)."""
+    if not path.exists():
+        return []
+    rows, lines = [], path.read_text().splitlines()
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    if len(rows) != len([line for line in lines if line.strip()]):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def sample_row(task: Task, row: dict, k: int, prompt: str, text: str, extracted, correct: bool, tokens: int,
+               latency: float, finish_reason, reasoning=None) -> dict:
+    out = {"id": row["id"], "sample": k, "prompt": prompt, "completion": text,
+           "extracted_answer": extracted, "correct": bool(correct), "tokens": tokens, "latency_s": round(latency, 4),
+           "finish_reason": finish_reason}
+    if reasoning:
+        out["reasoning_content"] = reasoning
+    out.update({f: row.get(f) for f in task.public_fields})
+    return out
+
+
+def check_settings(out_dir: Path, settings: dict):
+    """A run directory belongs to one set of settings: resuming with others would mix samples."""
+    path = out_dir / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in settings if k not in ("limit",) and old.get(k) != settings[k])
+        if diff:
+            raise MimoError(f"{path}: this directory holds samples made with other settings ({', '.join(diff)}); "
+                            "use another --out")
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def run_eval(task: Task, backend, out_dir, samples: int, limit: int | None, temperature: float, top_p: float,
+             max_new_tokens: int, chat: bool, seed: int = 0, chunk: int = 64) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = task.load()
+    rows = rows[:limit] if limit else rows
+    settings = {"task": task.name, "samples": samples, "temperature": temperature, "top_p": top_p,
+                "max_new_tokens": max_new_tokens, "prompt_format": "chat" if chat else "raw", "seed": seed,
+                "limit": limit, **backend.describe}
+    check_settings(out_dir, settings)
+    samples_path = out_dir / "samples.jsonl"
+    done = {(s["id"], s["sample"]) for s in read_samples(samples_path)}
+    pending = [(row, k) for row in rows for k in range(samples) if (row["id"], k) not in done]
+    if done:
+        print(f"resuming: {len(done)} samples done, {len(pending)} to go", flush=True)
+    t0 = time.time()
+    with tqdm(total=len(pending), desc=f"eval {task.name}", unit="sample") as bar, samples_path.open("a") as out:
+        for start in range(0, len(pending), chunk):
+            batch = pending[start: start + chunk]
+            prompts = [task.chat_prompt(r) if chat else task.raw_prompt(r) for r, _ in batch]
+            requests = [Request(p, max_new_tokens, temperature, top_p, seed * 1_000_003 + zlib.crc32(r["id"].encode()) + k,
+                                [] if chat else task.raw_stop) for p, (r, k) in zip(prompts, batch)]
+            for p, (row, k), res in zip(prompts, batch, backend.complete(requests)):
+                extracted, correct = task.grade(row, res.text)
+                out.write(json.dumps(sample_row(task, row, k, p, res.text, extracted, correct,
+                                                res.completion_tokens, res.latency_s, res.finish_reason,
+                                                res.reasoning)) + "\n")
+            out.flush()
+            bar.update(len(batch))
+    return write_results(task, rows, out_dir, settings, elapsed_s=time.time() - t0)
+
+
+def score_completions(task: Task, completions_path: Path, out_dir: Path) -> dict:
+    """Grade completions produced elsewhere: lines with id and completion (generic math: problem, answer)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    known = {} if task.name == "math" else {r["id"]: r for r in task.load()}
+    lines = []
+    for n, line in enumerate(Path(completions_path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MimoError(f"{completions_path}:{n}: malformed JSON ({e})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("completion"), str) or "id" not in item:
+            raise MimoError(f"{completions_path}:{n}: each line needs 'id' and a string 'completion'")
+        if task.name == "math":
+            if "answer" not in item or "problem" not in item:
+                raise MimoError(f"{completions_path}:{n}: the math task needs 'problem' and 'answer' on each line")
+            known.setdefault(item["id"], {"id": item["id"], "problem": item["problem"], "answer": str(item["answer"])})
+        elif item["id"] not in known:
+            raise MimoError(f"{completions_path}:{n}: id {item['id']!r} is not a {task.name} problem")
+        lines.append(item)
+    seen: Counter = Counter()
+    with (out_dir / "samples.jsonl").open("w") as out:
+        for item in tqdm(lines, desc=f"score {task.name}", unit="sample"):
+            row = known[item["id"]]
+            extracted, correct = task.grade(row, item["completion"])
+            out.write(json.dumps(sample_row(task, row, seen[row["id"]], item.get("prompt", ""), item["completion"],
+                                            extracted, correct, item.get("tokens", 0), 0.0, None)) + "\n")
+            seen[row["id"]] += 1
+    rows = [known[i] for i in dict.fromkeys(item["id"] for item in lines)]
+    settings = {"task": task.name, "backend": "score", "completions": str(completions_path)}
+    return write_results(task, rows, out_dir, settings, elapsed_s=0.0)
+
+
+def write_results(task: Task, rows: list[dict], out_dir: Path, settings: dict, elapsed_s: float) -> dict:
+    from mimo.metrics import breakdown, summarize
+    from mimo.report import write_eval_report
+
+    by_id: dict = {}
+    for s in read_samples(out_dir / "samples.jsonl"):
+        by_id.setdefault(s["id"], []).append(s)
+    wanted = [r for r in rows if r["id"] in by_id]
+    correct = [[s["correct"] for s in sorted(by_id[r["id"]], key=lambda s: s["sample"])] for r in wanted]
+    answers = [[s["extracted_answer"] for s in sorted(by_id[r["id"]], key=lambda s: s["sample"])] for r in wanted]
+    lengths = [s["tokens"] for r in wanted for s in by_id[r["id"]]]
+    summary = {
+        "task": task.name, "mimo_version": __version__, "settings": settings,
+        "problems": len(wanted), "samples": sum(len(c) for c in correct),
+        "metrics": summarize(correct, answers),
+        "breakdown": {key: breakdown([{"group": r.get(key), "correct": c} for r, c in zip(wanted, correct)])
+                      for key in task.breakdown},
+        "response_tokens": {"mean": sum(lengths) / len(lengths) if lengths else 0, "max": max(lengths, default=0)},
+        "elapsed_s": round(elapsed_s, 2),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_eval_report(summary, lengths, out_dir)
+    return summary
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def cmd_eval(args):
+    from mimo.backends import EndpointBackend, EngineBackend
+    from mimo.tasks import get_task
+
+    task = get_task(args.task)
+    chat = args.prompt_format == "chat"
+    if args.endpoint:
+        if not args.model_name:
+            raise MimoError("--endpoint needs --model NAME (the served model's name)")
+        backend = EndpointBackend(args.endpoint, args.model_name, args.api_key, chat, args.concurrency, args.timeout,
+                                  args.retries)
+        name = args.model_name
+    else:
+        if not args.model:
+            raise MimoError("give a MODEL_DIR, or --endpoint URL --model NAME")
+        backend = EngineBackend(args.model, chat, args.mtp, args.quantize, args.batch_size)
+        name = Path(args.model).name
+    samples = args.samples or task.default_samples
+    out = Path(args.out or Path("evals") / name.replace("/", "_") / task.name)
+    summary = run_eval(task, backend, out, samples, args.limit, args.temperature, args.top_p,
+                       args.max_new_tokens or task.max_new_tokens, chat, args.seed)
+    print_summary(summary, out)
+
+
+def print_summary(summary: dict, out: Path):
+    from mimo.report import metric_cell
+
+    parts = [f"{name} {metric_cell(m)}" for name, m in summary["metrics"].items()]
+    print(f"{summary['task']}: {summary['problems']} problems, {summary['samples']} samples: " + "; ".join(parts))
+    print(f"wrote {out}/samples.jsonl, summary.json, report.md")
+
+
+def cmd_score(args):
+    from mimo.tasks import get_task
+
+    summary = score_completions(get_task(args.task), Path(args.completions), Path(args.out))
+    print_summary(summary, Path(args.out))
+
+
+def cmd_contamination(args):
+    from mimo.contamination import contamination_report
+
+    report = contamination_report(Path(args.data), args.task, args.ngram)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["summary"]))
+
+
+def build_parsers(prog: str = "mimo eval"):
+    """Three parsers: `mimo eval MODEL_DIR|--endpoint`, `mimo eval score`, `mimo eval contamination`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description="evaluate a model (our engine or an OpenAI-compatible "
+                                "endpoint) under MiMo's protocol; also: `mimo eval score`, `mimo eval contamination`")
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR")
+    p.add_argument("--task", required=True, help="math500 | aime2024 | aime2025 | gsm8k | humaneval | reasoning")
+    p.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", dest="model_name", metavar="NAME", help="the served model's name (with --endpoint)")
+    p.add_argument("--api-key", help="bearer token (default: $OPENAI_API_KEY)")
+    p.add_argument("--limit", type=int, help="the first N problems, in a fixed order")
+    p.add_argument("--samples", type=int, help="samples per problem (default: the task's; AIME 32)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: evals/MODEL/TASK)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, help="default: the task's")
+    p.add_argument("--prompt-format", choices=["chat", "raw"], default="chat",
+                   help="chat: the model's chat template (default); raw: plain continuation, for base models")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="engine batch size")
+    p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True, help="MTP speculative decoding")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only quantization")
+    p.add_argument("--concurrency", type=int, default=8, help="parallel requests to an endpoint")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--retries", type=int, default=5, help="retries with exponential backoff per request")
+    p.set_defaults(func=cmd_eval)
+
+    s = argparse.ArgumentParser(prog=f"{prog} score", description="grade completions produced elsewhere")
+    s.add_argument("--task", required=True)
+    s.add_argument("--completions", required=True, metavar="FILE.jsonl",
+                   help="lines with id and completion (task math: also problem and answer)")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.set_defaults(func=cmd_score)
+
+    c = argparse.ArgumentParser(prog=f"{prog} contamination",
+                                description="n-gram overlap between a training corpus and a benchmark, per problem")
+    c.add_argument("--data", required=True, metavar="DATA_DIR", help="a corpus from `mimo data build`")
+    c.add_argument("--task", required=True)
+    c.add_argument("--ngram", type=int, default=13)
+    c.add_argument("--out", metavar="FILE.json", help="write the per-problem report here")
+    c.set_defaults(func=cmd_contamination)
+    return {"eval": p, "score": s, "contamination": c}
