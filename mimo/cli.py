@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_arguments(s)
     s.set_defaults(func=cmd_pretrain)
 
+    from mimo import sft
+
+    s = sub.add_parser("sft", help="chain-of-thought SFT in the chat format (loss on assistant tokens)")
+    sft.add_arguments(s)
+    s.set_defaults(func=lambda args: sft.run(args))
+
     from mimo import bench
 
     s = sub.add_parser("bench", help="speed benchmarks")
