@@ -103,6 +103,7 @@ class EndpointBackend:
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
         self.model, self.chat, self.concurrency, self.retries = model, chat, concurrency, retries
+        self.retry_base_s = 1.0  # first backoff; doubles each retry, capped at 30 s
         key = api_key or os.environ.get("OPENAI_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(headers=headers, timeout=timeout_s)
@@ -125,7 +126,7 @@ class EndpointBackend:
         import httpx
 
         path = "/chat/completions" if self.chat else "/completions"
-        delay, last_error = 1.0, "no attempt"
+        delay, last_error = self.retry_base_s, "no attempt"
         for attempt in range(self.retries + 1):
             t0 = time.perf_counter()
             try:

@@ -80,7 +80,7 @@ def run_eval(task: Task, backend, out_dir, samples: int, limit: int | None, temp
     if done:
         print(f"resuming: {len(done)} samples done, {len(pending)} to go", flush=True)
     t0 = time.time()
-    with tqdm(total=len(pending), desc=f"eval {task.name}", unit="sample") as bar, samples_path.open("a") as out:
+    with tqdm(total=len(pending), desc=f"eval {task.name}", unit="sample", mininterval=2.0) as bar, samples_path.open("a") as out:
         for start in range(0, len(pending), chunk):
             batch = pending[start: start + chunk]
             prompts = [task.chat_prompt(r) if chat else task.raw_prompt(r) for r, _ in batch]
@@ -120,7 +120,7 @@ def score_completions(task: Task, completions_path: Path, out_dir: Path) -> dict
         lines.append(item)
     seen: Counter = Counter()
     with (out_dir / "samples.jsonl").open("w") as out:
-        for item in tqdm(lines, desc=f"score {task.name}", unit="sample"):
+        for item in tqdm(lines, desc=f"score {task.name}", unit="sample", mininterval=2.0):
             row = known[item["id"]]
             extracted, correct = task.grade(row, item["completion"])
             out.write(json.dumps(sample_row(task, row, seen[row["id"]], item.get("prompt", ""), item["completion"],

@@ -1,0 +1,129 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from mimo.backends import EndpointBackend, Request
+from mimo.benchmarks import load_benchmark
+from mimo.cli import main
+from mimo.errors import MimoError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_score_math500_references(tmp_path, capsys):
+    rows = load_benchmark("math500")[:25]
+    write_jsonl(tmp_path / "c.jsonl", [{"id": r["id"], "completion": r["solution"]} for r in rows]
+                + [{"id": rows[0]["id"], "completion": "so the answer is \\boxed{-12345}"}])
+    assert main(["eval", "score", "--task", "math500", "--completions", str(tmp_path / "c.jsonl"),
+                 "--out", str(tmp_path / "out")]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 26 and sum(s["correct"] for s in samples) == 25
+    assert samples[-1]["sample"] == 1 and samples[-1]["extracted_answer"] == "-12345"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["problems"] == 25 and "subject" in summary["breakdown"]
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_score_humaneval_canonical_and_broken(tmp_path):
+    rows = load_benchmark("humaneval")[:5]
+    write_jsonl(tmp_path / "c.jsonl", [{"id": r["id"], "completion": r["canonical_solution"]} for r in rows]
+                + [{"id": rows[1]["id"], "completion": "```python\ndef " + rows[1]["entry_point"]
+                    + "(*a):\n    return None\n```"}])
+    assert main(["eval", "score", "--task", "humaneval", "--completions", str(tmp_path / "c.jsonl"),
+                 "--out", str(tmp_path / "out")]) == 0
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [s["correct"] for s in samples] == [True] * 5 + [False]
+
+
+def test_score_generic_math_and_bad_lines(tmp_path, capsys):
+    write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "problem": "1/2?", "answer": "0.5", "completion": "\\boxed{\\frac12}"}])
+    assert main(["eval", "score", "--task", "math", "--completions", str(tmp_path / "c.jsonl"),
+                 "--out", str(tmp_path / "o")]) == 0
+    (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n')
+    assert main(["eval", "score", "--task", "math500", "--completions", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_engine_eval_writes_samples_and_resumes(tmp_path, model_dir):
+    out = tmp_path / "ev"
+    args = ["eval", str(model_dir), "--task", "reasoning", "--limit", "3", "--samples", "2", "--out", str(out),
+            "--max-new-tokens", "8", "--prompt-format", "raw"]
+    assert main(args) == 0
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    first = json.loads(lines[0])
+    for key in ("id", "prompt", "completion", "extracted_answer", "correct", "tokens", "latency_s"):
+        assert key in first
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["model_sha256"] and summary["settings"]["temperature"] == 0.6
+    assert "task" in summary["breakdown"] and "maj@2" in summary["metrics"]
+    # interrupted: keep 2 finished samples and a half-written line; the rerun redoes only the rest
+    (out / "samples.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    assert main(args) == 0
+    redone = (out / "samples.jsonl").read_text().splitlines()
+    assert len(redone) == 6 and redone[:2] == lines[:2]
+    # other settings in the same directory are refused
+    assert main(args[:-1] + ["chat", "--temperature", "0.1"]) == 2
+
+
+class FlakyOpenAI(BaseHTTPRequestHandler):
+    calls = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FlakyOpenAI.calls.append((self.path, body, self.headers.get("Authorization")))
+        if len(FlakyOpenAI.calls) == 1:
+            self.send_response(503)
+            self.end_headers()
+            return
+        if body["messages"][0]["content"] == "bad":
+            self.send_response(400)
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "nope"}}')
+            return
+        reply = {"choices": [{"message": {"content": "\\boxed{4}", "reasoning_content": "2+2"},
+                              "finish_reason": "stop"}], "usage": {"completion_tokens": 3}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def fake_server():
+    FlakyOpenAI.calls = []
+    server = HTTPServer(("127.0.0.1", 0), FlakyOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_endpoint_retries_and_auth(fake_server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    backend = EndpointBackend(fake_server, "m", retries=2, concurrency=1)
+    backend.retry_base_s = 0.01
+    res = backend.complete([Request("2+2?", 8, 0.6, 0.95, 0, [])])[0]
+    assert res.text == "\\boxed{4}" and res.reasoning == "2+2" and res.completion_tokens == 3
+    path, body, auth = FlakyOpenAI.calls[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["top_p"] == 0.95
+    assert len(FlakyOpenAI.calls) == 2  # one 503, retried
+    with pytest.raises(MimoError, match="HTTP 400"):
+        backend.complete([Request("bad", 8, 0.6, 0.95, 0, [])])
+
+
+def test_endpoint_eval_end_to_end(fake_server, tmp_path):
+    assert main(["eval", "--endpoint", fake_server, "--model", "m", "--task", "aime2024", "--limit", "2",
+                 "--samples", "3", "--out", str(tmp_path / "o"), "--retries", "1"]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["samples"] == 6 and summary["settings"]["backend"] == "endpoint"
+    assert "pass@2" in summary["metrics"]
