@@ -70,15 +70,14 @@ def read_examples(path: Path) -> list[list[dict]]:
 
 
 def decontaminate(examples: list[list[dict]], n: int = 16) -> tuple[list[list[dict]], dict]:
-    """Drop conversations sharing an n-gram with a shipped benchmark or containing a held-out eval question."""
-    from mimo import reasoning
-    from mimo.benchmarks import BENCHMARKS, benchmark_texts
-    from mimo.quality import NgramIndex
+    """Drop conversations sharing an n-gram with a shipped benchmark (or containing one of its problems too
+    short to have an n-gram) or containing a held-out procedural evaluation question."""
+    from mimo import quality
+    from mimo.benchmarks import BENCHMARKS
 
     texts = ["\n".join(m["content"] for m in ex) for ex in examples]
-    bench = NgramIndex([t for b in BENCHMARKS for t in benchmark_texts(b)], n=n)
-    held_out = NgramIndex(sorted(reasoning.eval_questions()), whole=True)
-    bench_hits, eval_hits = bench.counts(texts), held_out.counts(texts)
+    bench_hits = sum(index.counts(texts) for b in BENCHMARKS for index in quality.benchmark_indexes(b, n))
+    eval_hits = quality.NgramIndex(sorted(quality.eval_split_questions()), whole=True).counts(texts)
     keep = [ex for ex, b, e in zip(examples, bench_hits, eval_hits) if b == 0 and e == 0]
     stats = {"examples": len(examples), "dropped_benchmark_overlap": int((bench_hits > 0).sum()),
              "dropped_eval_question": int(((eval_hits > 0) & (bench_hits == 0)).sum()), "kept": len(keep), "ngram": n}
