@@ -127,3 +127,22 @@ def test_endpoint_eval_end_to_end(fake_server, tmp_path):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["samples"] == 6 and summary["settings"]["backend"] == "endpoint"
     assert "pass@2" in summary["metrics"]
+
+
+def test_contamination_report_finds_a_planted_problem(tmp_path, capsys):
+    from mimo.data import build_corpus
+
+    leaked = load_benchmark("gsm8k")[5]["problem"]
+    (tmp_path / "web.jsonl").write_text(json.dumps({"text": "Notes.\n" + leaked + "\nThat is all."}) + "\n")
+    config = {"seed": 0, "tokens": 20_000, "tokenizer": {"vocab_size": 400},
+              "sources": {"reasoning": {"type": "reasoning", "problems": 300},
+                          "web": {"type": "text", "paths": [str(tmp_path / "web.jsonl")]}},
+              "quality": {"benchmarks": [], "density_threshold": 0.0},  # let the leak through, to find it later
+              "stages": [{"name": "broad", "fraction": 1.0, "mix": {"reasoning": 1.0, "web": 1.0}}]}
+    build_corpus(config, tmp_path / "data", show_progress=False)
+    assert main(["eval", "contamination", "--data", str(tmp_path / "data"), "--task", "gsm8k",
+                 "--out", str(tmp_path / "c.json")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["contaminated"] == 1 and summary["contaminated_ids"] == ["gsm8k/5"]
+    assert main(["eval", "contamination", "--data", str(tmp_path / "data"), "--task", "reasoning"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["contaminated"] == 0

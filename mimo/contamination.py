@@ -1,0 +1,46 @@
+"""`mimo eval contamination`: per-problem n-gram overlap between a built training corpus and an evaluation
+task, with a summary. Benchmarks are checked by shared word n-grams (default 13, as the corpus build
+filters); the procedural `reasoning` task by whole-question containment (its questions are short and
+templated, so their boilerplate n-grams would match every training problem of the task)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mimo import quality
+from mimo.benchmarks import BENCHMARKS
+from mimo.errors import MimoError
+
+
+def reasoning_overlap(corpus_dir: Path) -> list[dict]:
+    from mimo.tasks import get_task
+
+    docs = quality.corpus_documents(corpus_dir, "train")
+    rows = get_task("reasoning").load()
+    by_len: dict[int, list[dict]] = {}
+    for r in rows:
+        by_len.setdefault(len(quality.words(r["problem"])), []).append(r)
+    out = {}
+    for length, group in by_len.items():
+        index = quality.NgramIndex(docs, n=length)  # every window of the question's own length
+        for r in group:
+            out[r["id"]] = {"id": r["id"], "ngrams": 1, "overlap": int(index.overlaps(r["problem"]) > 0)}
+    return [out[r["id"]] for r in rows]
+
+
+def contamination_report(corpus_dir: Path, task: str, n: int = 13) -> dict:
+    corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / "manifest.json").exists():
+        raise MimoError(f"{corpus_dir}: not a corpus directory (no manifest.json)")
+    if task == "reasoning":
+        rows, method = reasoning_overlap(corpus_dir), "whole-question containment"
+    elif task in BENCHMARKS:
+        rows, method = quality.benchmark_overlap(task, corpus_dir, n), f"shared word {n}-grams"
+    else:
+        raise MimoError(f"unknown task {task!r} for contamination (choose from reasoning, {', '.join(BENCHMARKS)})")
+    hit = [r for r in rows if r["overlap"] > 0]
+    summary = {"task": task, "corpus": str(corpus_dir), "method": method, "problems": len(rows),
+               "contaminated": len(hit), "fraction": len(hit) / len(rows) if rows else 0.0,
+               "max_overlap": max((r["overlap"] for r in rows), default=0),
+               "contaminated_ids": [r["id"] for r in hit][:50]}
+    return {"summary": summary, "problems": rows}
