@@ -7,6 +7,7 @@ Rank-0 helpers (print0, is_main) keep distributed noise out of call sites.
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from contextlib import nullcontext
@@ -52,7 +53,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
             dev = torch.device("cuda", local)
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            # a long timeout: under `mimo speedrun`, other ranks wait while rank 0 evaluates
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(hours=12))
         _INFO = DistInfo(rank, world, local, dev)
     else:
         _INFO = DistInfo(device=dev)

@@ -21,7 +21,7 @@ from mimo.config import PRESET_SHAPES, preset_config
 from mimo.dataloader import PackedTokens, PretrainBatches, eval_batches
 from mimo.errors import MimoError
 from mimo.model import MiMoForCausalLM
-from mimo.parallel import barrier, broadcast_object, cleanup, init_distributed, is_main, print0
+from mimo.parallel import barrier, broadcast_object, init_distributed, is_main, print0
 from mimo.tokenizer import Tokenizer
 from mimo.train import TrainConfig, train
 
@@ -29,8 +29,8 @@ from mimo.train import TrainConfig, train
 TRAIN_PRESETS = {
     "nano": TrainConfig(max_steps=300, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=3e-3, warmup_steps=20,
                         log_every=10, eval_every=100, eval_batches=4, save_every=100),
-    "tiny": TrainConfig(max_steps=600, seq_len=256, global_batch_seqs=32, micro_batch=16, lr=2e-3, warmup_steps=40,
-                        log_every=10, eval_every=100, eval_batches=8, save_every=50),
+    "tiny": TrainConfig(max_steps=480, seq_len=256, global_batch_seqs=32, micro_batch=16, lr=2e-3, warmup_steps=30,
+                        log_every=10, eval_every=60, eval_batches=8, save_every=60),
     "small": TrainConfig(max_steps=5000, seq_len=1024, global_batch_seqs=256, micro_batch=8, lr=6e-4,
                          warmup_steps=200, log_every=10, eval_every=250, eval_batches=16, save_every=250),
 }
@@ -69,39 +69,36 @@ def run(args) -> dict:
     if args.preset not in TRAIN_PRESETS:
         raise MimoError(f"unknown preset {args.preset!r} for pretraining (choose from {', '.join(PRESET_SHAPES)})")
     info = init_distributed(args.device)
-    try:
-        cfg = replace(TRAIN_PRESETS[args.preset], seed=args.seed, precision=args.precision, compile=args.compile,
-                      fsdp=args.fsdp)
-        for key in ("max_steps", "save_every", "micro_batch", "lr", "eval_every"):
-            if getattr(args, key, None) is not None:
-                cfg = replace(cfg, **{key: getattr(args, key)})
-        if cfg.global_batch_seqs % (cfg.micro_batch * info.world_size):
-            cfg = replace(cfg, micro_batch=max(1, cfg.global_batch_seqs // info.world_size))
-        data_dir = Path(args.data) if args.data else default_corpus(args.preset, args.seed)
-        data_dir = broadcast_object(data_dir)
-        tokenizer = Tokenizer.load(data_dir / "tokenizer")
-        train_tokens = PackedTokens(data_dir, "train")
-        val_tokens = PackedTokens(data_dir, "val")
-        run_dir = Path(args.out)
-        if is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "run_config.json").write_text(json.dumps(
-                {"command": "pretrain", "preset": args.preset, "data": str(data_dir), "world_size": info.world_size,
-                 "mtp_layers": args.mtp_layers, "train": asdict(cfg)}, indent=2, default=str))
-        model = model_for(args.preset, tokenizer.vocab_size, args.mtp_layers, args.seed)
-        batches = PretrainBatches(train_tokens, cfg.seq_len, cfg.global_batch_seqs, cfg.micro_batch,
-                                  info.rank, info.world_size, info.device)
-        print0(f"pretraining {args.preset}: {model.num_params()['total']:,} parameters, "
-               f"{cfg.global_batch_seqs * cfg.seq_len:,} tokens per step ({batches.accum} accumulation step(s) x "
-               f"{info.world_size} process(es)), {cfg.max_steps} steps, corpus {len(train_tokens):,} tokens")
+    cfg = replace(TRAIN_PRESETS[args.preset], seed=args.seed, precision=args.precision, compile=args.compile,
+                  fsdp=args.fsdp)
+    for key in ("max_steps", "save_every", "micro_batch", "lr", "eval_every"):
+        if getattr(args, key, None) is not None:
+            cfg = replace(cfg, **{key: getattr(args, key)})
+    if cfg.global_batch_seqs % (cfg.micro_batch * info.world_size):
+        cfg = replace(cfg, micro_batch=max(1, cfg.global_batch_seqs // info.world_size))
+    data_dir = Path(args.data) if args.data else default_corpus(args.preset, args.seed)
+    data_dir = broadcast_object(data_dir)
+    tokenizer = Tokenizer.load(data_dir / "tokenizer")
+    train_tokens = PackedTokens(data_dir, "train")
+    val_tokens = PackedTokens(data_dir, "val")
+    run_dir = Path(args.out)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(
+            {"command": "pretrain", "preset": args.preset, "data": str(data_dir), "world_size": info.world_size,
+             "mtp_layers": args.mtp_layers, "train": asdict(cfg)}, indent=2, default=str))
+    model = model_for(args.preset, tokenizer.vocab_size, args.mtp_layers, args.seed)
+    batches = PretrainBatches(train_tokens, cfg.seq_len, cfg.global_batch_seqs, cfg.micro_batch,
+                              info.rank, info.world_size, info.device)
+    print0(f"pretraining {args.preset}: {model.num_params()['total']:,} parameters, "
+           f"{cfg.global_batch_seqs * cfg.seq_len:,} tokens per step ({batches.accum} accumulation step(s) x "
+           f"{info.world_size} process(es)), {cfg.max_steps} steps, corpus {len(train_tokens):,} tokens")
 
-        def val():
-            return eval_batches(val_tokens, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, info.device)
+    def val():
+        return eval_batches(val_tokens, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, info.device)
 
-        return train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val,
-                     title=f"pretrain {args.preset}", extra_state={"data": str(data_dir)})
-    finally:
-        cleanup()
+    return train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val,
+                 title=f"pretrain {args.preset}", extra_state={"data": str(data_dir)})
 
 
 def add_arguments(p):

@@ -23,7 +23,7 @@ import torch
 from mimo.checkpoint import load_model_and_tokenizer
 from mimo.errors import MimoError
 from mimo.model import IGNORE_INDEX
-from mimo.parallel import cleanup, init_distributed, is_main, print0
+from mimo.parallel import init_distributed, is_main, print0
 from mimo.tasks import BOXED_INSTRUCTION
 from mimo.train import TrainConfig, train
 
@@ -143,49 +143,46 @@ class SFTBatches:
 
 def run(args):
     info = init_distributed(args.device)
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.from_dir, "float32")
-        if args.mtp_weight == 0:  # frozen, not merely unweighted (weight decay would still move them)
-            model.model.mtp_layers.requires_grad_(False)
-        cfg = replace(SFT_DEFAULTS, seed=args.seed, precision=args.precision, compile=args.compile, fsdp=args.fsdp,
-                      mtp_weight=args.mtp_weight, mtp_weight_late=args.mtp_weight)
-        for key in ("max_steps", "save_every", "micro_batch", "lr", "eval_every"):
-            if getattr(args, key, None) is not None:
-                cfg = replace(cfg, **{key: getattr(args, key)})
-        if cfg.global_batch_seqs % (cfg.micro_batch * info.world_size):
-            cfg = replace(cfg, micro_batch=max(1, cfg.global_batch_seqs // info.world_size))
-        examples = read_examples(Path(args.data)) if args.data else procedural_examples(args.problems, args.seed)
-        examples, stats = decontaminate(examples)
-        random.Random(args.seed).shuffle(examples)
-        tokenized = [tokenize_example(tokenizer, ex) for ex in examples]
-        too_long = sum(len(ids) > cfg.seq_len + 1 for ids, _ in tokenized)
-        tokenized = [t for t in tokenized if len(t[0]) <= cfg.seq_len + 1]
-        stats["dropped_too_long"] = too_long
-        if len(tokenized) < 10:
-            raise MimoError(f"only {len(tokenized)} SFT examples left after filtering")
-        n_val = max(1, len(tokenized) // 50)
-        inputs, targets = pack(tokenized[n_val:], cfg.seq_len, tokenizer.eos_token_id)
-        val_in, val_tg = pack(tokenized[:n_val], cfg.seq_len, tokenizer.eos_token_id)
-        print0(f"SFT data: {stats['examples']} examples, dropped {stats['dropped_benchmark_overlap']} for benchmark "
-               f"16-gram overlap and {stats['dropped_eval_question']} for held-out questions, {too_long} too long; "
-               f"{len(inputs)} packed rows of {cfg.seq_len} tokens")
-        run_dir = Path(args.out)
-        if is_main():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "sft_data.json").write_text(json.dumps(stats, indent=2) + "\n")
-            (run_dir / "run_config.json").write_text(json.dumps(
-                {"command": "sft", "from": str(args.from_dir), "data": args.data, "train": asdict(cfg)}, indent=2))
-        batches = SFTBatches(inputs, targets, cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
-                             args.seed, info.device)
+    model, tokenizer = load_model_and_tokenizer(args.from_dir, "float32")
+    if args.mtp_weight == 0:  # frozen, not merely unweighted (weight decay would still move them)
+        model.model.mtp_layers.requires_grad_(False)
+    cfg = replace(SFT_DEFAULTS, seed=args.seed, precision=args.precision, compile=args.compile, fsdp=args.fsdp,
+                  mtp_weight=args.mtp_weight, mtp_weight_late=args.mtp_weight)
+    for key in ("max_steps", "save_every", "micro_batch", "lr", "eval_every"):
+        if getattr(args, key, None) is not None:
+            cfg = replace(cfg, **{key: getattr(args, key)})
+    if cfg.global_batch_seqs % (cfg.micro_batch * info.world_size):
+        cfg = replace(cfg, micro_batch=max(1, cfg.global_batch_seqs // info.world_size))
+    examples = read_examples(Path(args.data)) if args.data else procedural_examples(args.problems, args.seed)
+    examples, stats = decontaminate(examples)
+    random.Random(args.seed).shuffle(examples)
+    tokenized = [tokenize_example(tokenizer, ex) for ex in examples]
+    too_long = sum(len(ids) > cfg.seq_len + 1 for ids, _ in tokenized)
+    tokenized = [t for t in tokenized if len(t[0]) <= cfg.seq_len + 1]
+    stats["dropped_too_long"] = too_long
+    if len(tokenized) < 10:
+        raise MimoError(f"only {len(tokenized)} SFT examples left after filtering")
+    n_val = max(1, len(tokenized) // 50)
+    inputs, targets = pack(tokenized[n_val:], cfg.seq_len, tokenizer.eos_token_id)
+    val_in, val_tg = pack(tokenized[:n_val], cfg.seq_len, tokenizer.eos_token_id)
+    print0(f"SFT data: {stats['examples']} examples, dropped {stats['dropped_benchmark_overlap']} for benchmark "
+           f"16-gram overlap and {stats['dropped_eval_question']} for held-out questions, {too_long} too long; "
+           f"{len(inputs)} packed rows of {cfg.seq_len} tokens")
+    run_dir = Path(args.out)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "sft_data.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (run_dir / "run_config.json").write_text(json.dumps(
+            {"command": "sft", "from": str(args.from_dir), "data": args.data, "train": asdict(cfg)}, indent=2))
+    batches = SFTBatches(inputs, targets, cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
+                         args.seed, info.device)
 
-        def val():
-            for i in range(0, min(len(val_in), cfg.micro_batch * cfg.eval_batches), cfg.micro_batch):
-                yield val_in[i: i + cfg.micro_batch].to(info.device), val_tg[i: i + cfg.micro_batch].to(info.device)
+    def val():
+        for i in range(0, min(len(val_in), cfg.micro_batch * cfg.eval_batches), cfg.micro_batch):
+            yield val_in[i: i + cfg.micro_batch].to(info.device), val_tg[i: i + cfg.micro_batch].to(info.device)
 
-        return train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val, title="sft",
-                     extra_state={"from": str(args.from_dir)})
-    finally:
-        cleanup()
+    return train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val, title="sft",
+                 extra_state={"from": str(args.from_dir)})
 
 
 def add_arguments(p):

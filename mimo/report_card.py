@@ -1,0 +1,155 @@
+"""The speedrun's report card (RUN_DIR/report.md), in the spirit of nanochat's: the environment, time per
+stage, the data, the curves, MTP, accuracies with intervals, and the command behind every figure. Every
+number is read from the files the stages wrote; nothing here is typed in."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from mimo import __version__
+from mimo.report import metric_cell
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _last_json_line(path: Path):
+    try:
+        return json.loads(path.read_text().strip().splitlines()[-1])
+    except (OSError, json.JSONDecodeError, IndexError):
+        return None
+
+
+def _metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def environment() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": ", ".join(gpus) or "none", "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "mimo": __version__, "git_commit": commit,
+            "python": platform.python_version()}
+
+
+def _eval_rows(out: Path) -> list[tuple[str, dict]]:
+    rows = []
+    for name in ("base", "sft", "rl"):
+        summary = _json(out / "eval" / f"{name}-reasoning" / "summary.json")
+        if summary:
+            rows.append((name, summary))
+    return rows
+
+
+def write_report_card(out: Path, state: dict, commands: dict):
+    out = Path(out)
+    env = environment()
+    lines = [f"# mimo speedrun report card: {state['preset']}", "",
+             "Every figure below is read from the files this run wrote; the command that made it is listed.", "",
+             "## Environment", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in env.items()]
+
+    lines += ["", "## Time per stage", "", "| stage | seconds | commands |", "|---|---|---|"]
+    total = 0.0
+    for stage, info in state["stages"].items():
+        total += info["seconds"]
+        cmds = "<br>".join(f"`{c}`" for c in info.get("commands", []))
+        lines.append(f"| {stage} | {info['seconds']:.0f} | {cmds} |")
+    lines.append(f"| total | {total:.0f} | |")
+
+    manifest = _json(out / "data" / "manifest.json")
+    if manifest:
+        train = manifest["splits"]["train"]
+        lines += ["", "## Data", "", f"{train['tokens']:,} training tokens, {manifest['splits']['val']['tokens']:,} "
+                  "validation tokens (`mimo data build`).", "", "| stage | tokens | documents |", "|---|---|---|"]
+        lines += [f"| {st['name']} | {st['tokens']:,} | {st.get('documents', '')} |" for st in train.get("stages", [])]
+        filters = manifest.get("filters", {})
+        if filters:
+            lines += ["", "Documents dropped by each filter: " + ", ".join(
+                f"{k} {v if not isinstance(v, dict) else sum(x for x in v.values() if isinstance(x, int))}"
+                for k, v in filters.items() if k != "by_source") + "."]
+
+    lines += ["", "## Training curves", ""]
+    for name, png, title in (("base", "loss.png", "pretraining"), ("sft", "loss.png", "SFT"), ("rl", "rl.png", "RL")):
+        rows = _metrics(out / name / "metrics.jsonl")
+        if (out / name / png).exists():
+            lines += [f"### {title}", "", f"![{title}]({name}/{png})", ""]
+        if rows and name != "rl":
+            last = rows[-1]
+            val = next((r for r in reversed(rows) if r.get("val_loss") is not None), {})
+            lines.append(f"Final training loss {last['loss']:.3f} (next-token {last['ntp_loss']:.3f}"
+                         + (f", MTP {last['mtp_loss']:.3f}" if last.get("mtp_loss") is not None else "")
+                         + f") after {last['step']} steps / {last['tokens']:,} tokens; validation loss "
+                         + (f"{val['val_loss']:.3f}" if val else "n/a")
+                         + (f", MTP top-1 accuracy on token t+2 {100 * val['val_mtp_top1']:.1f}%"
+                            if val.get("val_mtp_top1") is not None else "") + ".")
+            lines.append("")
+        elif rows:
+            first, last = rows[0], rows[-1]
+            keys = [k for k in ("reward_mean", "pass_rate", "response_length", "mtp_top1") if k in last]
+            lines.append("RL: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in keys)
+                         + f" over {last.get('step', len(rows))} steps.")
+            lines.append("")
+
+    mtp, plain = _last_json_line(out / "eval" / "decode-mtp.json"), _last_json_line(out / "eval" / "decode-no-mtp.json")
+    if mtp and plain:
+        speedup = mtp["decode_tokens_per_s"] / plain["decode_tokens_per_s"] if plain["decode_tokens_per_s"] else 0
+        acc = mtp.get("acceptance_rate")
+        lines += ["## MTP speculative decoding", "", "| | decode tokens/s | acceptance |", "|---|---|---|",
+                  f"| without MTP | {plain['decode_tokens_per_s']:.1f} | |",
+                  f"| with MTP | {mtp['decode_tokens_per_s']:.1f} | {'n/a' if acc is None else f'{acc:.2f}'} |", "",
+                  f"Speed-up {speedup:.2f}x (`mimo bench decode ... --mtp/--no-mtp --json`).", ""]
+
+    evals = _eval_rows(out)
+    if evals:
+        metric_names = list(evals[0][1]["metrics"])
+        lines += ["## Held-out procedural reasoning", "",
+                  "Evaluation seeds are reserved and never generated for training. Accuracy in %, 95% bootstrap "
+                  "interval over problems.", "", "| model | problems | " + " | ".join(metric_names) + " |",
+                  "|---|---|" + "---|" * len(metric_names)]
+        for name, summary in evals:
+            cells = " | ".join(metric_cell(summary["metrics"].get(m)) for m in metric_names)
+            lines.append(f"| {name} | {summary['problems']} | {cells} |")
+        per_task = evals[-1][1].get("breakdown", {}).get("task")
+        if per_task:
+            lines += ["", f"Per task ({evals[-1][0]}):", "", "| task | accuracy % |", "|---|---|"]
+            lines += [f"| {t} | {metric_cell(m)} |" for t, m in per_task.items()]
+        lines.append("")
+
+    bench = [(t, _json(out / "eval" / f"rl-{t}" / "summary.json")) for t in ("math500", "gsm8k")]
+    bench = [(t, s) for t, s in bench if s]
+    if bench:
+        lines += ["## MATH-500 and GSM8K samples (RL model)", "",
+                  "Small samples; near zero is the honest expectation at this size.", "",
+                  "| task | problems | accuracy % |", "|---|---|---|"]
+        for t, s in bench:
+            first = next(iter(s["metrics"].values()))
+            lines.append(f"| {t} | {s['problems']} | {metric_cell(first)} |")
+        lines.append("")
+    lines += ["## Reproduce", "", "Each stage above is a plain `mimo` command; `mimo speedrun --preset "
+              f"{state['preset']} --out DIR` runs them all. Samples of every evaluation are in `eval/*/samples.jsonl`.",
+              ""]
+    (out / "report.md").write_text("\n".join(lines))

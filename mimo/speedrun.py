@@ -1,0 +1,126 @@
+"""`mimo speedrun`: the whole MiMo recipe on one machine, ending in a report card.
+
+    mimo speedrun --out runs/nano                 # nano: a first run, minutes on a laptop CPU
+    mimo speedrun --preset tiny --out runs/tiny   # tiny: about an hour on 2 cores
+
+Stages: data (reasoning-dense corpus) -> pretrain (next-token + MTP) -> sft (<think> traces) -> rl (GRPO with
+verifiable rewards) -> eval (held-out reasoning for base / SFT / RL, small MATH-500 and GSM8K samples, MTP
+speculative decoding) -> report (RUN_DIR/report.md). Each stage is exactly a `mimo` command (the report lists
+them); a finished stage is skipped on rerun and an interrupted one resumes. Under torchrun the training stages
+run data-parallel and rank 0 does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from mimo.errors import MimoError
+from mimo.parallel import barrier, init_distributed, is_main, print0
+
+# per preset: steps and sizes of each stage (pretraining itself follows mimo.pretrain.TRAIN_PRESETS)
+PLANS = {
+    "nano": {"pretrain": ["--max-steps", "150"], "sft": ["--max-steps", "60", "--problems", "3000"],
+             "rl": ["--max-steps", "4", "--batch-prompts", "8", "--group-size", "4", "--max-new-tokens", "96",
+                    "--num-problems", "400"],
+             "reasoning_eval": ["--limit", "48", "--samples", "1", "--max-new-tokens", "96"],
+             "bench_eval": ["--limit", "10", "--max-new-tokens", "96"], "decode_tokens": "64"},
+    "tiny": {"pretrain": [], "sft": [], "rl": ["--max-steps", "30"],
+             "reasoning_eval": ["--limit", "200", "--samples", "4"],
+             "bench_eval": ["--limit", "50", "--max-new-tokens", "256"], "decode_tokens": "128"},
+    "small": {"pretrain": [], "sft": [], "rl": ["--max-steps", "100"],
+              "reasoning_eval": ["--limit", "200", "--samples", "4"],
+              "bench_eval": ["--limit", "100", "--max-new-tokens", "512"], "decode_tokens": "256"},
+}
+STAGES = ("data", "pretrain", "sft", "rl", "eval", "report")
+
+
+def stage_commands(preset: str, out: Path, seed: int) -> dict[str, list[list[str]]]:
+    """Every stage as the `mimo` command lines it runs."""
+    plan, s = PLANS[preset], str(seed)
+    ev = out / "eval"
+    models = {"base": (out / "base" / "final", "raw"), "sft": (out / "sft" / "final", "chat"),
+              "rl": (out / "rl" / "final", "chat")}
+    evals = [["eval", str(m), "--task", "reasoning", "--prompt-format", fmt, "--out", str(ev / f"{name}-reasoning"),
+              "--seed", s, *plan["reasoning_eval"]] for name, (m, fmt) in models.items()]
+    evals += [["eval", str(models["rl"][0]), "--task", task, "--out", str(ev / f"rl-{task}"), "--seed", s,
+               *plan["bench_eval"]] for task in ("math500", "gsm8k")]
+    decode = [["bench", "decode", str(models["rl"][0]), "--new-tokens", plan["decode_tokens"], flag, "--json"]
+              for flag in ("--mtp", "--no-mtp")]
+    return {
+        "data": [["data", "build", "--preset", preset, "--seed", s, "--out", str(out / "data")]],
+        "pretrain": [["pretrain", "--preset", preset, "--data", str(out / "data"), "--out", str(out / "base"),
+                      "--seed", s, *plan["pretrain"]]],
+        "sft": [["sft", "--from", str(out / "base" / "final"), "--out", str(out / "sft"), "--seed", s, *plan["sft"]]],
+        "rl": [["rl", "--from", str(out / "sft" / "final"), "--out", str(out / "rl"), "--seed", s, *plan["rl"]]],
+        "eval": evals + decode,
+    }
+
+
+DISTRIBUTED_STAGES = ("pretrain", "sft")
+
+
+def run_command(argv: list[str], capture: Path | None = None):
+    """Run one `mimo` command in this process; with capture, its stdout goes to that file."""
+    import contextlib
+    import io
+
+    from mimo.cli import dispatch
+
+    if capture is None:
+        dispatch(argv)
+        return
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        dispatch(argv)
+    capture.write_text(buf.getvalue())
+
+
+def run(args):
+    if args.preset not in PLANS:
+        raise MimoError(f"unknown preset {args.preset!r} for the speedrun (choose from {', '.join(PLANS)})")
+    init_distributed(args.device)
+    out = Path(args.out)
+    state_path = out / "speedrun.json"
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"preset": args.preset, "stages": {}}
+    if state["preset"] != args.preset:
+        raise MimoError(f"{state_path}: this run directory holds a {state['preset']} speedrun")
+    commands = stage_commands(args.preset, out, args.seed)
+    t_all = time.time()
+    for stage in STAGES:
+        if state["stages"].get(stage, {}).get("done"):
+            print0(f"[speedrun] {stage}: done earlier ({state['stages'][stage]['seconds']:.0f} s), skipping")
+            continue
+        print0(f"[speedrun] {stage} ...")
+        t0 = time.time()
+        if stage == "report":
+            if is_main():
+                from mimo.report_card import write_report_card
+
+                write_report_card(out, state, commands)
+                final = out / "final"
+                if final.exists():
+                    shutil.rmtree(final)
+                shutil.copytree(out / "rl" / "final", final)
+        elif stage in DISTRIBUTED_STAGES or is_main():
+            for argv in commands[stage]:
+                capture = out / "eval" / f"decode-{argv[-2].lstrip('-')}.json" if argv[0] == "bench" else None
+                run_command(argv, capture)
+        barrier()
+        if is_main():
+            state["stages"][stage] = {"done": True, "seconds": time.time() - t0,
+                                      "commands": [" ".join(["mimo", *c]) for c in commands.get(stage, [])]}
+            state_path.write_text(json.dumps(state, indent=2) + "\n")
+    print0(f"[speedrun] finished in {time.time() - t_all:.0f} s: {out / 'report.md'}, model in {out / 'final'}")
+
+
+def add_arguments(p):
+    p.add_argument("--preset", default="nano", help="nano (default, minutes) | tiny (about an hour) | small")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
