@@ -45,7 +45,7 @@ def environment() -> dict:
     except (OSError, StopIteration):
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
@@ -83,8 +83,8 @@ def write_report_card(out: Path, state: dict, commands: dict):
     manifest = _json(out / "data" / "manifest.json")
     if manifest:
         train = manifest["splits"]["train"]
-        lines += ["", "## Data", "", f"{train['tokens']:,} training tokens, {manifest['splits']['val']['tokens']:,} "
-                  "validation tokens (`mimo data build`).", "", "| stage | tokens | documents |", "|---|---|---|"]
+        lines += ["", "## Data", "", (f"{train['tokens']:,} training tokens, {manifest['splits']['val']['tokens']:,} "
+                  "validation tokens (`mimo data build`)."), "", "| stage | tokens | documents |", "|---|---|---|"]
         lines += [f"| {st['name']} | {st['tokens']:,} | {st.get('documents', '')} |" for st in train.get("stages", [])]
         filters = manifest.get("filters", {})
         if filters:
@@ -109,7 +109,8 @@ def write_report_card(out: Path, state: dict, commands: dict):
             lines.append("")
         elif rows:
             first, last = rows[0], rows[-1]
-            keys = [k for k in ("reward_mean", "pass_rate", "response_length", "mtp_top1") if k in last]
+            keys = [k for k in ("reward_mean", "pass_rate", "response_length", "mtp_acceptance")
+                    if isinstance(first.get(k), (int, float)) and isinstance(last.get(k), (int, float))]
             lines.append("RL: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in keys)
                          + f" over {last.get('step', len(rows))} steps.")
             lines.append("")
@@ -127,8 +128,8 @@ def write_report_card(out: Path, state: dict, commands: dict):
     if evals:
         metric_names = list(evals[0][1]["metrics"])
         lines += ["## Held-out procedural reasoning", "",
-                  "Evaluation seeds are reserved and never generated for training. Accuracy in %, 95% bootstrap "
-                  "interval over problems.", "", "| model | problems | " + " | ".join(metric_names) + " |",
+                  ("Evaluation seeds are reserved and never generated for training. Accuracy in %, 95% bootstrap "
+                  "interval over problems."), "", "| model | problems | " + " | ".join(metric_names) + " |",
                   "|---|---|" + "---|" * len(metric_names)]
         for name, summary in evals:
             cells = " | ".join(metric_cell(summary["metrics"].get(m)) for m in metric_names)
@@ -149,7 +150,7 @@ def write_report_card(out: Path, state: dict, commands: dict):
             first = next(iter(s["metrics"].values()))
             lines.append(f"| {t} | {s['problems']} | {metric_cell(first)} |")
         lines.append("")
-    lines += ["## Reproduce", "", "Each stage above is a plain `mimo` command; `mimo speedrun --preset "
-              f"{state['preset']} --out DIR` runs them all. Samples of every evaluation are in `eval/*/samples.jsonl`.",
+    lines += ["## Reproduce", "", ("Each stage above is a plain `mimo` command; `mimo speedrun --preset "
+              f"{state['preset']} --out DIR` runs them all. Samples of every evaluation are in `eval/*/samples.jsonl`."),
               ""]
     (out / "report.md").write_text("\n".join(lines))

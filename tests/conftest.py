@@ -27,9 +27,9 @@ def tokenizer():
 def tiny_config(vocab_size=400, num_mtp=1, tie=False, **kw):
     from mimo.config import MiMoConfig
 
-    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, num_nextn_predict_layers=num_mtp,
-                max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=tie, torch_dtype="float32")
+    base = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "num_nextn_predict_layers": num_mtp,
+                "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": tie, "torch_dtype": "float32"}
     base.update(kw)
     return MiMoConfig(**base)
 

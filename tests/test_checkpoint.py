@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model
 from mimo.checkpoint import load_model, save_model
 from mimo.cli import main
 from mimo.tokenizer import Tokenizer
@@ -80,7 +80,7 @@ def test_save_replaces_atomically(tmp_path):
 # ---- bad input: one clear line naming the file, non-zero exit, no traceback ----------------------------
 
 def assert_clean_error(capsys, argv, *fragments):
-    code, out, err = run_cli(capsys, *argv)
+    code, _out, err = run_cli(capsys, *argv)
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mimo: error:"), err

@@ -1,5 +1,6 @@
 import json
 import threading
+import typing
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -72,7 +73,7 @@ def test_engine_eval_writes_samples_and_resumes(tmp_path, model_dir):
 
 
 class FlakyOpenAI(BaseHTTPRequestHandler):
-    calls = []
+    calls: typing.ClassVar[list] = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

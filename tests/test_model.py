@@ -3,8 +3,8 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import tiny_config, tiny_model
+
 from mimo.checkpoint import load_model, save_model
 from mimo.config import preset_config
 from mimo.model import KVCache, MiMoForCausalLM

@@ -91,7 +91,7 @@ def test_two_processes_match_one(corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
            "-m", "mimo.cli", "pretrain", "--preset", "nano", "--data", str(corpus), "--out", str(two),
            "--max-steps", "12", "--precision", "fp32"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     for a, b in zip(metrics(one), metrics(two)):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.01)

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from conftest import tiny_model
+
 from mimo.benchmarks import load_benchmark
 from mimo.checkpoint import save_model
 from mimo.cli import main

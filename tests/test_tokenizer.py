@@ -66,7 +66,8 @@ def test_train_errors_are_clean(tmp_path, capsys):
 
 def test_foreign_tokenizer_json_loads(tmp_path):
     """A plain HF tokenizer.json (no mimo tokenizer_config) loads; end of text comes from the vocabulary."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
 
     tk = HFTokenizer(models.WordLevel({"a": 0, "b": 1, "<|endoftext|>": 2}, unk_token="a"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -9,7 +9,7 @@ from mimo.benchmarks import load_benchmark
 from mimo.sandbox import run_python
 from mimo.tasks import Task
 
-_CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
+_CODE_BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
 
 def program(row: dict, completion: str) -> str:
@@ -17,7 +17,7 @@ def program(row: dict, completion: str) -> str:
     prompt, entry = row["problem"], row["entry_point"]
     blocks = _CODE_BLOCK.findall(completion)
     code = next((b for b in blocks if f"def {entry}" in b), blocks[0] if blocks else completion)
-    if re.search(rf"^\s*def {re.escape(entry)}\s*\(", code, re.M):
+    if re.search(rf"^\s*def {re.escape(entry)}\s*\(", code, re.MULTILINE):
         # a whole function: keep the prompt's imports and helpers ahead of it
         header = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
         solution = f"{header}\n{code}"
