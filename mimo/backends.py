@@ -71,18 +71,23 @@ class EngineBackend:
         return self.tokenizer.encode(prompt)
 
     def complete(self, requests: list[Request]) -> list[Result]:
+        """Batches of batch_size; a prompt that does not fit the model's context is not run and comes back
+        empty with finish_reason "prompt_too_long" (graded as wrong, and visible in samples.jsonl)."""
         from mimo.engine import SamplingParams
 
-        results: list[Result] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start: start + self.batch_size]
-            r0 = chunk[0]
+        encoded = [self._encode(r.prompt) for r in requests]
+        fits = [i for i, ids in enumerate(encoded) if len(ids) < self.engine.max_seq_len]
+        results = [Result("", 0, 0.0, "prompt_too_long") for _ in requests]
+        for start in range(0, len(fits), self.batch_size):
+            chunk = fits[start: start + self.batch_size]
+            r0 = requests[chunk[0]]
             params = SamplingParams(max_new_tokens=r0.max_new_tokens, temperature=r0.temperature, top_p=r0.top_p,
                                     stop=r0.stop, seed=r0.seed)
             t0 = time.perf_counter()
-            outs = self.engine.generate([self._encode(r.prompt) for r in chunk], params, **self._mtp_kwargs())
+            outs = self.engine.generate([encoded[i] for i in chunk], params, **self._mtp_kwargs())
             elapsed = time.perf_counter() - t0
-            results += [Result(o.text, len(o.tokens), elapsed, o.finish_reason) for o in outs]
+            for i, o in zip(chunk, outs):
+                results[i] = Result(o.text, len(o.tokens), elapsed, o.finish_reason)
         return results
 
     def _mtp_kwargs(self) -> dict:

@@ -1,14 +1,21 @@
 """`mimo bench`: speed measurements that report against what the machine can do.
 
     mimo bench train PRESET_OR_MODEL_DIR [--dtype fp32|bf16] [--batch B] [--seq T] [--steps N] [--json]
+    mimo bench decode PRESET_OR_MODEL_DIR [--batch B] [--new-tokens N] [--prompt-tokens P] [--mtp/--no-mtp]
+                      [--num-draft K] [--quantize int8] [--compile] [--json]
 
 Training throughput is timed after warm-up on synthetic tokens; MFU is model FLOPs (6 x parameters x tokens
 plus attention) per second against this machine's measured matmul peak in the same precision.
+
+Decoding is memory-bound: each decode step reads every weight once, so the roofline is weight bytes per step
+x steps per second against the machine's measured read bandwidth (a sum over a 1 GiB array).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import time
 
 import torch
@@ -81,6 +88,88 @@ def cmd_bench_train(args):
           f"the measured {r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak")
 
 
+def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Measured read bandwidth (bytes/s): the best of a few sums over a 1 GiB float32 array."""
+    x = torch.ones(nbytes // 4, device=device)
+    x.sum()  # first touch
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def decode_step_bytes(model, num_draft: int = 0) -> int:
+    """Weight bytes one decode step reads: every main-model weight but the input embedding (a few rows), plus,
+    with MTP, per draft its MTP layer (the last one again for chained drafts) and the LM head."""
+    main = module_bytes(model.model.layers) + module_bytes(model.model.norm) + module_bytes(model.lm_head)
+    mtp = model.model.mtp_layers
+    drafts = sum(module_bytes(mtp[min(i, len(mtp) - 1)]) + module_bytes(model.lm_head) for i in range(num_draft))
+    return main + drafts
+
+
+def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens: int = 32, mtp: bool = False,
+                 num_draft: int = 1, quantize: str | None = None, device: str = "cpu", seed: int = 0,
+                 compile: bool = False) -> dict:
+    """Greedy decoding of random prompts (no stop tokens: every row makes exactly new_tokens tokens), timed
+    after a warm-up run (which also compiles, with compile=True)."""
+    from mimo.engine import Engine, SamplingParams
+    from mimo.speculative import SpecStats
+
+    dev = torch.device(device)
+    model = build_model(spec, dtype="float32", device=dev, seed=seed)
+    if quantize:
+        from mimo.quantize import quantize_model
+
+        model = quantize_model(model, quantize)
+    mtp = mtp and model.config.num_nextn_predict_layers > 0
+    engine = Engine(model, None, max_seq_len=prompt_tokens + new_tokens + 1, compile=compile)
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
+    engine.generate(prompts, SamplingParams(max_new_tokens=min(8, new_tokens)), mtp=mtp, num_draft=num_draft)
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens), mtp=mtp, num_draft=num_draft)
+    decode_s = max(o.decode_time_s for o in outs)
+    decoded = sum(len(o.tokens) - 1 for o in outs)
+    stats = SpecStats.merge(o.spec for o in outs) if mtp else None
+    steps = max(o.spec.verify_steps for o in outs) if mtp else new_tokens - 1
+    step_bytes = decode_step_bytes(model, num_draft if mtp else 0)
+    bandwidth = memory_bandwidth(dev)
+    used = step_bytes * steps / decode_s if decode_s > 0 else 0.0
+    return {"model": spec, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            "mtp": mtp, "num_draft": num_draft if mtp else 0, "quantize": quantize, "compile": compile,
+            "time_to_first_token_s": sum(o.time_to_first_token_s for o in outs) / len(outs),
+            "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
+            "decode_steps_per_s": steps / decode_s if decode_s > 0 else 0.0,
+            "weight_bytes_per_step": step_bytes, "bandwidth_used_bytes_per_s": used,
+            "measured_bandwidth_bytes_per_s": bandwidth, "bandwidth_fraction": used / bandwidth,
+            "acceptance_rate": stats.acceptance_rate if stats else None,
+            "first_acceptance_rate": stats.first_acceptance_rate if stats else None,
+            "mean_accepted_length": stats.mean_accepted_length if stats else None,
+            "threads": torch.get_num_threads()}
+
+
+def cmd_bench_decode(args):
+    r = bench_decode(args.model, args.batch, args.new_tokens, args.prompt_tokens, args.mtp, args.num_draft,
+                     args.quantize, args.device, compile=args.compile)
+    mtp = (f", MTP {r['num_draft']} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
+           f"{r['first_acceptance_rate']:.2f}), {r['mean_accepted_length']:.2f} tokens/step") if r["mtp"] else ""
+    print(f"{r['model']} {r['quantize'] or 'fp32'} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
+          f"first token {1000 * r['time_to_first_token_s']:.1f} ms, {r['weight_bytes_per_step'] / 2**20:.0f} MiB "
+          f"of weights per step x {r['decode_steps_per_s']:.1f} steps/s = {r['bandwidth_used_bytes_per_s'] / 1e9:.1f} "
+          f"GB/s, {100 * r['bandwidth_fraction']:.0f}% of the measured {r['measured_bandwidth_bytes_per_s'] / 1e9:.1f} "
+          f"GB/s{mtp}")
+    if args.json:
+        print(json.dumps(r))
+
+
 def add_arguments(sub):
     t = sub.add_parser("train", help="training throughput (tokens/s, MFU) on synthetic tokens")
     t.add_argument("model", metavar="PRESET_OR_MODEL_DIR")
@@ -91,3 +180,17 @@ def add_arguments(sub):
     t.add_argument("--device", default="cpu")
     t.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     t.set_defaults(func=cmd_bench_train)
+
+    d = sub.add_parser("decode", help="decode tokens/s, time to first token and memory-bandwidth use")
+    d.add_argument("model", metavar="PRESET_OR_MODEL_DIR")
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("--new-tokens", type=int, default=128)
+    d.add_argument("--prompt-tokens", type=int, default=32)
+    d.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=False,
+                   help="speculative decoding with the MTP layers")
+    d.add_argument("--num-draft", type=int, default=1, help="tokens drafted per step with --mtp")
+    d.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization")
+    d.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiled in warm-up)")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
+    d.set_defaults(func=cmd_bench_decode)

@@ -78,28 +78,66 @@ def load_model_and_tokenizer(model_dir: str, dtype: str = "auto"):
     return model, tokenizer
 
 
-def cmd_generate(args):
-    from mimo.engine import Engine, SamplingParams
+def load_engine(args):
+    """(engine, tokenizer) for generate / chat: the model directory, --dtype, --quantize, --compile."""
+    from mimo.engine import Engine
+    from mimo.quantize import quantize_model
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    engine = Engine(model, tokenizer)
+    model = quantize_model(model, args.quantize)
+    return Engine(model, tokenizer, compile=args.compile), tokenizer
+
+
+def cmd_generate(args):
+    from mimo.engine import SamplingParams
+
+    engine, tokenizer = load_engine(args)
     prompt_ids = tokenizer.encode(args.prompt)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     stream = None if args.json else (lambda _row, text: (sys.stdout.write(text), sys.stdout.flush()))
     t0 = time.perf_counter()
-    out = engine.generate([prompt_ids], params, on_text=stream)[0]
+    out = engine.generate([prompt_ids], params, on_text=stream, mtp=args.mtp, num_draft=args.num_draft)[0]
     elapsed = time.perf_counter() - t0
     decode_tps = (len(out.tokens) - 1) / out.decode_time_s if out.decode_time_s > 0 else 0.0
+    spec = out.spec
     stats = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out.tokens),
              "finish_reason": out.finish_reason, "time_to_first_token_s": round(out.time_to_first_token_s, 4),
              "decode_tokens_per_s": round(decode_tps, 2), "total_time_s": round(elapsed, 4),
-             "mtp": args.mtp, "acceptance_rate": None}
+             "mtp": spec is not None, "num_draft": args.num_draft if spec else 0, "quantize": args.quantize,
+             "acceptance_rate": spec.acceptance_rate if spec else None,
+             "first_acceptance_rate": spec.first_acceptance_rate if spec else None,
+             "mean_accepted_length": spec.mean_accepted_length if spec else None}
     if args.json:
         print(json.dumps({"text": out.text, **stats}))
     else:
         sys.stdout.write("\n")
         print(json.dumps(stats), file=sys.stderr)
+
+
+def cmd_chat(args):
+    from mimo.chat import chat_loop
+    from mimo.engine import SamplingParams
+
+    engine, tokenizer = load_engine(args)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    params.validate()
+    chat_loop(engine, tokenizer, params, mtp=args.mtp, num_draft=args.num_draft, system=args.system)
+
+
+def add_decoding_arguments(s, temperature: float, top_p: float, max_new_tokens: int):
+    s.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    s.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=top_p)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
+                   help="speculative decoding with the MTP layers (lossless: greedy output is identical either way)")
+    s.add_argument("--num-draft", type=int, default=1, help="tokens the MTP layers draft per step")
+    s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 (faster on CPU)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def cmd_tokenizer_train(args):
@@ -144,16 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="raw text completion (no chat template); text on stdout, stats on stderr")
     s.add_argument("model", metavar="MODEL_DIR")
     s.add_argument("prompt", metavar="PROMPT")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
-                   help="speculative decoding with the MTP layers (greedy output is identical either way)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_decoding_arguments(s, temperature=0.0, top_p=1.0, max_new_tokens=128)
     s.add_argument("--json", action="store_true", help="print one JSON object with the text and timings")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat with the chat template, reasoning shown apart")
+    s.add_argument("model", metavar="MODEL_DIR")
+    add_decoding_arguments(s, temperature=0.6, top_p=0.95, max_new_tokens=2048)
+    s.add_argument("--system", default=None, help="a system message")
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
@@ -189,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_arguments(s)
     s.set_defaults(func=lambda args: sft.run(args))
 
+    from mimo import rl
+
+    s = sub.add_parser("rl", help="GRPO with rule-based rewards, MiMo's recipe (resumes)")
+    rl.add_arguments(s)
+    s.set_defaults(func=lambda args: rl.run(args))
+
+    from mimo import speedrun
+
+    s = sub.add_parser("speedrun", help="the whole recipe end to end (data, pretrain, SFT, RL, eval) + report card")
+    speedrun.add_arguments(s)
+    s.set_defaults(func=lambda args: speedrun.run(args))
+
     from mimo import bench
 
     s = sub.add_parser("bench", help="speed benchmarks")
@@ -209,10 +258,15 @@ def parse_args(argv):
     return build_parser().parse_args(argv)
 
 
-def main(argv=None) -> int:
+def dispatch(argv: list[str]):
+    """Run one command; errors propagate (the speedrun chains commands through this)."""
     args = parse_args(argv)
+    args.func(args)
+
+
+def main(argv=None) -> int:
     try:
-        args.func(args)
+        dispatch(argv)
         return 0
     except MimoError as e:
         print(f"mimo: error: {e}", file=sys.stderr)
@@ -220,6 +274,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mimo: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from mimo.parallel import cleanup
+
+        cleanup()
 
 
 if __name__ == "__main__":

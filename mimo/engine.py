@@ -1,20 +1,45 @@
-"""Inference engine: batched prefill and decode over a static KV cache, sampling, stop conditions, streaming.
+"""Inference engine: continuous batching over a static KV cache, per-row sampling, stop conditions, streaming,
+and MTP speculative decoding (mimo/speculative.py).
 
-Every caller (generate, chat, evaluation, RL rollouts, the server) goes through `Engine.generate`.
-Rows are independent: each owns one KV-cache slot, prompts of different lengths share a batch, and each
-row stops on its own (end-of-text, stop strings, max tokens).
+Every caller (generate, chat, evaluation, RL rollouts, the server) goes through `Engine.generate` or, to let
+requests join and leave a running batch, an `EngineSession`:
+
+    session = engine.session(max_batch=8, mtp=True, num_draft=2)
+    rid = session.add(prompt_ids, SamplingParams(...))
+    while session.has_work():
+        for event in session.step():     # each running row gains >= 1 token per step
+            ...event.request_id, event.text, event.finished, event.completion
+
+Rows are independent: each owns one KV-cache slot (reused when it finishes), has its own sampling settings
+and seed, and stops on its own (end-of-text, stop strings, max tokens). Random numbers are a hash of
+(row seed, position), so a seeded request samples the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import heapq
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from mimo.errors import MimoError
 from mimo.model import KVCache, MiMoForCausalLM
+from mimo.speculative import (
+    MTPSpeculator,
+    RowSampler,
+    SamplingFlags,
+    SpecStats,
+    filtered_probs_rows,
+    row_seed,
+    token_logprobs,
+)
 from mimo.tokenizer import Tokenizer
 
 
@@ -44,9 +69,19 @@ class Completion:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # log p(token) under the sampling distribution's model
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
     time_to_first_token_s: float = 0.0
     decode_time_s: float = 0.0
+    spec: SpecStats | None = None  # speculative-decoding counters (None without MTP)
+
+
+@dataclass
+class Event:
+    """What one session step produced for one request."""
+    request_id: int
+    text: str  # new text since the previous event (may be empty)
+    finished: bool
+    completion: Completion  # the request's completion so far
 
 
 class IncrementalDetokenizer:
@@ -72,120 +107,466 @@ class IncrementalDetokenizer:
         return full[len(prefix):]
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None):
-    """logits [B, V] -> (tokens [B], log-probs of those tokens under the model [B])."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    if p.temperature == 0.0:
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = torch.multinomial(filtered_probs(logits, p), 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
-
+# ---- sampling --------------------------------------------------------------------------------------
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The sampling distribution: temperature, then top-k, then top-p (nucleus). logits [B, V] -> probs [B, V]."""
-    scores = logits.float() / max(p.temperature, 1e-6)
-    if p.top_k and p.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, p.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if p.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        sorted_probs = torch.softmax(sorted_scores, dim=-1)
-        # drop a token when the tokens before it already reach top_p (the top token always stays)
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p.top_p
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    return torch.softmax(scores, dim=-1)
+    B = logits.shape[0]
+    return filtered_probs_rows(logits, torch.full((B,), float(p.temperature)), torch.full((B,), p.top_k),
+                               torch.full((B,), float(p.top_p)), p.top_k, p.top_p < 1.0)
 
 
-class Engine:
-    def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer, max_seq_len: int | None = None):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.cfg = model.config
-        self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-        if tokenizer.vocab_size > self.cfg.vocab_size:
-            raise MimoError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
-                            f"{self.cfg.vocab_size}")
+# ---- the forward pass ------------------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """What every layer of one forward pass shares."""
+    cos: torch.Tensor  # [b, 1, T, D]
+    sin: torch.Tensor  # [b, 1, T, D], rotate_half's sign folded in
+    positions: torch.Tensor  # [b, T]
+    index: torch.Tensor  # [b, Hkv, T, D] positions, for scattering keys/values into the cache
+    slots: torch.Tensor | None  # [b] cache slots; None: slots 0..b-1 (used through views, no copies)
+    kv_len: int  # attend over cache positions [0, kv_len)
+    mask: torch.Tensor | None  # [b, 1, T, kv_len] additive float mask (None: nothing to mask)
+
+
+def _fast(linear):
+    """module(x) without nn.Module.__call__'s overhead (several microseconds, on every linear of every token)."""
+    if type(linear) is torch.nn.Linear:
+        return functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
+    return linear.forward  # e.g. quantize.Int8Linear
+
+
+@dataclass
+class _Block:
+    """A decoder block's weights as ready-to-call pieces."""
+    cache_index: int
+    input_norm: torch.nn.Module
+    q: Callable
+    k: Callable
+    v: Callable
+    o: Callable
+    post_norm: torch.nn.Module
+    gate: Callable
+    up: Callable
+    down: Callable
+
+    @classmethod
+    def of(cls, layer, cache_index: int) -> _Block:
+        a, m = layer.self_attn, layer.mlp
+        return cls(cache_index, layer.input_layernorm, _fast(a.q_proj), _fast(a.k_proj), _fast(a.v_proj),
+                   _fast(a.o_proj), layer.post_attention_layernorm, _fast(m.gate_proj), _fast(m.up_proj),
+                   _fast(m.down_proj))
+
+
+class ModelRunner:
+    """The model's forward pass for inference over a KV cache with one slot per row, in few tensor ops per token.
+
+    The math is MiMoForCausalLM's (hidden_states, logits, mtp_step; tests check them against each other) on the
+    model's own weights and modules, so a quantized model runs unchanged and in-place weight updates (RL) are
+    seen. RoPE tables are precomputed for every position, norms are single ops, linears skip the module call,
+    rows 0..b-1 use the cache through views. compile=True runs the plain decode step through torch.compile
+    (static shapes: all slots, attention over the whole cache).
+    """
+
+    def __init__(self, model: MiMoForCausalLM, n_slots: int, capacity: int, compile: bool = False):
+        cfg = model.config
+        self.model, self.cfg, self.capacity, self.n_slots = model, cfg, capacity, n_slots
+        self.embed = model.model.embed_tokens.weight
+        self.device, self.dtype = self.embed.device, self.embed.dtype
+        self.cache = KVCache(cfg, n_slots, capacity, self.dtype, self.device)
+        D = cfg.head_dim
+        idx = torch.arange(0, D, 2, dtype=torch.int64, device=self.device).float()
+        inv_freq = 1.0 / (cfg.rope_theta ** (idx / D))  # exactly model.rope_cos_sin's
+        freqs = torch.arange(capacity, device=self.device)[:, None].float() * inv_freq  # [cap, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos = angles.cos().to(self.dtype)  # [cap, D]
+        sin = angles.sin().to(self.dtype)
+        self.sin = torch.cat((-sin[:, : D // 2], sin[:, D // 2:]), dim=-1)  # x*cos + roll(x)*sin = apply_rope
+        self.key_positions = torch.arange(capacity, device=self.device)
+        self.gqa = cfg.num_attention_heads != cfg.num_key_value_heads
+        L = cfg.num_hidden_layers
+        self.blocks = [_Block.of(layer, i) for i, layer in enumerate(model.model.layers)]
+        self.mtp_blocks = [_Block.of(layer, L + k) for k, layer in enumerate(model.model.mtp_layers)]
+        self.lm_head = _fast(model.lm_head)
+        self.compiled_decode = torch.compile(self._decode_all, dynamic=False) if compile else None
+
+    def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
+        """positions [b, T] (absolute); kv_len: any bound >= max(positions) + 1 (a host int: no sync).
+        mask=False: every row attends to all of [0, kv_len) (one query per row, at position kv_len - 1)."""
+        b, T = positions.shape
+        kv_len = self.capacity if kv_len is None else min(kv_len, self.capacity)
+        additive = None
+        if mask:
+            visible = self.key_positions[:kv_len] <= positions[..., None]  # [b, T, kv_len]
+            additive = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~visible, float("-inf"))[:, None]
+        index = positions[:, None, :, None].expand(b, self.cfg.num_key_value_heads, T, self.cfg.head_dim)
+        return RunContext(self.cos[positions][:, None], self.sin[positions][:, None], positions, index, slots,
+                          kv_len, additive)
+
+    def _norm(self, x, norm):
+        if x.dtype == torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+        return norm(x)  # bf16: normalise in fp32, scale in bf16, as the model does
+
+    def _kv(self, i: int, k, v, ctx: RunContext):
+        """Write k, v [b, Hkv, T, D] at ctx.positions of layer i's cache; return the keys/values to attend over."""
+        kc, vc = self.cache.k[i], self.cache.v[i]
+        if ctx.slots is None:
+            kc, vc = kc[: k.shape[0]], vc[: k.shape[0]]
+            kc.scatter_(2, ctx.index, k)
+            vc.scatter_(2, ctx.index, v)
+            return kc[:, :, : ctx.kv_len], vc[:, :, : ctx.kv_len]
+        rows = ctx.slots[:, None]
+        kc[rows, :, ctx.positions] = k.transpose(1, 2)  # advanced index -> [b, T, Hkv, D]
+        vc[rows, :, ctx.positions] = v.transpose(1, 2)
+        return kc[:, :, : ctx.kv_len].index_select(0, ctx.slots), vc[:, :, : ctx.kv_len].index_select(0, ctx.slots)
+
+    def _block(self, blk: _Block, x, ctx: RunContext):
+        """One decoder block (DecoderLayer.forward). x [b, T, H] -> [b, T, H]."""
+        b, T, _ = x.shape
+        D = self.cfg.head_dim
+        h = self._norm(x, blk.input_norm)
+        q = blk.q(h).view(b, T, -1, D).transpose(1, 2)  # [b, Hq, T, D]
+        k = blk.k(h).view(b, T, -1, D).transpose(1, 2)  # [b, Hkv, T, D]
+        v = blk.v(h).view(b, T, -1, D).transpose(1, 2)
+        q = torch.addcmul(q * ctx.cos, q.roll(D // 2, -1), ctx.sin)
+        k = torch.addcmul(k * ctx.cos, k.roll(D // 2, -1), ctx.sin)
+        keys, values = self._kv(blk.cache_index, k, v, ctx)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, enable_gqa=self.gqa)
+        x = x + blk.o(y.transpose(1, 2).reshape(b, T, -1))
+        h = self._norm(x, blk.post_norm)
+        return x + blk.down(F.silu(blk.gate(h)) * blk.up(h))
+
+    def hidden(self, ids, ctx: RunContext):
+        """ids [b, T] -> the main model's final hidden state before model.norm [b, T, H]."""
+        x = F.embedding(ids, self.embed)
+        for blk in self.blocks:
+            x = self._block(blk, x, ctx)
+        return x
+
+    def logits(self, hidden):
+        """hidden [..., H] (before model.norm) -> logits [..., V]."""
+        return self.lm_head(self._norm(hidden, self.model.model.norm))
+
+    def mtp(self, k: int, hidden_prev, next_ids, ctx: RunContext):
+        """MTP layer k on h_prev [b, T, H] and tokens x[t+k+1] [b, T] at positions t -> z [b, T, H]."""
+        layer = self.model.model.mtp_layers[k]
+        e = F.embedding(next_ids, self.embed)
+        z = layer.input_proj(torch.cat([self._norm(hidden_prev, layer.hidden_layernorm),
+                                        self._norm(e, layer.token_layernorm)], dim=-1))
+        return self._block(self.mtp_blocks[k], z, ctx)
+
+    def mtp_logits(self, k: int, z):
+        return self.lm_head(self._norm(z, self.model.model.mtp_layers[k].final_layernorm))
+
+    def _decode_all(self, ids, positions):
+        """One token for every slot: ids, positions [n_slots, 1] -> logits [n_slots, V] (static shapes)."""
+        return self.logits(self.hidden(ids, self.context(positions))[:, 0])
+
+    def decode(self, ids, positions, kv_len: int):
+        """One token for rows 0..b-1: ids, positions [b, 1] -> logits [b, V]."""
+        if self.compiled_decode is not None:
+            b, n = ids.shape[0], self.n_slots
+            if b < n:  # the compiled step always runs every slot (the others attend to position 0 only)
+                pad = ids.new_zeros(n - b, 1)
+                ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
+            return self.compiled_decode(ids, positions)[:b]
+        ctx = self.context(positions, None, kv_len, mask=ids.shape[0] > 1)
+        return self.logits(self.hidden(ids, ctx)[:, 0])
+
+
+# ---- sessions: continuous batching -----------------------------------------------------------------
+
+@dataclass(eq=False)
+class _Request:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    completion: Completion
+    detok: IncrementalDetokenizer | None
+    t_added: float
+    t_first: float | None = None
+    slot: int = -1
+
+
+class EngineSession:
+    """A running batch: requests join with add() and leave when they finish, freeing their KV-cache slot.
+
+    Each step() admits waiting requests into free slots (one batched, ragged prefill that samples their first
+    token), then advances every running row by one decode step (or one MTP draft-and-verify step) and returns
+    the events. A row's state is its slot: `length` committed tokens (the newest not yet in the cache) whose ids
+    are in `hist`. Rows are kept in the lowest free slots; decode runs over slots 0..m-1 through cache views.
+    """
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_seq_len: int | None = None, mtp: bool = False,
+                 num_draft: int = 1):
+        if max_batch < 1:
+            raise MimoError(f"max_batch must be >= 1, got {max_batch}")
+        if num_draft < 1:
+            raise MimoError(f"num_draft must be >= 1, got {num_draft}")
+        self.engine, self.model, self.tokenizer = engine, engine.model, engine.tokenizer
+        self.max_seq_len = min(max_seq_len or engine.max_seq_len, engine.max_seq_len)
+        n_mtp = engine.cfg.num_nextn_predict_layers if mtp else 0
+        # scratch positions past the longest sequence for drafts, padding and the rows of free slots
+        self.runner = engine.acquire_runner(max_batch, self.max_seq_len + 2 * num_draft + n_mtp + 3)
+        capacity = self.runner.capacity
+        self.sampler = RowSampler(max_batch, engine.device)
+        self.idle_length = n_mtp + 1  # a free slot's length (keeps MTP catch-up positions >= 0)
+        self.length = torch.full((max_batch,), self.idle_length, dtype=torch.long, device=engine.device)
+        self.hist = torch.zeros(max_batch, capacity, dtype=torch.long, device=engine.device)
+        self.active = torch.zeros(max_batch, dtype=torch.long, device=engine.device)
+        self.host_length = [self.idle_length] * max_batch
+        self.slots: list[_Request | None] = [None] * max_batch
+        self.free_slots = list(range(max_batch))  # a heap: rows fill the lowest free slots
+        self.waiting: deque[_Request] = deque()
+        self.requests: dict[int, _Request] = {}
+        self._ids = itertools.count()
+        self.spec = None
+        if n_mtp:
+            self.spec = MTPSpeculator(self, num_draft)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add(self, prompt: list[int], params: SamplingParams) -> int:
+        """Queue a request (token ids); returns its id. params.seed None: a fresh random seed."""
+        params.validate()
+        if len(prompt) == 0:
+            raise MimoError("every prompt needs at least one token")
+        if len(prompt) >= self.max_seq_len:
+            raise MimoError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len}")
+        if params.stop and self.tokenizer is None:
+            raise MimoError("stop strings need a tokenizer")
+        if max(prompt) >= self.engine.cfg.vocab_size or min(prompt) < 0:
+            raise MimoError(f"prompt token ids must be in [0, {self.engine.cfg.vocab_size})")
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()))
+        rid = next(self._ids)
+        completion = Completion(prompt_tokens=list(prompt))
+        if self.spec is not None:
+            completion.spec = SpecStats()
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        req = _Request(rid, list(prompt), params, seed, completion, detok, time.perf_counter())
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return rid
+
+    def abort(self, rid: int):
+        """Drop a request (waiting or running); its completion keeps what was generated so far."""
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req.slot >= 0:
+            self._free(req)
+        req.completion.finish_reason = req.completion.finish_reason or "abort"
+
+    def completion(self, rid: int) -> Completion:
+        return self.requests[rid].completion
+
+    def close(self):
+        """Hand the KV cache back to the engine for its next session (the session is unusable after)."""
+        self.engine.release_runner(self.runner)
+        self.runner = None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    def running(self) -> list[int]:
+        return [s for s, r in enumerate(self.slots) if r is not None]
+
+    # ---- stepping -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
-        """Complete each prompt (token ids). on_text(row, new_text) streams text as it is produced."""
-        params.validate()
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise MimoError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts)
-        if longest >= self.max_seq_len:
-            raise MimoError(f"prompt of {longest} tokens does not fit the context of {self.max_seq_len}")
-        B = len(prompts)
-        seq_len = min(self.max_seq_len, longest + params.max_new_tokens)
-        cache = KVCache(self.cfg, B, seq_len, self.dtype, self.device)
-        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        outs = [Completion(prompt_tokens=list(p)) for p in prompts]
-        detok = [IncrementalDetokenizer(self.tokenizer) for _ in prompts]
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        t0 = time.perf_counter()
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        self._admit(events)
+        rows = self.running()
+        if not rows:
+            return events
+        m = rows[-1] + 1
+        flags = self.sampler.flags(rows)
+        max_len = max(self.host_length[:m])
+        if self.spec is not None:
+            tokens, counts, logprobs = self.spec.step(m, flags, max_len, min(self.host_length[s] for s in rows))
+        else:
+            tokens, logprobs = self._decode(m, flags, max_len)
+            counts = [1] * m
+        for s in rows:
+            req = self.slots[s]
+            self.host_length[s] += counts[s]
+            text, done = "", False
+            for j in range(counts[s]):
+                new, done = self._append(req, tokens[s][j], logprobs[s][j])
+                text += new
+                if done:
+                    break
+            if text or done:
+                events.append(Event(req.rid, text, done, req.completion))
+            if done:
+                self._free(req)
+        return events
 
-        # prefill: right-padded batch; padding writes past a row's length are masked, then overwritten
-        ids = torch.zeros(B, longest, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        positions = torch.arange(longest, device=self.device)[None].expand(B, -1)
-        hidden = self.model.hidden_states(ids, positions, cache)
-        last = hidden[torch.arange(B), lengths - 1]  # [B, H]
-        logits = self.model.logits(last)  # [B, V]
+    def _decode(self, m: int, flags: SamplingFlags, max_len: int):
+        """One token for rows 0..m-1 (free slots among them compute garbage that nobody reads)."""
+        L = self.length[:m]  # committed tokens; x[L-1] is not in the cache yet
+        pos = (L - 1)[:, None]  # [m, 1]
+        logits = self.runner.decode(self.hist[:m].gather(1, pos), pos, max_len)  # [m, V]
+        if flags.greedy:  # the token and its log-prob without a separate argmax
+            logits = logits.float()
+            top, tokens = logits.max(-1)
+            lp = top - logits.logsumexp(-1)
+        else:
+            tokens = self.sampler.sample(logits, slice(0, m), L, flags)  # [m]
+            lp = token_logprobs(logits, tokens)
+        self.hist[:m].scatter_(1, L[:, None], tokens[:, None])
+        L += self.active[:m]
+        return tokens[:, None].tolist(), lp[:, None].tolist()
 
-        active = [params.max_new_tokens > 0 for _ in prompts]
-        for o in outs:
-            o.finish_reason = None if params.max_new_tokens > 0 else "length"
-        t_first = None
-        while any(active):
-            tokens, logprobs = sample_next(logits, params, gen)
-            if t_first is None:
-                t_first = time.perf_counter()
-            for i in range(B):
-                if active[i]:
-                    active[i] = self._append(i, outs[i], detok[i], int(tokens[i]), float(logprobs[i]),
-                                             params, seq_len, on_text)
-            if not any(active):
-                break
-            rows = torch.tensor([i for i in range(B) if active[i]], device=self.device)
-            slots = None if len(rows) == B else rows
-            step_pos = lengths[rows][:, None]  # [b, 1]: each live row's next position
-            lengths[rows] += 1
-            hidden = self.model.hidden_states(tokens[rows][:, None], step_pos, cache, slots)
-            logits = torch.zeros(B, self.cfg.vocab_size, device=self.device)
-            logits[rows] = self.model.logits(hidden[:, -1]).float()
-        t_end = time.perf_counter()
-        for o in outs:
-            o.time_to_first_token_s = (t_first or t_end) - t0
-            o.decode_time_s = t_end - (t_first or t_end)
-        return outs
+    def _admit(self, events: list[Event]):
+        """Prefill waiting requests into free slots (one right-padded batch) and sample their first tokens."""
+        batch: list[_Request] = []
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            if req.params.max_new_tokens == 0:
+                req.completion.finish_reason = "length"
+                events.append(Event(req.rid, "", True, req.completion))
+                continue
+            req.slot = heapq.heappop(self.free_slots)
+            self.slots[req.slot] = req
+            self.sampler.set(req.slot, req.params, req.seed)
+            batch.append(req)
+        if not batch:
+            return
+        dev = self.engine.device
+        b, P = len(batch), max(len(r.prompt) for r in batch)
+        slot_list = [r.slot for r in batch]
+        slots = torch.tensor(slot_list, device=dev)
+        ids = torch.zeros(b, P, dtype=torch.long, device=dev)
+        for i, r in enumerate(batch):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt)
+        lens = torch.tensor([len(r.prompt) for r in batch], device=dev)
+        # padding writes land past each row's length: masked now, overwritten later
+        ctx = self.runner.context(torch.arange(P, device=dev).expand(b, P),
+                                  None if slot_list == list(range(b)) else slots, P)
+        hidden = self.runner.hidden(ids, ctx)  # [b, P, H]
+        logits = self.runner.logits(hidden[torch.arange(b, device=dev), lens - 1])  # [b, V]
+        flags = self.sampler.flags(slot_list)
+        tokens = self.sampler.sample(logits, slots, lens, flags)
+        lp = token_logprobs(logits, tokens).tolist()
+        self.hist[slots, :P] = ids
+        self.hist[slots, lens] = tokens
+        self.length[slots] = lens + 1
+        self.active[slots] = 1
+        if self.spec is not None:
+            self.spec.prefill(slots, ctx, hidden, lens, flags)
+        now = time.perf_counter()
+        for req, token, logprob in zip(batch, tokens.tolist(), lp):
+            req.t_first = now
+            req.completion.time_to_first_token_s = now - req.t_added
+            self.host_length[req.slot] = len(req.prompt) + 1
+            text, done = self._append(req, token, logprob)
+            if text or done:
+                events.append(Event(req.rid, text, done, req.completion))
+            if done:
+                self._free(req)
 
-    def _append(self, i, out: Completion, detok: IncrementalDetokenizer, token: int, logprob: float,
-                params: SamplingParams, seq_len: int, on_text) -> bool:
-        """Add one token to a row; return whether the row goes on."""
-        if token in self.tokenizer.stop_token_ids:
+    def _free(self, req: _Request):
+        s = req.slot
+        self.slots[s], req.slot = None, -1
+        heapq.heappush(self.free_slots, s)
+        self.active[s] = 0
+        self.length[s] = self.idle_length
+        self.host_length[s] = self.idle_length
+        req.completion.decode_time_s = time.perf_counter() - (req.t_first or req.t_added)
+
+    def _append(self, req: _Request, token: int, logprob: float) -> tuple[str, bool]:
+        """Add one token to a row; return (new text, whether the row is finished)."""
+        out, p = req.completion, req.params
+        new = ""
+        if self.tokenizer is not None and token in self.tokenizer.stop_token_ids:
             out.finish_reason = "stop"
-            new = detok.flush()
+            new = req.detok.flush()
         else:
             out.tokens.append(token)
             out.logprobs.append(logprob)
-            new = detok.push(token)
-            if len(out.tokens) >= params.max_new_tokens or len(out.prompt_tokens) + len(out.tokens) >= seq_len:
+            new = req.detok.push(token) if req.detok else ""
+            if len(out.tokens) >= p.max_new_tokens or len(out.prompt_tokens) + len(out.tokens) >= self.max_seq_len:
                 out.finish_reason = "length"
-                new += detok.flush()
+                new += req.detok.flush() if req.detok else ""
         if new:
             before = len(out.text)
             out.text += new
-            for s in params.stop:
+            for s in p.stop:
                 at = out.text.find(s, max(0, before - len(s) + 1))
                 if at >= 0:
                     new = new[: max(0, at - before)]
                     out.text = out.text[:at]
                     out.finish_reason = "stop"
                     break
-            if new and on_text:
-                on_text(i, new)
-        return out.finish_reason is None
+        return new, out.finish_reason is not None
+
+
+class Engine:
+    def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
+                 compile: bool = False):
+        """tokenizer None: token ids only (no text, no stop tokens), as benchmarks want.
+        compile: torch.compile the plain decode step (worth it for small models; the first call compiles)."""
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.cfg = model.config
+        self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.compile = compile
+        self._idle_runner: ModelRunner | None = None  # KV cache (and compiled step) kept between sessions
+        if tokenizer is not None and tokenizer.vocab_size > self.cfg.vocab_size:
+            raise MimoError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                            f"{self.cfg.vocab_size}")
+
+    def acquire_runner(self, n_slots: int, capacity: int) -> ModelRunner:
+        """The idle runner if it is big enough (no reallocation, no recompilation), else a new one."""
+        runner = self._idle_runner
+        if runner is not None and runner.n_slots >= n_slots and runner.capacity >= capacity:
+            self._idle_runner = None
+            return runner
+        return ModelRunner(self.model, n_slots, capacity, self.compile)
+
+    def release_runner(self, runner: ModelRunner | None):
+        if runner is not None:
+            self._idle_runner = runner
+
+    def session(self, max_batch: int = 8, max_seq_len: int | None = None, mtp: bool = False,
+                num_draft: int = 1) -> EngineSession:
+        """A continuous-batching session (MTP needs a model with MTP layers; without them it decodes plainly)."""
+        return EngineSession(self, max_batch, max_seq_len, mtp, num_draft)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 on_text: Callable[[int, str], None] | None = None, *, mtp: bool = False,
+                 num_draft: int = 1) -> list[Completion]:
+        """Complete each prompt (token ids). on_text(row, new_text) streams text as it is produced.
+
+        mtp: speculative decoding with the model's MTP layers drafting num_draft tokens per step (lossless:
+        greedy output is identical, sampled output has the same distribution). Row i samples with seed
+        row_seed(params.seed, i).
+        """
+        params.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise MimoError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest >= self.max_seq_len:
+            raise MimoError(f"prompt of {longest} tokens does not fit the context of {self.max_seq_len}")
+        session = self.session(len(prompts), min(self.max_seq_len, longest + max(1, params.max_new_tokens)),
+                               mtp, num_draft)
+        base = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()))
+        rids = [session.add(p, dataclasses.replace(params, seed=row_seed(base, i))) for i, p in enumerate(prompts)]
+        row_of = {rid: i for i, rid in enumerate(rids)}
+        try:
+            while session.has_work():
+                for ev in session.step():
+                    if on_text and ev.text:
+                        on_text(row_of[ev.request_id], ev.text)
+        finally:
+            session.close()
+        return [session.completion(rid) for rid in rids]

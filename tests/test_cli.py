@@ -26,7 +26,7 @@ def test_help_on_every_subcommand(capsys):
 
 
 def test_console_script_exists():
-    out = subprocess.run([sys.executable, "-m", "mimo.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "mimo.cli", "--help"], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "generate" in out.stdout
 
 
@@ -88,3 +88,26 @@ def test_generate_seeded_sampling_is_reproducible(capsys, model_dir):
 def test_generate_rejects_bad_values(capsys, model_dir):
     assert main(["generate", str(model_dir), "hi", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_generate_json_reports_mtp_and_quantize(capsys, model_dir):
+    args = ["generate", str(model_dir), "The quick brown", "--max-new-tokens", "8", "--json"]
+    assert main(args + ["--num-draft", "2"]) == 0
+    mtp = json.loads(capsys.readouterr().out)
+    assert mtp["mtp"] and mtp["num_draft"] == 2 and 0.0 <= mtp["acceptance_rate"] <= 1.0
+    assert mtp["time_to_first_token_s"] > 0 and "decode_tokens_per_s" in mtp
+    assert main(args + ["--no-mtp"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["acceptance_rate"] is None and plain["text"] == mtp["text"]
+    assert main(args + ["--quantize", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantize"] == "int8"
+
+
+def test_bench_decode_json(capsys):
+    assert main(["bench", "decode", "nano", "--new-tokens", "4", "--prompt-tokens", "3", "--mtp",
+                 "--num-draft", "2", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    r = json.loads(out[-1])
+    assert r["decode_tokens_per_s"] > 0 and r["acceptance_rate"] is not None and r["mtp"]
+    assert r["weight_bytes_per_step"] > 0 and 0 < r["bandwidth_fraction"]
+    assert "tokens/s" in out[0]

@@ -1,7 +1,7 @@
 import torch
-
 from conftest import tiny_model
-from mimo.engine import Engine, IncrementalDetokenizer, SamplingParams, filtered_probs
+
+from mimo.engine import Engine, IncrementalDetokenizer, ModelRunner, SamplingParams, filtered_probs
 
 
 def greedy_reference(model, ids, n, stop_ids):
@@ -77,3 +77,92 @@ def test_top_k_and_top_p_filters():
     assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.81))
     assert (p[0, :3] > 0).all() and p[0, 3] == 0
+
+
+def test_runner_matches_the_model():
+    """The engine's lean forward pass (prefill into arbitrary slots, decode through views) is the model's."""
+    model = tiny_model(vocab_size=64, num_mtp=1)
+    runner = ModelRunner(model, n_slots=3, capacity=16)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(7).expand(2, 7)
+    with torch.no_grad():
+        want = model(ids, targets=ids.roll(-1, 1), return_mtp_logits=True)
+        h = runner.hidden(ids[:, :6], runner.context(pos[:, :6], torch.tensor([2, 0]), 6))
+        assert torch.allclose(runner.logits(h), want.logits[:, :6], atol=1e-5)
+        z = runner.mtp(0, h[:, :5], ids[:, 1:6], runner.context(pos[:, :5], torch.tensor([2, 0]), 5))
+        assert torch.allclose(runner.mtp_logits(0, z), want.mtp_logits[0][:, :5], atol=1e-5)
+        # one more token for the row in slot 0 through the view path, attending to its cache
+        last = runner.decode(ids[1:, 6:], pos[1:, 6:], 7)
+        assert torch.allclose(last, want.logits[1:, 6], atol=1e-5)
+
+
+def test_session_rows_join_and_leave():
+    """Continuous batching: requests arrive while others run, slots are reused, each result is what it would be
+    alone, and events stream each request's text exactly once."""
+    model = tiny_model(vocab_size=64)
+    engine = Engine(model, None)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11], [12]]
+    budgets = [3, 9, 5, 7, 4]
+    params = [SamplingParams(max_new_tokens=n, temperature=1.0 if i % 2 else 0.0, seed=i)
+              for i, n in enumerate(budgets)]
+    alone = [engine.session(max_batch=1) for _ in prompts]
+    for s, p, sp in zip(alone, prompts, params):
+        s.add(p, sp)
+        while s.has_work():
+            s.step()
+    session = engine.session(max_batch=2)
+    rids = [session.add(prompts[0], params[0]), session.add(prompts[1], params[1])]
+    finished, steps = [], 0
+    while session.has_work():
+        for ev in session.step():
+            if ev.finished:
+                finished.append(ev.request_id)
+                assert len(ev.completion.tokens) == budgets[ev.request_id]
+        steps += 1
+        if steps == 2:
+            rids += [session.add(p, sp) for p, sp in zip(prompts[2:], params[2:])]
+        assert len(session.running()) <= 2
+    assert sorted(finished) == rids
+    for rid, s in zip(rids, alone):
+        assert session.completion(rid).tokens == s.completion(0).tokens
+    session.abort(rids[0])  # forgetting a finished request is allowed
+
+
+def test_session_abort_and_runner_reuse():
+    engine = Engine(tiny_model(vocab_size=64), None)
+    session = engine.session(max_batch=2)
+    a = session.add([1, 2], SamplingParams(max_new_tokens=50))
+    b = session.add([3], SamplingParams(max_new_tokens=3))
+    session.step()
+    session.abort(a)
+    assert session.completion(b).finish_reason is None
+    while session.has_work():
+        session.step()
+    assert session.completion(b).finish_reason == "length" and len(session.completion(b).tokens) == 3
+    engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))
+    runner = engine._idle_runner
+    engine.generate([[4, 5]], SamplingParams(max_new_tokens=2))
+    assert engine._idle_runner is runner  # the KV cache is reused, not reallocated
+
+
+def test_seeded_sampling_ignores_batch_composition():
+    engine = Engine(tiny_model(vocab_size=64), None)
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+    session = engine.session(max_batch=1)
+    session.add([3, 4, 5], p)
+    while session.has_work():
+        session.step()
+    crowded = engine.session(max_batch=4)
+    for prompt in ([9], [3, 4, 5], [1, 1, 1, 1]):
+        crowded.add(prompt, SamplingParams(max_new_tokens=10, temperature=1.0, seed=7))
+    while crowded.has_work():
+        crowded.step()
+    assert crowded.completion(1).tokens == session.completion(0).tokens
+
+
+def test_no_tokenizer_and_zero_budget():
+    engine = Engine(tiny_model(vocab_size=64), None)
+    outs = engine.generate([[1, 2], [3]], SamplingParams(max_new_tokens=0))
+    assert all(o.tokens == [] and o.finish_reason == "length" for o in outs)
+    out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=5))[0]
+    assert len(out.tokens) == 5 and out.text == ""

@@ -1,0 +1,118 @@
+"""`mimo chat`: an interactive terminal chat with the tokenizer's chat template, streamed as it is generated.
+
+The model's reasoning, between <think> and </think>, is shown apart from its answer (dim grey, after
+"thinking:"); only the answer goes back into the history, as reasoning models are meant to be prompted.
+Commands: /reset clears the conversation, /exit (or end of input) leaves. Ctrl-C stops a reply.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from mimo.engine import Engine, SamplingParams
+from mimo.errors import MimoError
+from mimo.tokenizer import THINK_END, THINK_START, Tokenizer
+
+DIM, RESET = "\x1b[2;90m", "\x1b[0m"
+HELP = "commands: /reset clears the conversation, /exit leaves (so does end of input); Ctrl-C stops a reply"
+
+
+class ThinkingPrinter:
+    """Writes a streamed reply, the <think>...</think> part apart from the answer; tags may arrive in pieces."""
+
+    def __init__(self, out: TextIO, color: bool):
+        self.out, self.color = out, color
+        self.pending = ""  # text that may be the beginning of a tag
+        self.in_thought = False
+        self.thinking, self.answer = "", ""
+
+    def feed(self, text: str):
+        self.pending += text
+        while self.pending:
+            tag = THINK_END if self.in_thought else THINK_START
+            at = self.pending.find(tag)
+            if at >= 0:
+                self._write(self.pending[:at])
+                self.pending = self.pending[at + len(tag):]
+                self._switch()
+                continue
+            keep = next((n for n in range(min(len(tag) - 1, len(self.pending)), 0, -1)
+                         if tag.startswith(self.pending[-n:])), 0)
+            self._write(self.pending[: len(self.pending) - keep])
+            self.pending = self.pending[len(self.pending) - keep:]
+            break
+        self.out.flush()
+
+    def close(self):
+        self._write(self.pending)
+        self.pending = ""
+        if self.in_thought:
+            self._switch()
+        self.out.write("\n")
+        self.out.flush()
+
+    def _switch(self):
+        self.in_thought = not self.in_thought
+        if self.in_thought:
+            self.out.write((DIM if self.color else "") + "thinking: ")
+        else:
+            self.out.write((RESET if self.color else "") + "\n")
+
+    def _write(self, text: str):
+        if self.in_thought:
+            text = text if self.thinking else text.lstrip("\n")  # "<think>\n..." starts on the same line
+            self.thinking += text
+        else:
+            text = text if self.answer else text.lstrip("\n")  # the blank line after </think>
+            self.answer += text
+        self.out.write(text)
+
+
+def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, *, mtp: bool = False,
+              num_draft: int = 1, system: str | None = None, read: Callable[[str], str] = input,
+              out: TextIO = sys.stdout, color: bool | None = None):
+    """Read a line, answer it, repeat. read(prompt) returns a line or raises EOFError at the end of input."""
+    color = out.isatty() if color is None else color
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    out.write(HELP + "\n")
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        command = line.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            history = list(start)
+            out.write("(conversation cleared)\n")
+            continue
+        if not command:
+            continue
+        messages = history + [{"role": "user", "content": line}]
+        printer = ThinkingPrinter(out, color)
+        try:
+            ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+            t0 = time.perf_counter()
+            completion = engine.generate([ids], params, on_text=lambda _row, text, p=printer: p.feed(text),
+                                         mtp=mtp, num_draft=num_draft)[0]
+        except MimoError as e:
+            out.write(f"mimo: {e} (/reset starts over)\n")
+            continue
+        except KeyboardInterrupt:
+            printer.close()
+            out.write("(stopped)\n")
+            continue
+        printer.close()
+        history = messages + [{"role": "assistant", "content": printer.answer.strip()}]
+        elapsed = time.perf_counter() - t0
+        n = len(completion.tokens)
+        spec = completion.spec
+        accept = f", acceptance {spec.acceptance_rate:.2f}" if spec and spec.acceptance_rate is not None else ""
+        stats = f"[{n} tokens, {n / elapsed:.1f} tokens/s{accept}]"
+        out.write((f"{DIM}{stats}{RESET}" if color else stats) + "\n")

@@ -1,0 +1,190 @@
+"""MTP speculative decoding: greedy output identical to plain decoding, MTP caches built from true inputs only,
+sampled output distributed exactly as the model's (chi-square against the exact distribution)."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_engine import greedy_reference
+
+from mimo.engine import Engine, SamplingParams, filtered_probs
+from mimo.model import KVCache
+from mimo.speculative import SpecStats
+
+PROMPTS = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11], [3, 3]]
+
+
+def structured_model(vocab=16, num_mtp=1, sharp=0.1, noise=0.05, mtp_noise=0.5, seed=0):
+    """A tiny model whose next token is mostly (x + 1) % vocab, with MTP layers that copy the rule through their
+    embedding input: drafts are often right, so acceptance is neither 0 nor 1. sharp scales the logits."""
+    model = tiny_model(seed=seed, vocab_size=vocab, num_mtp=num_mtp, initializer_range=noise)
+    g = torch.Generator().manual_seed(seed + 1)
+    H = model.config.hidden_size
+    with torch.no_grad():
+        E = torch.randn(vocab, H, generator=g)
+        model.model.embed_tokens.weight.copy_(E)
+        model.lm_head.weight.copy_(sharp * E.roll(1, 0))  # logits[y] ~ <E[y-1], h>: y = x + 1 wins
+        for layer in model.model.mtp_layers:
+            layer.input_proj.weight[:, H:] += torch.eye(H) + mtp_noise * torch.randn(H, H, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("num_mtp", [1, 2])
+def test_greedy_identical_with_and_without_mtp(num_mtp):
+    for model in (tiny_model(vocab_size=64, num_mtp=num_mtp), structured_model(num_mtp=num_mtp, noise=0.1)):
+        engine = Engine(model, None)
+        plain = engine.generate(PROMPTS, SamplingParams(max_new_tokens=14))
+        for p, o in zip(PROMPTS, plain):
+            assert o.tokens == greedy_reference(model, p, 14, [])
+        for k in (1, 2, 3):
+            outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=14), mtp=True, num_draft=k)
+            assert [o.tokens for o in outs] == [o.tokens for o in plain]
+            stats = SpecStats.merge(o.spec for o in outs)
+            assert stats.drafted == k * stats.verify_steps > 0
+            assert all(len(o.logprobs) == len(o.tokens) for o in outs)
+            for o, ref in zip(outs, plain):
+                assert torch.allclose(torch.tensor(o.logprobs), torch.tensor(ref.logprobs), atol=1e-4)
+
+
+def test_mtp_at_the_context_limit_and_with_short_prompts():
+    """Drafts past the context end, chained drafts, and 3 MTP layers on 1-token prompts (whose catch-up starts
+    before position 0) all leave greedy output unchanged."""
+    model = structured_model(num_mtp=3, noise=0.1)
+    engine = Engine(model, None, max_seq_len=16)
+    prompts = [list(range(14)), [1], [2, 3], list(range(15))]
+    plain = engine.generate(prompts, SamplingParams(max_new_tokens=30))
+    for k in (2, 4):
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=30), mtp=True, num_draft=k)
+        assert [o.tokens for o in outs] == [o.tokens for o in plain]
+        assert all(len(o.prompt_tokens) + len(o.tokens) == 16 and o.finish_reason == "length" for o in outs)
+
+
+def test_acceptance_stats():
+    model = structured_model(num_mtp=2, mtp_noise=0.0)  # the MTP layers predict the main model exactly
+    outs = Engine(model, None).generate(PROMPTS, SamplingParams(max_new_tokens=16), mtp=True, num_draft=3)
+    stats = SpecStats.merge(o.spec for o in outs)
+    assert stats.acceptance_rate == 1.0 and stats.first_acceptance_rate == 1.0
+    assert stats.mean_accepted_length == 4.0
+    noisy = structured_model(num_mtp=2, mtp_noise=0.5)
+    outs = Engine(noisy, None).generate(PROMPTS, SamplingParams(max_new_tokens=16), mtp=True, num_draft=3)
+    stats = SpecStats.merge(o.spec for o in outs)
+    assert 0.1 < stats.acceptance_rate < 0.9
+    assert stats.as_dict()["accepted"] == stats.accepted
+
+
+def reference_cache(model, seq: list[int]) -> KVCache:
+    """KV caches of the main model and every MTP layer, computed without speculation over the whole sequence."""
+    cfg = model.config
+    cache = KVCache(cfg, 1, len(seq) + 1)
+    ids = torch.tensor([seq])
+    pos = torch.arange(len(seq))[None]
+    prev = model.hidden_states(ids, pos, cache)
+    for j in range(cfg.num_nextn_predict_layers):
+        n = len(seq) - j - 1
+        if n <= 0:
+            break
+        prev, _ = model.mtp_step(j, prev[:, :n], ids[:, j + 1:], pos[:, :n], cache)
+    return cache
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_mtp_caches_hold_entries_from_true_inputs(temperature):
+    """After every step, each running row's main cache (positions <= L-2) and MTP layer j cache (positions
+    <= L-j-2) equal a plain forward over its committed tokens: rejected drafts left no trace."""
+    model = structured_model(num_mtp=2, noise=0.1, mtp_noise=0.5, sharp=0.05)
+    L_main = model.config.num_hidden_layers
+    session = Engine(model, None).session(max_batch=3, mtp=True, num_draft=3)
+    for i, p in enumerate(PROMPTS):
+        session.add(p, SamplingParams(max_new_tokens=10 + 3 * i, temperature=temperature, seed=i))
+    checked = 0
+    with torch.no_grad():
+        while session.has_work():
+            session.step()
+            for slot in session.running():
+                L = int(session.length[slot])
+                ref = reference_cache(model, session.hist[slot, :L].tolist())
+                for layer in range(L_main + 2):
+                    n = L - 1 - max(0, layer - L_main + 1)  # true positions 0..n-1
+                    for got, want in ((session.runner.cache.k, ref.k), (session.runner.cache.v, ref.v)):
+                        assert torch.allclose(got[layer][slot, :, :n], want[layer][0, :, :n], atol=1e-4), layer
+                checked += 1
+    assert checked > 10
+    accepted = [session.completion(r).spec.accepted for r in range(len(PROMPTS))]
+    drafted = [session.completion(r).spec.drafted for r in range(len(PROMPTS))]
+    assert 0 < sum(accepted) < sum(drafted)
+
+
+# ---- sampling is lossless: chi-square tests --------------------------------------------------------
+
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper critical value of chi-square with df degrees of freedom at alpha = 0.001 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def chi2_statistic(counts: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
+    """Goodness of fit; cells expecting fewer than 5 are pooled into one."""
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1
+
+
+def exact_pair_distributions(model, prompt, params):
+    """Exact P(x0, x1) and P(x1, x2) of the first three sampled tokens under the filtered distribution."""
+    V = model.config.vocab_size
+    grid = torch.cartesian_prod(torch.arange(V), torch.arange(V))  # [V*V, 2]: x0, x1
+    seqs = torch.cat([torch.tensor(prompt).expand(V * V, -1), grid], 1)
+    with torch.no_grad():
+        logits = model(seqs).logits[:, len(prompt) - 1:]  # predicts x0, x1, x2
+    probs = filtered_probs(logits.reshape(-1, V), params).view(V * V, 3, V)
+    p0 = probs[0, 0]  # [V]
+    p1 = probs[:, 1].view(V, V, V)[:, 0]  # p(x1 | x0): [x0, x1]
+    p2 = probs[:, 2].view(V, V, V)  # p(x2 | x0, x1): [x0, x1, x2]
+    joint01 = p0[:, None] * p1
+    joint12 = (joint01[:, :, None] * p2).sum(0)
+    return joint01, joint12
+
+
+def sample_pairs(model, prompt, params, n, **kw):
+    outs = Engine(model, None).generate([prompt] * n, params, **kw)
+    toks = torch.tensor([o.tokens[:3] for o in outs])
+    V = model.config.vocab_size
+    c01 = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).double()
+    c12 = torch.bincount(toks[:, 1] * V + toks[:, 2], minlength=V * V).double()
+    return c01, c12, SpecStats.merge(o.spec for o in outs)
+
+
+@pytest.mark.parametrize("num_mtp,params", [
+    (1, SamplingParams(max_new_tokens=3, temperature=1.0, seed=11)),
+    (2, SamplingParams(max_new_tokens=3, temperature=0.8, top_k=6, top_p=0.9, seed=12)),
+])
+def test_speculative_sampling_matches_the_models_distribution(num_mtp, params):
+    model = structured_model(vocab=8, num_mtp=num_mtp, sharp=0.04, noise=0.3, mtp_noise=0.5)
+    prompt = [1, 4, 2]
+    n = 6000
+    joint01, joint12 = exact_pair_distributions(model, prompt, params)
+    plain01, plain12, _ = sample_pairs(model, prompt, params, n)
+    spec01, spec12, stats = sample_pairs(model, prompt, params, n, mtp=True, num_draft=2)
+    assert 0.2 < stats.acceptance_rate < 0.95  # both acceptance and rejection paths are exercised
+    for counts, exact in ((plain01, joint01), (plain12, joint12), (spec01, joint01), (spec12, joint12)):
+        stat, df = chi2_statistic(counts, n * exact.flatten().double())
+        assert stat < chi2_critical(df), (stat, df)
+    # and the two samplers against each other (homogeneity: pooled expectation)
+    for a, b in ((plain01, spec01), (plain12, spec12)):
+        pooled = (a + b) / 2
+        keep = pooled >= 5
+        stat = float((((a - pooled) ** 2 + (b - pooled) ** 2) / pooled)[keep].sum())
+        assert stat < chi2_critical(int(keep.sum()) - 1)
+
+
+def test_seeded_sampling_with_mtp_is_reproducible():
+    model = structured_model(num_mtp=1, sharp=0.03)
+    engine = Engine(model, None)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
+    a = engine.generate(PROMPTS, params, mtp=True, num_draft=2)
+    b = engine.generate(PROMPTS, params, mtp=True, num_draft=2)
+    assert [o.tokens for o in a] == [o.tokens for o in b]
+    assert len({tuple(o.tokens) for o in engine.generate([[5]] * 4, params, mtp=True)}) > 1  # rows differ
