@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from mimo import __version__, quality
 from mimo.benchmarks import BENCHMARKS
+from mimo.checkpoint import replace_dir
 from mimo.errors import MimoError
 from mimo.quality import corpus_documents  # noqa: F401  (reading a corpus back is part of this API)
 
@@ -505,15 +506,6 @@ def _empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def _swap_into_place(tmp: Path, out_dir: Path):
-    """Replace out_dir (absent, empty or a corpus) by tmp with two renames: never a half-written corpus."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- the build
 
 
@@ -593,7 +585,7 @@ def build_corpus(config: dict, out_dir, show_progress: bool = True, workers: int
             "config": cfg,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        _swap_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)  # two renames: never a half-written corpus
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -67,7 +67,7 @@ from mimo.train import (
 
 @dataclass
 class RLConfig:
-    max_steps: int = 100
+    max_steps: int = 40  # about 10 minutes for the tiny model on 2 cores (docs/benchmarks.md)
     save_every: int = 10
     keep_checkpoints: int = 2
     group_size: int = 8

@@ -27,7 +27,7 @@ PLANS = {
                     "--num-problems", "400"],
              "reasoning_eval": ["--limit", "48", "--samples", "1", "--max-new-tokens", "96"],
              "bench_eval": ["--limit", "10", "--max-new-tokens", "96"], "decode_tokens": "64"},
-    "tiny": {"pretrain": [], "sft": [], "rl": ["--max-steps", "30"],
+    "tiny": {"pretrain": [], "sft": [], "rl": [],
              "reasoning_eval": ["--limit", "200", "--samples", "4"],
              "bench_eval": ["--limit", "50", "--max-new-tokens", "256"], "decode_tokens": "128"},
     "small": {"pretrain": [], "sft": [], "rl": ["--max-steps", "100"],
