@@ -75,6 +75,9 @@ _NEW_NAMESPACES = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLO
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_STRICTATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 24
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+# The code runs on the base interpreter, not a virtual environment's link to it: a venv can sit under /tmp
+# (a CI checkout), which the sandbox replaces with a private tmpfs; `-I` ignores site-packages anyway.
+_INTERPRETER = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 _KEPT_MOUNT_FLAGS = {"nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                      "nodiratime": MS_NODIRATIME, "strictatime": MS_STRICTATIME}
 
@@ -136,7 +139,7 @@ def isolation_mode() -> str:
 
 def _run(code: str, mode: str, stdin: str, timeout_s: float, limits: dict, max_output_bytes: int) -> SandboxResult:
     ids = None  # (uid, gid) the code runs as; None keeps the caller's (then a user namespace drops root)
-    if os.geteuid() == 0 and (mode == "namespaces" or _reachable_by_others(sys.executable)):
+    if os.geteuid() == 0 and (mode == "namespaces" or _reachable_by_others(_INTERPRETER)):
         ids = _fresh_ids()
     with tempfile.TemporaryDirectory(prefix="mimo-sandbox-") as host_dir:
         with open(os.path.join(host_dir, "main.py"), "w", encoding="utf-8") as f:
@@ -351,7 +354,7 @@ def _exec_user(cfg: dict, workdir: str) -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
     os.set_inheritable(cfg["report_fd"], False)  # closed by execve; still there to report a failed exec
-    os.execve(sys.executable, [sys.executable, "-I", "-B", "main.py"], _clean_env(workdir))
+    os.execve(_INTERPRETER, [_INTERPRETER, "-I", "-B", "main.py"], _clean_env(workdir))
 
 
 def _private_filesystem(cfg: dict) -> str:
