@@ -162,7 +162,7 @@ class DecoderLayer(nn.Module):
 
 
 class MTPLayer(DecoderLayer):
-    """One MiMo MTP layer: fuse [hidden, embedding] then one decoder block (final_layernorm applied by caller)."""
+    """One MiMo MTP layer: fuse [hidden, embedding], one decoder block, final_layernorm."""
 
     def __init__(self, cfg: MiMoConfig):
         super().__init__(cfg)
@@ -172,8 +172,11 @@ class MTPLayer(DecoderLayer):
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, hidden, embeds, ctx: AttnContext, cache_index: int):
+        """-> (z, the block's output that the next MTP layer reads; final_layernorm(z), for the LM head).
+        Both inside this forward, so that FSDP2 (a shard per layer) gathers every weight the layer uses."""
         z = self.input_proj(torch.cat([self.hidden_layernorm(hidden), self.token_layernorm(embeds)], dim=-1))
-        return super().forward(z, ctx, cache_index)
+        z = super().forward(z, ctx, cache_index)
+        return z, self.final_layernorm(z)
 
 
 class MiMoModel(nn.Module):
@@ -262,8 +265,8 @@ class MiMoForCausalLM(nn.Module):
         Returns (z [B, T, H] before final_layernorm, for chaining; logits [B, T, V] for token t+k+2)."""
         layer = self.model.mtp_layers[k]
         ctx = self._context(next_ids, positions, cache, slots)
-        z = layer(hidden_prev, self.model.embed_tokens(next_ids), ctx, self.config.num_hidden_layers + k)
-        return z, self.lm_head(layer.final_layernorm(z))
+        z, normed = layer(hidden_prev, self.model.embed_tokens(next_ids), ctx, self.config.num_hidden_layers + k)
+        return z, self.lm_head(normed)
 
     def forward(self, input_ids, targets=None, *, mtp_weight: float = 0.3, positions=None,
                 cache: KVCache | None = None, slots=None, return_mtp_logits: bool = False) -> CausalLMOutput:

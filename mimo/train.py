@@ -228,6 +228,7 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
     device = info.device
     torch.manual_seed(cfg.seed)
     model.to(device).train()
+    wrapped = wrap_model(model, info, fsdp=cfg.fsdp)  # before the optimizer: FSDP2 swaps in sharded parameters
     opt = make_optimizer(model, cfg)
     start = 0
     metrics_path = run_dir / "metrics.jsonl"
@@ -241,7 +242,6 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
     if start >= cfg.max_steps and (run_dir / "final" / "config.json").exists():
         print0(f"{run_dir}: already trained to step {start}")
         return {}
-    wrapped = wrap_model(model, info, fsdp=cfg.fsdp)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     tokens_per_step = cfg.global_batch_seqs * cfg.seq_len
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not info.is_main, desc=title, unit="step",

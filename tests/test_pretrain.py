@@ -84,15 +84,17 @@ def test_sigkill_then_resume_ends_on_the_same_loss(corpus, tmp_path):
     assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-5, abs=1e-6)
 
 
-def test_two_processes_match_one(corpus, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(corpus, tmp_path, parallel):
     one = tmp_path / "one"
     subprocess.run(pretrain_cmd(corpus, one, 12, ["--precision", "fp32"]), env=ENV, check=True, capture_output=True)
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29517 + (parallel == "fsdp")),
            "-m", "mimo.cli", "pretrain", "--preset", "nano", "--data", str(corpus), "--out", str(two),
-           "--max-steps", "12", "--precision", "fp32"]
+           "--max-steps", "12", "--precision", "fp32", *(["--fsdp"] if parallel == "fsdp" else [])]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     for a, b in zip(metrics(one), metrics(two)):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.01)
     assert metrics(two)[-1]["tokens"] == metrics(one)[-1]["tokens"]
+    assert (two / "final" / "model.safetensors").exists()
