@@ -61,6 +61,7 @@ from mimo import __version__, quality
 from mimo.benchmarks import BENCHMARKS
 from mimo.checkpoint import replace_dir
 from mimo.errors import MimoError
+from mimo.jsonl import read_jsonl
 from mimo.quality import corpus_documents  # noqa: F401  (reading a corpus back is part of this API)
 
 FORMATS = ("trace", "answer_only")
@@ -303,20 +304,13 @@ def _read_text_source(name: str, paths: list[str]) -> list[str]:
     for f in files:
         if f.suffix not in TEXT_SUFFIXES:
             raise MimoError(f"{f}: unsupported file type (use .txt, .md or .jsonl)")
-        try:
-            content = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise MimoError(f"{f}: not UTF-8 text") from None
         if f.suffix != ".jsonl":
-            docs.append(content)
-            continue
-        for lineno, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MimoError(f"{f}:{lineno}: malformed JSON ({e})") from None
+                docs.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise MimoError(f"{f}: not UTF-8 text") from None
+            continue
+        for lineno, row in read_jsonl(f):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise MimoError(f"{f}:{lineno}: expected an object with a string \"text\" field")
             docs.append(row["text"])

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from mimo import __version__
 from mimo.backends import Request
 from mimo.errors import MimoError
+from mimo.jsonl import read_jsonl
 from mimo.tasks import Task
 
 
@@ -102,13 +103,7 @@ def score_completions(task: Task, completions_path: Path, out_dir: Path) -> dict
     out_dir.mkdir(parents=True, exist_ok=True)
     known = {} if task.name == "math" else {r["id"]: r for r in task.load()}
     lines = []
-    for n, line in enumerate(Path(completions_path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MimoError(f"{completions_path}:{n}: malformed JSON ({e})") from None
+    for n, item in read_jsonl(completions_path):
         if not isinstance(item, dict) or not isinstance(item.get("completion"), str) or "id" not in item:
             raise MimoError(f"{completions_path}:{n}: each line needs 'id' and a string 'completion'")
         if task.name == "math":

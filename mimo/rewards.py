@@ -31,11 +31,11 @@ import random
 import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mimo import reasoning
 from mimo.errors import MimoError
 from mimo.grading import grade_math
+from mimo.jsonl import read_jsonl
 from mimo.sandbox import run_python
 from mimo.tasks import math_chat_prompt
 
@@ -94,21 +94,7 @@ def reasoning_problems(tasks=None, n: int = 2000, seed: int = 0) -> list[RLProbl
 
 
 def _jsonl(path) -> list[tuple[int, dict]]:
-    path = Path(path)
-    if not path.is_file():
-        raise MimoError(f"{path}: not found")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MimoError(f"{path}:{n}: malformed JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise MimoError(f"{path}:{n}: expected a JSON object")
-        rows.append((n, row))
-    return rows
+    return list(read_jsonl(path, objects_only=True))
 
 
 def math_problems(path) -> list[RLProblem]:

@@ -22,6 +22,7 @@ import torch
 
 from mimo.checkpoint import load_model_and_tokenizer
 from mimo.errors import MimoError
+from mimo.jsonl import read_jsonl
 from mimo.model import IGNORE_INDEX
 from mimo.parallel import init_distributed, is_main, print0
 from mimo.tasks import BOXED_INSTRUCTION
@@ -49,13 +50,7 @@ def read_examples(path: Path) -> list[list[dict]]:
         raise MimoError(f"{path}: no JSONL data found")
     out = []
     for f in files:
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MimoError(f"{f}:{n}: malformed JSON ({e})") from None
+        for n, row in read_jsonl(f):
             if isinstance(row, dict) and isinstance(row.get("messages"), list):
                 msgs = row["messages"]
             elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):

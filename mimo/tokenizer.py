@@ -16,6 +16,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from mimo.errors import MimoError
+from mimo.jsonl import read_jsonl
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -150,20 +151,13 @@ def _iter_texts(files, texts):
         if not f.is_file():
             raise MimoError(f"{f}: not found")
         if f.suffix == ".jsonl":
-            with f.open() as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise MimoError(f"{f}:{lineno}: malformed JSON ({e})") from None
-                    if isinstance(row, dict) and isinstance(row.get("text"), str):
-                        yield row["text"]
-                    elif isinstance(row, dict):
-                        yield "\n".join(v for v in row.values() if isinstance(v, str))
-                    elif isinstance(row, str):
-                        yield row
+            for _, row in read_jsonl(f):
+                if isinstance(row, dict) and isinstance(row.get("text"), str):
+                    yield row["text"]
+                elif isinstance(row, dict):
+                    yield "\n".join(v for v in row.values() if isinstance(v, str))
+                elif isinstance(row, str):
+                    yield row
         else:
             try:
                 yield f.read_text()
