@@ -84,18 +84,11 @@ class EngineBackend:
             params = SamplingParams(max_new_tokens=r0.max_new_tokens, temperature=r0.temperature, top_p=r0.top_p,
                                     stop=r0.stop, seed=r0.seed)
             t0 = time.perf_counter()
-            outs = self.engine.generate([encoded[i] for i in chunk], params, **self._mtp_kwargs())
+            outs = self.engine.generate([encoded[i] for i in chunk], params, mtp=self.mtp)
             elapsed = time.perf_counter() - t0
             for i, o in zip(chunk, outs):
                 results[i] = Result(o.text, len(o.tokens), elapsed, o.finish_reason)
         return results
-
-    def _mtp_kwargs(self) -> dict:
-        import inspect
-
-        if "mtp" in inspect.signature(self.engine.generate).parameters:
-            return {"mtp": self.mtp and self.engine.cfg.num_nextn_predict_layers > 0}
-        return {}
 
 
 class EndpointBackend:

@@ -58,28 +58,9 @@ def _human_bytes(n: float) -> str:
     return str(n)
 
 
-def load_model_and_tokenizer(model_dir: str, dtype: str = "auto"):
-    """A model directory -> (model, tokenizer); checks that the tokenizer fits the embedding."""
-    import torch
-
-    from mimo.checkpoint import load_model
-    from mimo.tokenizer import Tokenizer
-
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise MimoError(f"{model_dir}: no such model directory")
-    tokenizer = Tokenizer.load(path)
-    model = load_model(path, dtype=None if dtype == "auto" else dtype)
-    if dtype == "auto" and model.lm_head.weight.dtype == torch.float16:
-        model = model.float()  # fp16 matmuls are slow on CPUs
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise MimoError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "
-                        f"embedding of {model.config.vocab_size}")
-    return model, tokenizer
-
-
 def load_engine(args):
     """(engine, tokenizer) for generate / chat: the model directory, --dtype, --quantize, --compile."""
+    from mimo.checkpoint import load_model_and_tokenizer
     from mimo.engine import Engine
     from mimo.quantize import quantize_model
 

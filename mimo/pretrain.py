@@ -71,11 +71,7 @@ def run(args) -> dict:
     info = init_distributed(args.device)
     cfg = replace(TRAIN_PRESETS[args.preset], seed=args.seed, precision=args.precision, compile=args.compile,
                   fsdp=args.fsdp)
-    for key in ("max_steps", "save_every", "micro_batch", "lr", "eval_every"):
-        if getattr(args, key, None) is not None:
-            cfg = replace(cfg, **{key: getattr(args, key)})
-    if cfg.global_batch_seqs % (cfg.micro_batch * info.world_size):
-        cfg = replace(cfg, micro_batch=max(1, cfg.global_batch_seqs // info.world_size))
+    cfg = cfg.with_overrides(args, info.world_size)
     data_dir = Path(args.data) if args.data else default_corpus(args.preset, args.seed)
     data_dir = broadcast_object(data_dir)
     tokenizer = Tokenizer.load(data_dir / "tokenizer")

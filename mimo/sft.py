@@ -143,11 +143,7 @@ def run(args):
         model.model.mtp_layers.requires_grad_(False)
     cfg = replace(SFT_DEFAULTS, seed=args.seed, precision=args.precision, compile=args.compile, fsdp=args.fsdp,
                   mtp_weight=args.mtp_weight, mtp_weight_late=args.mtp_weight)
-    for key in ("max_steps", "save_every", "micro_batch", "lr", "eval_every"):
-        if getattr(args, key, None) is not None:
-            cfg = replace(cfg, **{key: getattr(args, key)})
-    if cfg.global_batch_seqs % (cfg.micro_batch * info.world_size):
-        cfg = replace(cfg, micro_batch=max(1, cfg.global_batch_seqs // info.world_size))
+    cfg = cfg.with_overrides(args, info.world_size)
     examples = read_examples(Path(args.data)) if args.data else procedural_examples(args.problems, args.seed)
     examples, stats = decontaminate(examples)
     random.Random(args.seed).shuffle(examples)

@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +62,17 @@ class TrainConfig:
     save_every: int = 200
     keep_checkpoints: int = 2
     seed: int = 0
+
+    def with_overrides(self, args, world_size: int) -> TrainConfig:
+        """The flags a training command shares (`--max-steps` etc., when given), and a micro batch that
+        divides the global batch over world_size processes."""
+        cfg = self
+        for key in ("max_steps", "save_every", "micro_batch", "lr", "eval_every"):
+            if getattr(args, key, None) is not None:
+                cfg = replace(cfg, **{key: getattr(args, key)})
+        if cfg.global_batch_seqs % (cfg.micro_batch * world_size):
+            cfg = replace(cfg, micro_batch=max(1, cfg.global_batch_seqs // world_size))
+        return cfg
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
