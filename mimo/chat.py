@@ -14,7 +14,8 @@ from typing import TextIO
 
 from mimo.engine import Engine, SamplingParams
 from mimo.errors import MimoError
-from mimo.tokenizer import THINK_END, THINK_START, Tokenizer
+from mimo.thinking import ThinkSplitter
+from mimo.tokenizer import Tokenizer
 
 DIM, RESET = "\x1b[2;90m", "\x1b[0m"
 HELP = "commands: /reset clears the conversation, /exit leaves (so does end of input); Ctrl-C stops a reply"
@@ -25,30 +26,16 @@ class ThinkingPrinter:
 
     def __init__(self, out: TextIO, color: bool):
         self.out, self.color = out, color
-        self.pending = ""  # text that may be the beginning of a tag
+        self.splitter = ThinkSplitter()
         self.in_thought = False
         self.thinking, self.answer = "", ""
 
     def feed(self, text: str):
-        self.pending += text
-        while self.pending:
-            tag = THINK_END if self.in_thought else THINK_START
-            at = self.pending.find(tag)
-            if at >= 0:
-                self._write(self.pending[:at])
-                self.pending = self.pending[at + len(tag):]
-                self._switch()
-                continue
-            keep = next((n for n in range(min(len(tag) - 1, len(self.pending)), 0, -1)
-                         if tag.startswith(self.pending[-n:])), 0)
-            self._write(self.pending[: len(self.pending) - keep])
-            self.pending = self.pending[len(self.pending) - keep:]
-            break
+        self._write(self.splitter.feed(text))
         self.out.flush()
 
     def close(self):
-        self._write(self.pending)
-        self.pending = ""
+        self._write(self.splitter.close())
         if self.in_thought:
             self._switch()
         self.out.write("\n")
@@ -61,14 +48,15 @@ class ThinkingPrinter:
         else:
             self.out.write((RESET if self.color else "") + "\n")
 
-    def _write(self, text: str):
-        if self.in_thought:
-            text = text if self.thinking else text.lstrip("\n")  # "<think>\n..." starts on the same line
-            self.thinking += text
-        else:
-            text = text if self.answer else text.lstrip("\n")  # the blank line after </think>
-            self.answer += text
-        self.out.write(text)
+    def _write(self, pieces: list[tuple[bool, str]]):
+        for in_thought, text in pieces:
+            if in_thought != self.in_thought:
+                self._switch()
+            if in_thought:
+                self.thinking += text
+            else:
+                self.answer += text
+            self.out.write(text)
 
 
 def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, *, mtp: bool = False,

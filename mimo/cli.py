@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun.add_arguments(s)
     s.set_defaults(func=lambda args: speedrun.run(args))
 
+    from mimo import server
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server (chat and text completions) with a web chat at /")
+    server.add_arguments(s)
+    s.set_defaults(func=lambda args: server.run(args))
+
     from mimo import bench
 
     s = sub.add_parser("bench", help="speed benchmarks")

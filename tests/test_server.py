@@ -1,0 +1,310 @@
+"""`mimo serve`: the OpenAI API end to end through the official `openai` client, against a live uvicorn server.
+
+The chat model is a tiny model overfitted (in the fixture, a few seconds) on one reply with a <think> part, so
+the reasoning/answer split is checked on real generated text; a random tiny model serves the concurrency tests.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from conftest import tiny_model
+from mimo.checkpoint import save_model
+from mimo.engine import Engine
+from mimo.server import ServeConfig, build_app
+
+QUESTION = "What is 2 + 3?"
+THOUGHT, ANSWER = "add 2 and 3", "The answer is 5."
+
+
+class LiveServer:
+    """A FastAPI app served by uvicorn on a free localhost port, in a thread."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def serve(model, tokenizer, **kw):
+    context = kw.pop("context", 256)
+    cfg = ServeConfig(model_name=kw.pop("name", "tiny"), **kw)
+    return LiveServer(build_app(Engine(model, tokenizer, max_seq_len=context), tokenizer, cfg))
+
+
+def overfit_chat_model(tokenizer, steps=150):
+    """A tiny model that answers QUESTION with '<think>\\nTHOUGHT\\n</think>\\n\\nANSWER' (greedy)."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])
+    ids = torch.tensor([tokenizer.encode(prompt + f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}<|im_end|>")])
+    model = tiny_model(vocab_size=tokenizer.vocab_size).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        out = model(ids[:, :-1], targets=ids[:, 1:])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def endless_model(tokenizer):
+    """A random tiny model that never ends a greedy reply: the stop tokens' logits are always 0."""
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight[sorted(tokenizer.stop_token_ids)] = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def chat_server(tokenizer):
+    torch.manual_seed(0)
+    with serve(overfit_chat_model(tokenizer), tokenizer, max_batch=4, max_queue=8) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(chat_server):
+    return openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
+                                          temperature=0, **kw)
+
+
+def test_chat_completion_splits_thinking_from_answer(client):
+    r = ask(client, max_tokens=60)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == "tiny" and r.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant"
+    assert choice.message.content == ANSWER
+    assert choice.message.reasoning_content == THOUGHT
+    assert choice.finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_matches_the_whole_reply_and_reports_usage(client):
+    stream = ask(client, max_tokens=60, stream=True, stream_options={"include_usage": True})
+    reasoning, content, reasons, usage = "", "", [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            reasoning += getattr(c.delta, "reasoning_content", None) or ""
+            content += c.delta.content or ""
+            reasons.append(c.finish_reason)
+    whole = ask(client, max_tokens=60)
+    assert (reasoning, content) == (THOUGHT, ANSWER)
+    assert reasons[-1] == "stop" and reasons.count("stop") == 1
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_raw_stream_is_server_sent_events_ending_in_done(chat_server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", chat_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_max_tokens_stop_n_and_seed(client):
+    assert ask(client, max_tokens=3).usage.completion_tokens == 3
+    assert ask(client, max_tokens=3).choices[0].finish_reason == "length"
+    assert ask(client, max_completion_tokens=4, max_tokens=50).usage.completion_tokens == 4
+    stopped = ask(client, max_tokens=60, stop=["5"])
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == "The answer is "
+    a = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3,
+                                       temperature=1.5, seed=7, max_tokens=12)
+    b = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3,
+                                       temperature=1.5, seed=7, max_tokens=12)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    texts = [(c.message.reasoning_content, c.message.content) for c in a.choices]
+    assert texts == [(c.message.reasoning_content, c.message.content) for c in b.choices]
+    assert len(set(texts)) > 1  # the choices draw different numbers
+
+
+def test_text_completions_plain_and_streamed(client, tokenizer):
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=60, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text.endswith(ANSWER)
+    assert r.choices[0].text.startswith("<think>") and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=60, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    two = client.completions.create(model="tiny", prompt=[prompt, "Hello"], max_tokens=4, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 8
+    assert client.completions.create(model="tiny", prompt=prompt, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_models_health_and_metrics(client, chat_server):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert httpx.get(chat_server.url + "/health").json()["status"] == "ok"
+    ask(client, max_tokens=4)
+    text = httpx.get(chat_server.url + "/metrics").text
+    for name in ("mimo_requests_total", "mimo_generation_tokens_total", "mimo_request_latency_seconds_bucket",
+                 "mimo_time_to_first_token_seconds_count", "mimo_batch_occupancy_bucket", "mimo_running_requests",
+                 "mimo_mtp_acceptance_rate", "mimo_mtp_drafted_tokens_total"):
+        assert name in text, name
+    assert 'mimo_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+
+
+BAD_CHAT = [
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "user"}]}, None),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": "10"}, "max_tokens"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": None, "top_p": 0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"n": 1000}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stream": "yes"}, "stream"),
+    ({"seed": 1.5}, "seed"),
+    ({"max_tokens": 100000}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("change,param", BAD_CHAT)
+def test_invalid_chat_requests_get_400_with_an_openai_error(chat_server, change, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **change}
+    r = httpx.post(chat_server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param:
+        assert error["param"].split(".")[0] == param
+
+
+def test_malformed_json_long_prompts_unknown_models_and_paths(chat_server, client):
+    url = chat_server.url
+    for raw in (b"{not json", b"[1, 2]", b"", b"null", b'{"model": "tiny", "messages": [{"role": "user", "content'):
+        r = httpx.post(url + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json(), raw
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "1 2 3 " * 400}]}
+    r = httpx.post(url + "/v1/chat/completions", json=long)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": [10**9]})
+    assert r.status_code == 400
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": ""})
+    assert r.status_code == 400
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found"
+    r = httpx.get(url + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    assert ask(client, max_tokens=60).choices[0].message.content == ANSWER  # nothing broke
+
+
+def test_full_queue_gets_429_and_the_service_recovers(tokenizer):
+    with serve(endless_model(tokenizer), tokenizer, max_batch=1, max_queue=0, context=4096) as s:
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as first:
+            lines = first.iter_lines()  # (kept: dropping the iterator closes the connection)
+            next(lines)
+            r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+            with pytest.raises(openai.RateLimitError):
+                openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0).completions.create(
+                    model="tiny", prompt="Hi", max_tokens=2)
+        deadline = time.time() + 20
+        while httpx.get(s.url + "/health").json()["running_or_queued"]:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert httpx.post(s.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}).status_code == 200
+
+
+def test_a_client_that_disconnects_stops_its_generation(tokenizer):
+    with serve(endless_model(tokenizer), tokenizer, max_batch=2, context=4096) as s:
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            next(lines)
+        t0 = time.time()
+        while httpx.get(s.url + "/health").json()["running_or_queued"]:
+            assert time.time() - t0 < 5, "generation went on after the client left"
+            time.sleep(0.05)
+        metrics = httpx.get(s.url + "/metrics").text
+        assert "mimo_aborted_requests_total 1.0" in metrics
+        generated = float(next(line.split()[-1] for line in metrics.splitlines()
+                               if line.startswith("mimo_generation_tokens_total")))
+        assert generated < 4000
+
+
+def test_api_key_guards_the_api_not_the_health_check(tokenizer):
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    with serve(model, tokenizer, api_key="s3cret") as s:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(s.url + "/metrics").status_code == 401
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "Hi"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(s.url + "/health").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_sixteen_concurrent_clients_get_the_same_text_as_sequential_requests(tokenizer):
+    model = tiny_model(vocab_size=tokenizer.vocab_size, seed=3)
+    prompts = [f"Question {i}: what is {i} + {2 * i}?" for i in range(16)]
+    with serve(model, tokenizer, max_batch=16) as s:
+        client = openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+
+        async def one(i, stream):
+            kw = {"model": "tiny", "messages": [{"role": "user", "content": prompts[i]}], "temperature": 0,
+                  "max_tokens": 24 + i}
+            if not stream:
+                r = await client.chat.completions.create(**kw)
+                return (r.choices[0].message.content, getattr(r.choices[0].message, "reasoning_content", None))
+            content, reasoning = "", None
+            async for chunk in await client.chat.completions.create(**kw, stream=True):
+                for c in chunk.choices:
+                    content += c.delta.content or ""
+                    piece = getattr(c.delta, "reasoning_content", None)
+                    reasoning = (reasoning or "") + piece if piece else reasoning
+            return content, reasoning
+
+        async def run():
+            sequential = [await one(i, False) for i in range(16)]
+            concurrent = await asyncio.gather(*(one(i, i % 2 == 0) for i in range(16)))
+            return sequential, list(concurrent)
+
+        sequential, concurrent = asyncio.run(run())
+    assert concurrent == sequential
+    assert len(set(sequential)) > 4  # different prompts, different texts
