@@ -1,6 +1,6 @@
 """The OpenAI API's request bodies as validated pydantic models (they also make the server's OpenAPI spec).
 
-Strict types: a number sent as a string, a boolean as a number, 5.0 tokens, are refused (400), as OpenAI does.
+Strict types: a number sent as a string or a boolean as a number is refused (400); 5.5 tokens too, 5.0 is 5.
 Fields mimo does not use are ignored, as OpenAI's own server ignores unknown ones.
 """
 
@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_N = 16  # choices per request
 MAX_STOP = 4  # stop sequences per request, as OpenAI
+
+
+def _integral(v):
+    """JSON Schema counts 5.0 as an integer; 5.5, "5" and true stay invalid."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**64 else v
+
+
+def Int(**bounds):  # noqa: N802 (a type)
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
 class _Body(BaseModel):
@@ -23,23 +32,35 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
+Content = str | Annotated[list[TextPart], Field(min_length=1)]
+
+
+class _Message(_Body):
     name: str | None = None
 
-    @model_validator(mode="after")
-    def _content_unless_assistant(self):
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        return self
-
     def text(self) -> str:
-        if self.content is None:
+        content = getattr(self, "content", None)
+        if content is None:
             return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None  # null with tool calls; its reasoning_content is not sent back to the model
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
 
 
 class StreamOptions(_Body):
@@ -48,14 +69,14 @@ class StreamOptions(_Body):
 
 class SamplingRequest(_Body):
     """What chat and text completions share."""
-    model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    model: str | None = Field(None, description="the served model's id (left out: the served model, as vLLM)")
+    max_tokens: Int(ge=1) | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="mimo/vLLM extension; 0 or -1: off")
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    top_k: Int(ge=-1) | None = Field(None, description="mimo/vLLM extension; 0 or -1: off")
+    n: Int(ge=1, le=MAX_N) = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    seed: Int(ge=-(2**63), le=2**64 - 1) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -67,11 +88,12 @@ class SamplingRequest(_Body):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Int(ge=1) | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
-             | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)])
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for text completions
+    prompt: (Annotated[str, Field(min_length=1)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_N)]
+             | Annotated[list[Int(ge=0)], Field(min_length=1)])
+    max_tokens: Int(ge=1) | None = 16  # OpenAI's default for text completions
     echo: bool = False

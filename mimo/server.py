@@ -27,7 +27,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -52,9 +53,9 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                   param: str | None = None) -> JSONResponse:
+                   param: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Service:
     # ---- requests -> engine sequences ---------------------------------------------------------------
 
     def check_model(self, req: SamplingRequest):
-        if req.model != self.cfg.model_name:
+        if req.model is not None and req.model != self.cfg.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves "
                            f"`{self.cfg.model_name}`.", code="model_not_found", param="model")
 
@@ -188,7 +189,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return error_response(e.status_code, str(e.detail), type=kind)
+        return error_response(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request, e: Exception):  # a bug: say so without taking the service down
@@ -196,12 +197,13 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
         return error_response(500, f"internal error: {type(e).__name__}", type="internal_error")
 
     app.add_middleware(AuthAndCount, api_key=cfg.api_key, metrics=metrics)
+    app.openapi = lambda: _openapi(app)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": cfg.model_name, "running_or_queued": service.loop.pending}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -278,6 +280,40 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
         return HTMLResponse(resources.files("mimo").joinpath("web/index.html").read_text(encoding="utf-8"))
 
     return app
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ERRORS = {"400": "Invalid request", "401": "Missing or invalid API key", "404": "Unknown model or path",
+          "429": "Every batch slot and queue place is taken"}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's spec with the responses the API really gives: errors are 400 (not 422) with OpenAI's error
+    body, completions may be server-sent events, /metrics is Prometheus text."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path.startswith("/v1/"):
+                for code, what in ERRORS.items():
+                    responses[code] = {"description": what,
+                                       "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            if path.endswith("completions"):
+                responses["200"]["content"]["text/event-stream"] = {"schema": {}}  # JSON chunks, then [DONE]
+                responses["499"] = {"description": "The client closed the request"}
+    spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    spec["paths"]["/metrics"]["get"]["responses"]["401"] = {
+        "description": ERRORS["401"], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    spec.get("components", {}).get("schemas", {}).pop("HTTPValidationError", None)
+    spec.get("components", {}).get("schemas", {}).pop("ValidationError", None)
+    app.openapi_schema = spec
+    return spec
 
 
 ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics")

@@ -15,9 +15,8 @@ import openai
 import pytest
 import torch
 import uvicorn
-
 from conftest import tiny_model
-from mimo.checkpoint import save_model
+
 from mimo.engine import Engine
 from mimo.server import ServeConfig, build_app
 
@@ -308,3 +307,21 @@ def test_sixteen_concurrent_clients_get_the_same_text_as_sequential_requests(tok
         sequential, concurrent = asyncio.run(run())
     assert concurrent == sequential
     assert len(set(sequential)) > 4  # different prompts, different texts
+
+
+def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokenizer):
+    """Property-based requests from the server's own OpenAPI spec (schemathesis' CLI): never a 5xx, and every
+    status code, content type and response body is the one the spec documents."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
+    with serve(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, max_batch=4) as s:
+        checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
+        run = subprocess.run([st, "run", s.url + "/openapi.json", "-c", checks, "-n", "15", "--seed", "1",
+                              "--request-timeout", "60", "--no-color"], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:]
+        assert "passed" in run.stdout
+        assert httpx.get(s.url + "/health").json()["status"] == "ok"

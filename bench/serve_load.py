@@ -1,0 +1,128 @@
+"""Load on `mimo serve`: aggregate output tokens/s and time to first token at 1 and N concurrent clients.
+
+Starts `mimo serve MODEL_DIR` in its own process, then streams chat completions of held-out reasoning
+problems through the OpenAI API (openai.AsyncOpenAI, one connection per client): first one client alone,
+then N clients at once, each sending its requests one after another. Same prompts, settings and server in
+both phases; output tokens are the server's own usage counts.
+
+    .venv/bin/python bench/serve_load.py runs/tiny-rl/final --clients 16 --requests 4 --max-tokens 128
+"""
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from mimo.tasks import get_task
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+async def client_run(client, model, prompts, max_tokens, temperature, seed):
+    """One client: its prompts one after another -> [(ttft_s, completion_tokens)]."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        ttft, tokens = None, 0
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=temperature, seed=seed + i, stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if ttft is None and chunk.choices:
+                d = chunk.choices[0].delta
+                if d.content or getattr(d, "reasoning_content", None):
+                    ttft = time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        out.append((ttft if ttft is not None else time.perf_counter() - t0, tokens))
+    return out
+
+
+async def phase(url, model, prompt_sets, max_tokens, temperature):
+    clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
+                                  http_client=openai.DefaultAsyncHttpxClient(timeout=600)) for _ in prompt_sets]
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(client_run(c, model, ps, max_tokens, temperature, 1000 * k)
+                                     for k, (c, ps) in enumerate(zip(clients, prompt_sets))))
+    wall = time.perf_counter() - t0
+    flat = [r for rs in results for r in rs]
+    tokens = sum(n for _, n in flat)
+    ttfts = [t for t, _ in flat]
+    return {"clients": len(prompt_sets), "requests": len(flat), "output_tokens": tokens, "wall_s": round(wall, 2),
+            "output_tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
+            "ttft_mean_s": round(statistics.mean(ttfts), 4)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", metavar="MODEL_DIR")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=4, help="requests per client (sent one after another)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: --clients)")
+    ap.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--serve-args", default="", help="more `mimo serve` flags, e.g. '--quantize int8'")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    task = get_task("reasoning")
+    rows = task.load()[: args.clients * args.requests]
+    prompts = [task.chat_prompt(r) for r in rows]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(Path(sys.executable).with_name("mimo")), "serve", args.model, "--port", str(port),
+           "--max-batch", str(args.max_batch or args.clients), "--max-queue", str(args.clients * args.requests),
+           "--mtp" if args.mtp else "--no-mtp", "--log-level", "warning", *args.serve_args.split()]
+    server = subprocess.Popen(cmd)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                model = httpx.get(url + "/health", timeout=2).json()["model"]
+                break
+            except httpx.HTTPError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        asyncio.run(phase(url, model, [prompts[:2]], 8, args.temperature))  # warm-up
+        single = asyncio.run(phase(url, model, [prompts[: args.requests * 2]], args.max_tokens, args.temperature))
+        many = asyncio.run(phase(url, model, [prompts[k::args.clients] for k in range(args.clients)],
+                                 args.max_tokens, args.temperature))
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    acceptance = next((float(line.split()[-1]) for line in metrics.splitlines()
+                       if line.startswith("mimo_mtp_acceptance_rate ")), None)
+    result = {"model": args.model, "mtp": args.mtp, "max_tokens": args.max_tokens, "single": single,
+              "concurrent": many, "speedup": round(many["output_tokens_per_s"] / single["output_tokens_per_s"], 2),
+              "mtp_acceptance_rate": acceptance}
+    if not args.json:
+        for name, r in (("1 client", single), (f"{args.clients} clients", many)):
+            print(f"{name:>11}: {r['output_tokens_per_s']:7.1f} output tokens/s ({r['output_tokens']} tokens in "
+                  f"{r['wall_s']} s), TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms")
+        print(f"aggregate speed-up at {args.clients} clients: {result['speedup']}x; MTP acceptance {acceptance}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
