@@ -19,7 +19,7 @@ def _integral(v):
     return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**64 else v
 
 
-def Int(**bounds):  # noqa: N802 (a type)
+def Int(**bounds):
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 

@@ -321,7 +321,8 @@ def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokeni
     with serve(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, max_batch=4) as s:
         checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
         run = subprocess.run([st, "run", s.url + "/openapi.json", "-c", checks, "-n", "15", "--seed", "1",
-                              "--request-timeout", "60", "--no-color"], capture_output=True, text=True, timeout=600)
+                              "--request-timeout", "60", "--no-color"], check=False, capture_output=True, text=True,
+                             timeout=600)
         assert run.returncode == 0, run.stdout[-3000:]
         assert "passed" in run.stdout
         assert httpx.get(s.url + "/health").json()["status"] == "ok"

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-
 from test_server import ANSWER, QUESTION, THOUGHT, overfit_chat_model, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,7 +38,7 @@ def test_web_chat_streams_an_answer_with_the_thinking_collapsed_and_keeps_the_co
         page.fill("#input", QUESTION)
         page.press("#input", "Enter")
         answer = page.locator(".assistant .answer").first
-        page.wait_for_function(f"document.querySelector('.assistant .stats')?.textContent.includes('tokens')")
+        page.wait_for_function("document.querySelector('.assistant .stats')?.textContent.includes('tokens')")
         assert answer.text_content() == ANSWER
         assert page.locator(".assistant details").first.get_attribute("open") is None  # collapsed
         assert page.locator(".assistant .thinking").first.text_content() == THOUGHT
