@@ -152,5 +152,7 @@ def write_report_card(out: Path, state: dict, commands: dict):
         lines.append("")
     lines += ["## Reproduce", "", ("Each stage above is a plain `mimo` command; `mimo speedrun --preset "
               f"{state['preset']} --out DIR` runs them all. Samples of every evaluation are in `eval/*/samples.jsonl`."),
-              ""]
+              "", "## Use the model", "", (f"`final/` is the RL model as a model directory: `mimo chat {out / 'final'}` "
+              f"for a terminal chat, `mimo serve {out / 'final'}` for an OpenAI-compatible API and a web chat at "
+              "http://127.0.0.1:8000/."), ""]
     (out / "report.md").write_text("\n".join(lines))
