@@ -66,15 +66,20 @@ def check_settings(out_dir: Path, settings: dict):
 
 
 def run_eval(task: Task, backend, out_dir, samples: int, limit: int | None, temperature: float, top_p: float,
-             max_new_tokens: int, chat: bool, seed: int = 0, chunk: int = 64) -> dict:
+             max_new_tokens: int, prompt_format: str, seed: int = 0, chunk: int = 64) -> dict:
+    """prompt_format: chat (the chat template), raw (the task's raw prompt) or question (raw, no format cue)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = task.load()
     rows = rows[:limit] if limit else rows
     settings = {"task": task.name, "samples": samples, "temperature": temperature, "top_p": top_p,
-                "max_new_tokens": max_new_tokens, "prompt_format": "chat" if chat else "raw", "seed": seed,
+                "max_new_tokens": max_new_tokens, "prompt_format": prompt_format, "seed": seed,
                 "limit": limit, **backend.describe}
     check_settings(out_dir, settings)
+    chat = prompt_format == "chat"
+    prompt_of = {"chat": task.chat_prompt, "raw": task.raw_prompt, "question": task.question_prompt}[prompt_format]
+    if prompt_of is None:
+        raise MimoError(f"task {task.name} has no {prompt_format!r} prompt format")
     samples_path = out_dir / "samples.jsonl"
     done = {(s["id"], s["sample"]) for s in read_samples(samples_path)}
     pending = [(row, k) for row in rows for k in range(samples) if (row["id"], k) not in done]
@@ -84,7 +89,7 @@ def run_eval(task: Task, backend, out_dir, samples: int, limit: int | None, temp
     with tqdm(total=len(pending), desc=f"eval {task.name}", unit="sample", mininterval=2.0) as bar, samples_path.open("a") as out:
         for start in range(0, len(pending), chunk):
             batch = pending[start: start + chunk]
-            prompts = [task.chat_prompt(r) if chat else task.raw_prompt(r) for r, _ in batch]
+            prompts = [prompt_of(r) for r, _ in batch]
             requests = [Request(p, max_new_tokens, temperature, top_p, seed * 1_000_003 + zlib.crc32(r["id"].encode()) + k,
                                 [] if chat else task.raw_stop) for p, (r, k) in zip(prompts, batch)]
             for p, (row, k), res in zip(prompts, batch, backend.complete(requests)):
@@ -173,7 +178,7 @@ def cmd_eval(args):
     samples = args.samples or task.default_samples
     out = Path(args.out or Path("evals") / name.replace("/", "_") / task.name)
     summary = run_eval(task, backend, out, samples, args.limit, args.temperature, args.top_p,
-                       args.max_new_tokens or task.max_new_tokens, chat, args.seed)
+                       args.max_new_tokens or task.max_new_tokens, args.prompt_format, args.seed)
     print_summary(summary, out)
 
 
@@ -218,8 +223,9 @@ def build_parsers(prog: str = "mimo eval"):
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, help="default: the task's")
-    p.add_argument("--prompt-format", choices=["chat", "raw"], default="chat",
-                   help="chat: the model's chat template (default); raw: plain continuation, for base models")
+    p.add_argument("--prompt-format", choices=["chat", "raw", "question"], default="chat",
+                   help="chat: the model's chat template (default); raw: plain continuation, for base models; "
+                   "question: raw with the question only (reasoning task; for models trained on answer-only data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="engine batch size")
     p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True, help="MTP speculative decoding")

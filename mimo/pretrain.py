@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mimo.config import PRESET_SHAPES, preset_config
+from mimo.config import PRESET_SHAPES, config_for_depth, preset_config
 from mimo.dataloader import PackedTokens, PretrainBatches, eval_batches
 from mimo.errors import MimoError
 from mimo.model import MiMoForCausalLM
@@ -55,8 +55,12 @@ def default_corpus(preset: str, seed: int) -> Path:
     return path
 
 
-def model_for(preset: str, vocab_size: int, num_mtp: int | None, seed: int) -> MiMoForCausalLM:
+def model_for(preset: str, vocab_size: int, num_mtp: int | None, seed: int, depth: int | None = None
+              ) -> MiMoForCausalLM:
+    """The preset's model (or, with depth, the one-dial shape of that depth), sized to the tokenizer."""
     cfg = preset_config(preset)
+    if depth is not None:
+        cfg = config_for_depth(depth, cfg.vocab_size, max_seq_len=cfg.max_position_embeddings)
     cfg.vocab_size = 64 * -(-vocab_size // 64)  # tokenizer size rounded up to a multiple of 64
     if num_mtp is not None:
         cfg.num_nextn_predict_layers = num_mtp
@@ -82,8 +86,8 @@ def run(args) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(
             {"command": "pretrain", "preset": args.preset, "data": str(data_dir), "world_size": info.world_size,
-             "mtp_layers": args.mtp_layers, "train": asdict(cfg)}, indent=2, default=str))
-    model = model_for(args.preset, tokenizer.vocab_size, args.mtp_layers, args.seed)
+             "mtp_layers": args.mtp_layers, "depth": args.depth, "train": asdict(cfg)}, indent=2, default=str))
+    model = model_for(args.preset, tokenizer.vocab_size, args.mtp_layers, args.seed, args.depth)
     batches = PretrainBatches(train_tokens, cfg.seq_len, cfg.global_batch_seqs, cfg.micro_batch,
                               info.rank, info.world_size, info.device)
     print0(f"pretraining {args.preset}: {model.num_params()['total']:,} parameters, "
@@ -107,6 +111,9 @@ def add_arguments(p):
     p.add_argument("--micro-batch", type=int, help="sequences per forward pass per process")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth", type=int, default=None,
+                   help="model size from the one dial (hidden 64*depth, depth layers; a multiple of 3) instead of the "
+                   "preset's; the preset still sets the batch and schedule")
     p.add_argument("--mtp-layers", type=int, default=None, help="MTP layers (default: the preset's, 1; 0 = none)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 autocast where the hardware supports it")

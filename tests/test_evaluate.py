@@ -147,3 +147,15 @@ def test_contamination_report_finds_a_planted_problem(tmp_path, capsys):
     assert summary["contaminated"] == 1 and summary["contaminated_ids"] == ["gsm8k/5"]
     assert main(["eval", "contamination", "--data", str(tmp_path / "data"), "--task", "reasoning"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["contaminated"] == 0
+
+
+def test_question_prompt_format_has_no_format_cue(tmp_path, model_dir):
+    out = tmp_path / "q"
+    assert main(["eval", str(model_dir), "--task", "reasoning", "--limit", "2", "--samples", "1", "--out", str(out),
+                 "--max-new-tokens", "4", "--prompt-format", "question"]) == 0
+    prompts = [json.loads(line)["prompt"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert all(p.startswith("Question: ") and p.endswith("\n") and "Solution:" not in p for p in prompts)
+    assert json.loads((out / "summary.json").read_text())["settings"]["prompt_format"] == "question"
+    # tasks without such a prompt say so
+    assert main(["eval", str(model_dir), "--task", "gsm8k", "--limit", "1", "--out", str(tmp_path / "g"),
+                 "--prompt-format", "question"]) == 2

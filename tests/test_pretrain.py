@@ -98,3 +98,13 @@ def test_two_processes_match_one(corpus, tmp_path, parallel):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.01)
     assert metrics(two)[-1]["tokens"] == metrics(one)[-1]["tokens"]
     assert (two / "final" / "model.safetensors").exists()
+
+
+def test_depth_dial_overrides_the_preset_shape():
+    from mimo.pretrain import model_for
+
+    model = model_for("nano", 500, num_mtp=0, seed=0, depth=3)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (192, 3, 3, 1)
+    assert cfg.vocab_size == 512 and cfg.num_nextn_predict_layers == 0
+    assert model_for("nano", 500, num_mtp=None, seed=0).config.hidden_size == 128

@@ -326,3 +326,16 @@ def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokeni
         assert run.returncode == 0, run.stdout[-3000:]
         assert "passed" in run.stdout
         assert httpx.get(s.url + "/health").json()["status"] == "ok"
+
+
+def test_mimo_eval_runs_against_mimo_serve(tokenizer, tmp_path):
+    """`mimo eval --endpoint` (the evaluation's OpenAI backend) against our own server, end to end."""
+    from mimo.cli import main
+
+    with serve(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, max_batch=4, context=1024) as s:
+        out = tmp_path / "ev"
+        assert main(["eval", "--endpoint", s.url + "/v1", "--model", "tiny", "--task", "gsm8k", "--limit", "3",
+                     "--samples", "2", "--max-new-tokens", "8", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["tokens"] > 0 for r in rows)
+    assert json.loads((out / "summary.json").read_text())["settings"]["backend"] == "endpoint"

@@ -26,6 +26,8 @@ class Task:
     max_new_tokens: int = 1024
     breakdown: tuple[str, ...] = ()  # row fields to report accuracy by (subject, level, task, ...)
     raw_stop: list[str] = field(default_factory=list)  # stop strings for raw (completion) prompts
+    # the raw prompt without a format cue (the model picks steps or a bare answer), where a task has one
+    question_prompt: Callable[[dict], str] | None = None
     public_fields: tuple[str, ...] = ("answer",)  # row fields copied into samples.jsonl
 
 

@@ -33,6 +33,7 @@ TASK = Task(
     load=load,
     chat_prompt=lambda row: f"{row['problem']}\n{BOXED_INSTRUCTION}",
     raw_prompt=lambda row: reasoning.render_prompt(row["problem_obj"]),
+    question_prompt=lambda row: f"Question: {row['problem']}\n",
     grade=grade,
     default_samples=1,
     max_new_tokens=256,
