@@ -339,3 +339,38 @@ def test_mimo_eval_runs_against_mimo_serve(tokenizer, tmp_path):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["tokens"] > 0 for r in rows)
     assert json.loads((out / "summary.json").read_text())["settings"]["backend"] == "endpoint"
+
+
+def test_mimo_serve_command_with_int8_and_the_api_key_from_the_environment(model_dir):
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MIMO_API_KEY": "from-env", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mimo.cli", "serve", str(model_dir), "--port", str(port),
+                             "--quantize", "int8", "--no-mtp", "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.time() < deadline, "mimo serve did not start"
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key="from-env", max_retries=0)
+        assert client.models.list().data[0].id == model_dir.name
+        r = client.completions.create(model=model_dir.name, prompt="Hello", max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+        assert "mimo_mtp_drafted_tokens_total 0.0" in httpx.get(url + "/metrics", headers={
+            "Authorization": "Bearer from-env"}).text
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "127.0.0.1" in out and "MTP off" in out and "API key required" in out
