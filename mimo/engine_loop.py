@@ -80,6 +80,7 @@ class Handle:
     t_submit: float = field(default_factory=time.perf_counter)
     rid: int | None = None
     error: str | None = None
+    internal_error: bool = False  # the error is a bug of ours, not the request's
     done: bool = False
     started: bool = False  # has produced its first token
 
@@ -88,7 +89,8 @@ class EngineLoop:
     def __init__(self, engine: Engine, max_batch: int, max_queue: int, mtp: bool, num_draft: int,
                  max_seq_len: int | None = None):
         self.engine = engine
-        self.session = engine.session(max_batch, max_seq_len, mtp=mtp, num_draft=num_draft)
+        self._new_session = lambda: engine.session(max_batch, max_seq_len, mtp=mtp, num_draft=num_draft)
+        self.session = self._new_session()
         self.max_seq_len = self.session.max_seq_len
         self.capacity = max_batch + max_queue  # sequences admitted at once: running + waiting
         self.metrics = ServerMetrics(max_batch)
@@ -142,8 +144,10 @@ class EngineLoop:
                 if self.session.has_work():
                     self._step()
             except Exception:  # a bug, not bad input (that is refused before it gets here): keep serving
-                log.exception("engine step failed; failing the running requests")
+                log.exception("engine step failed; failing the running requests and starting a fresh batch")
                 self._fail_all("internal error in the engine step")
+                self.session.close()
+                self.session = self._new_session()
 
     def _drain(self, block: bool):
         while True:
@@ -191,7 +195,7 @@ class EngineLoop:
                 self.metrics.finished(ev.completion)
                 self._finish(h, ev)
             else:
-                h.loop.call_soon_threadsafe(h.events.put_nowait, (h, ev))
+                self._deliver(h, ev)
 
     def _finish(self, h: Handle, ev: Event | None):
         """The sequence's last event (None: refused or aborted)."""
@@ -200,10 +204,16 @@ class EngineLoop:
             self._handles.pop(h.rid, None)
         with self._lock:
             self._pending -= 1
-        h.loop.call_soon_threadsafe(h.events.put_nowait, (h, ev))
+        self._deliver(h, ev)
+
+    def _deliver(self, h: Handle, ev: Event | None):
+        try:
+            h.loop.call_soon_threadsafe(h.events.put_nowait, (h, ev))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            pass
 
     def _fail_all(self, message: str):
         for h in list(self._handles.values()):
             self.session.abort(h.rid)
-            h.error = message
+            h.error, h.internal_error = message, True
             self._finish(h, None)

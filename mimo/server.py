@@ -132,6 +132,8 @@ class Service:
                         raise ClientGone() from None
                     continue
                 if ev is None:
+                    if h.internal_error:
+                        raise APIError(500, h.error or "internal error", type="internal_error")
                     raise APIError(400, h.error or "the request failed")
                 if ev.finished:
                     remaining -= 1

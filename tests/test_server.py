@@ -374,3 +374,24 @@ def test_mimo_serve_command_with_int8_and_the_api_key_from_the_environment(model
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "127.0.0.1" in out and "MTP off" in out and "API key required" in out
+
+
+def test_an_engine_failure_fails_only_the_running_requests(tokenizer):
+    with serve(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer) as s:
+        loop = s.server.config.app.state.service.loop
+        session = loop.session
+        real_step, calls = session.step, []
+
+        def failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("simulated bug")
+            return real_step()
+
+        session.step = failing_once
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+        assert loop.session is not session  # a fresh batch after the failure
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=30).status_code == 200
+        assert httpx.get(s.url + "/health").json()["running_or_queued"] == 0
