@@ -43,6 +43,7 @@ from mimo.tokenizer import Tokenizer
 log = logging.getLogger("mimo.serve")
 API_KEY_ENV = "MIMO_API_KEY"
 DISCONNECT_POLL_S = 0.25
+MAX_BODY_BYTES = 8 * 2**20  # larger request bodies get 413 before they are read
 
 
 class APIError(Exception):
@@ -123,13 +124,18 @@ class Service:
         """(choice index, Event) until every sequence has finished; aborts them all if the client leaves."""
         index = {id(h): i for i, h in enumerate(handles)}
         remaining = len(handles)
+        last_check = time.perf_counter()
         try:
             while remaining:
                 try:
                     h, ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
+                    h = ev = None
+                if time.perf_counter() - last_check >= DISCONNECT_POLL_S:  # also while tokens keep coming
+                    last_check = time.perf_counter()
                     if await request.is_disconnected():
-                        raise ClientGone() from None
+                        raise ClientGone()
+                if h is None:
                     continue
                 if ev is None:
                     if h.internal_error:
@@ -198,7 +204,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
         log.exception("unexpected error")
         return error_response(500, f"internal error: {type(e).__name__}", type="internal_error")
 
-    app.add_middleware(AuthAndCount, api_key=cfg.api_key, metrics=metrics)
+    app.add_middleware(RequestGuard, api_key=cfg.api_key, metrics=metrics)
     app.openapi = lambda: _openapi(app)
 
     @app.get("/health")
@@ -289,7 +295,7 @@ ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error":
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 ERRORS = {"400": "Invalid request", "401": "Missing or invalid API key", "404": "Unknown model or path",
-          "429": "Every batch slot and queue place is taken"}
+          "413": "Request body over 8 MiB", "429": "Every batch slot and queue place is taken"}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -321,9 +327,15 @@ def _openapi(app: FastAPI) -> dict:
 ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics")
 
 
-class AuthAndCount:
-    """ASGI middleware: the API key on /v1/* and /metrics, and the request counter by endpoint and status.
-    (A plain ASGI wrapper: Starlette's BaseHTTPMiddleware would end streamed responses early.)"""
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self):
+        super().__init__(413, f"The request body is over {MAX_BODY_BYTES // 2**20} MiB.")
+
+
+class RequestGuard:
+    """ASGI middleware on /v1/* and /metrics: the API key, the body size (by Content-Length, and by counting
+    the bytes of a chunked body as it is read) and the request counter by endpoint and status. (A plain ASGI
+    wrapper: Starlette's BaseHTTPMiddleware would end streamed responses early.)"""
 
     def __init__(self, app, api_key: str | None, metrics):
         self.app, self.api_key, self.metrics = app, api_key, metrics
@@ -334,11 +346,16 @@ class AuthAndCount:
         if not guarded:
             return await self.app(scope, receive, send)
         endpoint = path if path in ENDPOINTS else "/v1/models" if path.startswith("/v1/models/") else "other"
-        if self.api_key and not self._authorized(scope):
-            response = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                                      code="invalid_api_key")
-            self.metrics.requests.labels(endpoint, "401").inc()
-            return await response(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        refusal = None
+        if self.api_key and not self._authorized(headers.get(b"authorization", b"").decode("latin-1")):
+            refusal = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                                     code="invalid_api_key")
+        elif (length := headers.get(b"content-length", b"0")).isdigit() and int(length) > MAX_BODY_BYTES:
+            refusal = error_response(413, BodyTooLarge().detail, code="request_too_large")
+        if refusal is not None:
+            self.metrics.requests.labels(endpoint, str(refusal.status_code)).inc()
+            return await refusal(scope, receive, send)
         status = 500
 
         async def send_and_note_status(message):
@@ -347,13 +364,22 @@ class AuthAndCount:
                 status = message["status"]
             await send(message)
 
+        received = 0
+
+        async def receive_counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise BodyTooLarge()
+            return message
+
         try:
-            await self.app(scope, receive, send_and_note_status)
+            await self.app(scope, receive_counted, send_and_note_status)
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
-    def _authorized(self, scope) -> bool:
-        header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), "")
+    def _authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
 

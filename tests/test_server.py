@@ -223,6 +223,12 @@ def test_malformed_json_long_prompts_unknown_models_and_paths(chat_server, clien
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["code"] == "model_not_found"
+    big = json.dumps({"model": "tiny", "prompt": "x" * (9 * 2**20)}).encode()
+    r = httpx.post(url + "/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(url + "/v1/completions", content=iter([big[i:i + 2**20] for i in range(0, len(big), 2**20)]),
+                         headers={"content-type": "application/json"})  # no Content-Length
+    assert chunked.status_code == 413 and "error" in chunked.json()
     r = httpx.get(url + "/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
     assert ask(client, max_tokens=60).choices[0].message.content == ANSWER  # nothing broke
@@ -257,11 +263,18 @@ def test_a_client_that_disconnects_stops_its_generation(tokenizer):
         while httpx.get(s.url + "/health").json()["running_or_queued"]:
             assert time.time() - t0 < 5, "generation went on after the client left"
             time.sleep(0.05)
+        # a non-streamed request whose client gives up is stopped too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        t0 = time.time()
+        while httpx.get(s.url + "/health").json()["running_or_queued"]:
+            assert time.time() - t0 < 5, "generation went on after the client left"
+            time.sleep(0.05)
         metrics = httpx.get(s.url + "/metrics").text
-        assert "mimo_aborted_requests_total 1.0" in metrics
+        assert "mimo_aborted_requests_total 2.0" in metrics
         generated = float(next(line.split()[-1] for line in metrics.splitlines()
                                if line.startswith("mimo_generation_tokens_total")))
-        assert generated < 4000
+        assert generated < 2 * 4000
 
 
 def test_api_key_guards_the_api_not_the_health_check(tokenizer):
