@@ -20,9 +20,15 @@ import json
 import shlex
 from pathlib import Path
 
+import mimo.backends  # noqa: F401  (every module the arms use, imported before the first long job)
+import mimo.bench  # noqa: F401
+import mimo.evaluate  # noqa: F401
 from mimo.cli import dispatch
 from mimo.config import MiMoConfig, config_for_depth
 from mimo.report import metric_cell
+from mimo.tasks import all_tasks
+
+all_tasks()
 
 BIG_DEPTH = 12
 EVAL = ["--task", "reasoning", "--limit", "200", "--samples", "4", "--seed", "0"]

@@ -35,6 +35,24 @@ def percentile(values, q):
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+async def raw_client_run(client, model, prompts, max_tokens, temperature, seed):
+    """The same requests through plain httpx and a minimal SSE reader (no per-chunk model objects)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        ttft, tokens = None, 0
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": temperature, "seed": seed + i, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if ttft is None and ('"content": "' in line or '"reasoning_content"' in line) and '"content": ""' not in line:
+                    ttft = time.perf_counter() - t0
+                if '"usage": {' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        out.append((ttft if ttft is not None else time.perf_counter() - t0, tokens))
+    return out
+
+
 async def client_run(client, model, prompts, max_tokens, temperature, seed):
     """One client: its prompts one after another -> [(ttft_s, completion_tokens)]."""
     out = []
@@ -55,20 +73,40 @@ async def client_run(client, model, prompts, max_tokens, temperature, seed):
     return out
 
 
-async def phase(url, model, prompt_sets, max_tokens, temperature):
-    clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
-                                  http_client=openai.DefaultAsyncHttpxClient(timeout=600)) for _ in prompt_sets]
+def engine_counters(url) -> dict:
+    """Engine steps and the batch-occupancy sum so far, from /metrics."""
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        for key in ("mimo_engine_steps_total", "mimo_batch_occupancy_sum", "mimo_batch_occupancy_count"):
+            if line.startswith(key + " "):
+                out[key] = float(line.split()[-1])
+    return out
+
+
+async def phase(url, model, prompt_sets, max_tokens, temperature, raw=False):
+    if raw:
+        clients = [httpx.AsyncClient(base_url=url, timeout=600) for _ in prompt_sets]
+    else:
+        clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
+                                      http_client=openai.DefaultAsyncHttpxClient(timeout=600)) for _ in prompt_sets]
+    run_one = raw_client_run if raw else client_run
+    before = engine_counters(url)
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(client_run(c, model, ps, max_tokens, temperature, 1000 * k)
+    results = await asyncio.gather(*(run_one(c, model, ps, max_tokens, temperature, 1000 * k)
                                      for k, (c, ps) in enumerate(zip(clients, prompt_sets))))
     wall = time.perf_counter() - t0
+    after = engine_counters(url)
+    steps = after["mimo_engine_steps_total"] - before["mimo_engine_steps_total"]
+    occupancy = ((after["mimo_batch_occupancy_sum"] - before["mimo_batch_occupancy_sum"])
+                 / max(1.0, after["mimo_batch_occupancy_count"] - before["mimo_batch_occupancy_count"]))
     flat = [r for rs in results for r in rs]
     tokens = sum(n for _, n in flat)
     ttfts = [t for t, _ in flat]
     return {"clients": len(prompt_sets), "requests": len(flat), "output_tokens": tokens, "wall_s": round(wall, 2),
             "output_tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
-            "ttft_mean_s": round(statistics.mean(ttfts), 4)}
+            "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
+            "mean_batch_occupancy": round(occupancy, 3)}
 
 
 def main():
@@ -81,6 +119,8 @@ def main():
     ap.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: --clients)")
     ap.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--serve-args", default="", help="more `mimo serve` flags, e.g. '--quantize int8'")
+    ap.add_argument("--raw-client", action="store_true",
+                    help="plain httpx with a minimal SSE reader instead of the openai client")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -104,22 +144,24 @@ def main():
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.2)
         asyncio.run(phase(url, model, [prompts[:2]], 8, args.temperature))  # warm-up
-        single = asyncio.run(phase(url, model, [prompts[: args.requests * 2]], args.max_tokens, args.temperature))
+        single = asyncio.run(phase(url, model, [prompts[: args.requests * 2]], args.max_tokens, args.temperature,
+                                   args.raw_client))
         many = asyncio.run(phase(url, model, [prompts[k::args.clients] for k in range(args.clients)],
-                                 args.max_tokens, args.temperature))
+                                 args.max_tokens, args.temperature, args.raw_client))
         metrics = httpx.get(url + "/metrics").text
     finally:
         server.terminate()
         server.wait(timeout=30)
     acceptance = next((float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith("mimo_mtp_acceptance_rate ")), None)
-    result = {"model": args.model, "mtp": args.mtp, "max_tokens": args.max_tokens, "single": single,
+    result = {"model": args.model, "mtp": args.mtp, "client": "httpx" if args.raw_client else "openai", "max_tokens": args.max_tokens, "single": single,
               "concurrent": many, "speedup": round(many["output_tokens_per_s"] / single["output_tokens_per_s"], 2),
               "mtp_acceptance_rate": acceptance}
     if not args.json:
         for name, r in (("1 client", single), (f"{args.clients} clients", many)):
             print(f"{name:>11}: {r['output_tokens_per_s']:7.1f} output tokens/s ({r['output_tokens']} tokens in "
-                  f"{r['wall_s']} s), TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms")
+                  f"{r['wall_s']} s), TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms; "
+                  f"{r['engine_steps_per_s']} engine steps/s, batch {100 * r['mean_batch_occupancy']:.0f}% full")
         print(f"aggregate speed-up at {args.clients} clients: {result['speedup']}x; MTP acceptance {acceptance}")
     print(json.dumps(result))
 

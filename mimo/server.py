@@ -69,6 +69,7 @@ class ServeConfig:
     api_key: str | None = None
     default_temperature: float = 1.0  # for requests that leave them out (the model's generation_config)
     default_top_p: float = 1.0
+    engine_in_background: bool = True  # False: the caller runs service.loop.run() itself (`mimo serve` does)
 
 
 class ClientGone(Exception):
@@ -172,9 +173,11 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(_app):
-        service.loop.start()
+        if cfg.engine_in_background:
+            service.loop.start()
         yield
-        service.loop.stop()
+        if cfg.engine_in_background:
+            service.loop.stop()
 
     app = FastAPI(title="mimo", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API for a local mimo model")
@@ -480,7 +483,7 @@ def generation_defaults(model_dir: Path) -> tuple[float, float]:
     return (t, p) if gen.get("do_sample", True) else (0.0, 1.0)
 
 
-def make_app(args) -> FastAPI:
+def make_app(args, engine_in_background: bool = True) -> FastAPI:
     from mimo.checkpoint import load_model_and_tokenizer
     from mimo.quantize import quantize_model
 
@@ -492,20 +495,37 @@ def make_app(args) -> FastAPI:
     temperature, top_p = generation_defaults(Path(args.model))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or Path(args.model).resolve().name
-    cfg = ServeConfig(name, args.max_batch, args.max_queue, args.mtp, args.num_draft, api_key, temperature, top_p)
+    cfg = ServeConfig(name, args.max_batch, args.max_queue, args.mtp, args.num_draft, api_key, temperature, top_p,
+                      engine_in_background)
     return build_app(engine, tokenizer, cfg)
 
 
 def run(args):
+    """HTTP in a background thread (uvicorn), the engine loop in the main thread (where torch is fastest)."""
+    import threading
+
     import uvicorn
 
-    app = make_app(args)
+    app = make_app(args, engine_in_background=False)
     s = app.state.service
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    http = threading.Thread(target=server.run, name="mimo-http", daemon=True)
+    http.start()
+    while not server.started:
+        if not http.is_alive():
+            raise MimoError(f"could not serve on {args.host}:{args.port} (see the message above)")
+        time.sleep(0.05)
     auth = "API key required" if s.cfg.api_key else "no API key"
     print(f"mimo serve: {s.cfg.model_name} on http://{args.host}:{args.port} (web chat at /, OpenAI API at /v1; "
-          f"batch {s.cfg.max_batch}, context {s.context}, MTP {'on' if s.loop.session.spec else 'off'}, {auth})",
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+          f"batch {s.cfg.max_batch}, context {s.context}, MTP {'on' if s.loop.session.spec else 'off'}, {auth}); "
+          "Ctrl-C stops", flush=True)
+    watchdog = threading.Thread(target=lambda: (http.join(), s.loop.stop()), daemon=True)
+    watchdog.start()  # the HTTP side ending (SIGTERM) ends the engine loop too
+    try:
+        s.loop.run()
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
 
 
 def add_arguments(p):
