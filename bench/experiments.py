@@ -20,8 +20,9 @@ import json
 import shlex
 from pathlib import Path
 
-import mimo.backends  # noqa: F401  (every module the arms use, imported before the first long job)
-import mimo.bench  # noqa: F401
+# every module the arms use, imported before the first long job (edits made while it runs cannot mix in)
+import mimo.backends
+import mimo.bench
 import mimo.evaluate  # noqa: F401
 from mimo.cli import dispatch
 from mimo.config import MiMoConfig, config_for_depth
