@@ -2,10 +2,11 @@
 
 Starts `mimo serve MODEL_DIR` in its own process, then streams chat completions of held-out reasoning
 problems through the OpenAI API (openai.AsyncOpenAI, one connection per client): first one client alone,
-then N clients at once, each sending its requests one after another. Same prompts, settings and server in
-both phases; output tokens are the server's own usage counts.
+then N clients at once taking prompts from one pool, each sending its next request when its previous one is
+done (fixed concurrency, as vLLM's serving benchmark). Same prompts, settings and server in both phases;
+output tokens are the server's own usage counts.
 
-    .venv/bin/python bench/serve_load.py runs/tiny-rl/final --clients 16 --requests 4 --max-tokens 128
+    .venv/bin/python bench/serve_load.py runs/speedrun-tiny/final --clients 16 --requests 8 --max-tokens 128
 """
 
 import argparse
@@ -35,14 +36,19 @@ def percentile(values, q):
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
-async def raw_client_run(client, model, prompts, max_tokens, temperature, seed):
+def drain(pool: asyncio.Queue):
+    while not pool.empty():
+        yield pool.get_nowait()
+
+
+async def raw_client_run(client, model, pool, max_tokens, temperature):
     """The same requests through plain httpx and a minimal SSE reader (no per-chunk model objects)."""
     out = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in drain(pool):
         t0 = time.perf_counter()
         ttft, tokens = None, 0
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": temperature, "seed": seed + i, "stream": True, "stream_options": {"include_usage": True}}
+                "temperature": temperature, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             async for line in r.aiter_lines():
                 if ttft is None and ('"content": "' in line or '"reasoning_content"' in line) and '"content": ""' not in line:
@@ -53,15 +59,15 @@ async def raw_client_run(client, model, prompts, max_tokens, temperature, seed):
     return out
 
 
-async def client_run(client, model, prompts, max_tokens, temperature, seed):
-    """One client: its prompts one after another -> [(ttft_s, completion_tokens)]."""
+async def client_run(client, model, pool, max_tokens, temperature):
+    """One client: takes prompts from the shared pool one after another -> [(ttft_s, completion_tokens)]."""
     out = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in drain(pool):
         t0 = time.perf_counter()
         ttft, tokens = None, 0
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=temperature, seed=seed + i, stream=True, stream_options={"include_usage": True})
+            temperature=temperature, seed=i, stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
             if ttft is None and chunk.choices:
                 d = chunk.choices[0].delta
@@ -83,17 +89,22 @@ def engine_counters(url) -> dict:
     return out
 
 
-async def phase(url, model, prompt_sets, max_tokens, temperature, raw=False):
+async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=False):
+    """n_clients clients take the prompts from one pool, each sending its next request when the previous one is
+    done (a fixed concurrency, as vLLM's serving benchmark), until the pool is empty."""
+    pool = asyncio.Queue()
+    for item in enumerate(prompts):
+        pool.put_nowait(item)
     if raw:
-        clients = [httpx.AsyncClient(base_url=url, timeout=600) for _ in prompt_sets]
+        clients = [httpx.AsyncClient(base_url=url, timeout=600) for _ in range(n_clients)]
     else:
         clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
-                                      http_client=openai.DefaultAsyncHttpxClient(timeout=600)) for _ in prompt_sets]
+                                      http_client=openai.DefaultAsyncHttpxClient(timeout=600))
+                   for _ in range(n_clients)]
     run_one = raw_client_run if raw else client_run
     before = engine_counters(url)
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(run_one(c, model, ps, max_tokens, temperature, 1000 * k)
-                                     for k, (c, ps) in enumerate(zip(clients, prompt_sets))))
+    results = await asyncio.gather(*(run_one(c, model, pool, max_tokens, temperature) for c in clients))
     wall = time.perf_counter() - t0
     after = engine_counters(url)
     steps = after["mimo_engine_steps_total"] - before["mimo_engine_steps_total"]
@@ -102,7 +113,7 @@ async def phase(url, model, prompt_sets, max_tokens, temperature, raw=False):
     flat = [r for rs in results for r in rs]
     tokens = sum(n for _, n in flat)
     ttfts = [t for t, _ in flat]
-    return {"clients": len(prompt_sets), "requests": len(flat), "output_tokens": tokens, "wall_s": round(wall, 2),
+    return {"clients": n_clients, "requests": len(flat), "output_tokens": tokens, "wall_s": round(wall, 2),
             "output_tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
             "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
@@ -113,7 +124,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model", metavar="MODEL_DIR")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=4, help="requests per client (sent one after another)")
+    ap.add_argument("--requests", type=int, default=8,
+                    help="requests per client on average: the pool holds clients x requests prompts")
+    ap.add_argument("--single-requests", type=int, default=16, help="requests of the single-client phase")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: --clients)")
@@ -143,11 +156,11 @@ def main():
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.2)
-        asyncio.run(phase(url, model, [prompts[:2]], 8, args.temperature))  # warm-up
-        single = asyncio.run(phase(url, model, [prompts[: args.requests * 2]], args.max_tokens, args.temperature,
-                                   args.raw_client))
-        many = asyncio.run(phase(url, model, [prompts[k::args.clients] for k in range(args.clients)],
-                                 args.max_tokens, args.temperature, args.raw_client))
+        asyncio.run(phase(url, model, 1, prompts[:2], 8, args.temperature))  # warm-up
+        single = asyncio.run(phase(url, model, 1, prompts[: args.single_requests], args.max_tokens,
+                                   args.temperature, args.raw_client))
+        many = asyncio.run(phase(url, model, args.clients, prompts, args.max_tokens, args.temperature,
+                                 args.raw_client))
         metrics = httpx.get(url + "/metrics").text
     finally:
         server.terminate()
