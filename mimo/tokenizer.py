@@ -136,9 +136,10 @@ class Tokenizer:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise MimoError("chat messages must be objects with string 'role' and 'content'")
         try:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            template = env.from_string(self.chat_template)
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            if getattr(self, "_compiled", (None, None))[0] != self.chat_template:  # compiled once, not per call
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                self._compiled = (self.chat_template, env.from_string(self.chat_template))
+            return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    bos_token="", eos_token=self.eos_token)
         except jinja2.TemplateError as e:
             raise MimoError(f"chat template failed to render ({e})") from None
