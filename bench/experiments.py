@@ -68,6 +68,7 @@ def evaluate(model: Path, out: Path, fmt: str) -> dict:
 def decode(model: Path, out: Path, mtp: bool) -> dict:
     path = out / f"decode-{'mtp' if mtp else 'no-mtp'}.json"
     if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
         import contextlib
         import io
 
