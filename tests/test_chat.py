@@ -74,3 +74,21 @@ def test_chat_command_over_stdin(model_dir):
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("tokens/s") == 2 and "(conversation cleared)" in run.stdout
     assert "\x1b[" not in run.stdout  # no colours when stdout is not a terminal
+
+
+def test_think_splitter_streams_the_same_split_as_the_whole_reply():
+    from mimo.thinking import ThinkSplitter, split_thinking
+
+    reply = "<think>\nstep one\nstep two\n\n</think>\n\nThe answer is 4.\n"
+    assert split_thinking(reply) == ("step one\nstep two", "The answer is 4.\n")
+    assert split_thinking("no thinking here") == (None, "no thinking here")
+    assert split_thinking("<think>cut off mid-thought") == ("cut off mid-thought", "")
+    for size in (1, 2, 3, 7):
+        splitter = ThinkSplitter()
+        pieces = []
+        for i in range(0, len(reply), size):
+            pieces += splitter.feed(reply[i:i + size])
+        pieces += splitter.close()
+        thought = "".join(t for in_thought, t in pieces if in_thought)
+        answer = "".join(t for in_thought, t in pieces if not in_thought)
+        assert (thought, answer) == split_thinking(reply), size
