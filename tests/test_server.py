@@ -322,7 +322,7 @@ def test_sixteen_concurrent_clients_get_the_same_text_as_sequential_requests(tok
     assert len(set(sequential)) > 4  # different prompts, different texts
 
 
-def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokenizer):
+def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokenizer, tmp_path):
     """Property-based requests from the server's own OpenAPI spec (schemathesis' CLI): never a 5xx, and every
     status code, content type and response body is the one the spec documents."""
     import shutil
@@ -335,7 +335,7 @@ def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokeni
         checks = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
         run = subprocess.run([st, "run", s.url + "/openapi.json", "-c", checks, "-n", "15", "--seed", "1",
                               "--request-timeout", "60", "--no-color"], check=False, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, cwd=tmp_path)  # (its cache folder goes there)
         assert run.returncode == 0, run.stdout[-3000:]
         assert "passed" in run.stdout
         assert httpx.get(s.url + "/health").json()["status"] == "ok"
