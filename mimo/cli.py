@@ -58,15 +58,15 @@ def _human_bytes(n: float) -> str:
     return str(n)
 
 
-def load_engine(args):
-    """(engine, tokenizer) for generate / chat: the model directory, --dtype, --quantize, --compile."""
+def load_engine(args, max_seq_len: int | None = None):
+    """(engine, tokenizer) for generate / chat / serve: the model directory, --dtype, --quantize, --compile."""
     from mimo.checkpoint import load_model_and_tokenizer
     from mimo.engine import Engine
     from mimo.quantize import quantize_model
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     model = quantize_model(model, args.quantize)
-    return Engine(model, tokenizer, compile=args.compile), tokenizer
+    return Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile), tokenizer
 
 
 def cmd_generate(args):
@@ -113,6 +113,11 @@ def add_decoding_arguments(s, temperature: float, top_p: float, max_new_tokens: 
     s.add_argument("--top-p", type=float, default=top_p)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--seed", type=int, default=None)
+    add_engine_arguments(s)
+
+
+def add_engine_arguments(s):
+    """How the model runs: what load_engine reads, plus MTP speculation (generate, chat, serve)."""
     s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
                    help="speculative decoding with the MTP layers (lossless: greedy output is identical either way)")
     s.add_argument("--num-draft", type=int, default=1, help="tokens the MTP layers draft per step")

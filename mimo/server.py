@@ -12,8 +12,8 @@ the API key, 404 for an unknown model or path, 429 when every batch slot and que
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -167,11 +167,9 @@ def finish_reason(reason: str | None) -> str:
 
 def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine loop."""
-    from contextlib import asynccontextmanager
-
     service = Service(engine, tokenizer, cfg)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(_app):
         if cfg.engine_in_background:
             service.loop.start()
@@ -243,7 +241,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
         t0, rid = time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": cfg.model_name}
         if body.stream:
-            gen = _chat_stream(service, handles, queue, request, body, head, len(prompt), t0)
+            gen = _sse_stream(service, "chat", {**head, "object": "chat.completion.chunk"}, body, len(prompt), t0,
+                              _chat_choices(service, handles, queue, request))
             return StreamingResponse(gen, media_type="text/event-stream")
         completions = await _collect(service, handles, queue, request)
         metrics.latency.labels("chat").observe(time.perf_counter() - t0)
@@ -277,7 +276,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
         head = {"id": rid, "created": int(time.time()), "model": cfg.model_name}
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
-            gen = _completion_stream(service, handles, queue, request, body, head, prompt_tokens, echoes, t0)
+            gen = _sse_stream(service, "completions", {**head, "object": "text_completion"}, body, prompt_tokens,
+                              t0, _completion_choices(service, handles, queue, request, echoes))
             return StreamingResponse(gen, media_type="text/event-stream")
         done = await _collect(service, handles, queue, request)
         metrics.latency.labels("completions").observe(time.perf_counter() - t0)
@@ -403,68 +403,60 @@ async def _collect(service: Service, handles, queue, request: Request) -> list:
     return out
 
 
-async def _chat_stream(service, handles, queue, request, body, head, prompt_tokens, t0):
+async def _sse_stream(service, endpoint: str, chunk: dict, body, prompt_tokens: int, t0: float, choices):
+    """A streamed reply: each (choice, tokens) that `choices` yields becomes one chunk (choice None: none) and
+    counts `tokens` as generated; then the usage chunk when asked for, and `data: [DONE]`. An error after the
+    response has started goes out as an error event; a client that left gets nothing more."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunk = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
-    splitters = [ThinkSplitter() for _ in handles]
     generated = 0
+    try:
+        async with contextlib.aclosing(choices):
+            async for choice, tokens in choices:
+                generated += tokens
+                if choice is not None:
+                    yield sse({**chunk, "choices": [choice], **extra})
+        service.loop.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        if include_usage:
+            yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, generated)})
+        yield "data: [DONE]\n\n"
+    except ClientGone:
+        return
+    except APIError as e:
+        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        yield "data: [DONE]\n\n"
 
+
+async def _chat_choices(service, handles, queue, request):
+    """Chat deltas: the role first, then reasoning_content / content pieces, then the finish reason."""
     def delta(i, d, reason=None):
-        return sse({**chunk, "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": reason}],
-                    **extra})
+        return {"index": i, "delta": d, "logprobs": None, "finish_reason": reason}
 
-    try:
-        for i in range(len(handles)):
-            yield delta(i, {"role": "assistant", "content": ""})
-        async for i, ev in service.events(handles, queue, request):
-            pieces = splitters[i].feed(ev.text) + (splitters[i].close() if ev.finished else [])
-            for in_thought, text in pieces:
-                if text:
-                    yield delta(i, {"reasoning_content" if in_thought else "content": text})
-            if ev.finished:
-                generated += len(ev.completion.tokens)
-                yield delta(i, {}, finish_reason(ev.completion.finish_reason))
-        service.loop.metrics.latency.labels("chat").observe(time.perf_counter() - t0)
-        if include_usage:
-            yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, generated)})
-        yield "data: [DONE]\n\n"
-    except ClientGone:
-        return
-    except APIError as e:
-        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
-        yield "data: [DONE]\n\n"
+    splitters = [ThinkSplitter() for _ in handles]
+    for i in range(len(handles)):
+        yield delta(i, {"role": "assistant", "content": ""}), 0
+    async for i, ev in service.events(handles, queue, request):
+        pieces = splitters[i].feed(ev.text) + (splitters[i].close() if ev.finished else [])
+        for in_thought, text in pieces:
+            if text:
+                yield delta(i, {"reasoning_content" if in_thought else "content": text}), 0
+        if ev.finished:
+            yield delta(i, {}, finish_reason(ev.completion.finish_reason)), len(ev.completion.tokens)
 
 
-async def _completion_stream(service, handles, queue, request, body, head, prompt_tokens, echoes, t0):
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunk = {**head, "object": "text_completion"}
-    extra = {"usage": None} if include_usage else {}
-    generated = 0
-
+async def _completion_choices(service, handles, queue, request, echoes):
+    """Text pieces: the echoed prompts first, then the new text, then the finish reason."""
     def piece(i, text, reason=None):
-        return sse({**chunk, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}],
-                    **extra})
+        return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
 
-    try:
-        for i, echo in enumerate(echoes):
-            if echo:
-                yield piece(i, echo)
-        async for i, ev in service.events(handles, queue, request):
-            if ev.text:
-                yield piece(i, ev.text)
-            if ev.finished:
-                generated += len(ev.completion.tokens)
-                yield piece(i, "", finish_reason(ev.completion.finish_reason))
-        service.loop.metrics.latency.labels("completions").observe(time.perf_counter() - t0)
-        if include_usage:
-            yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, generated)})
-        yield "data: [DONE]\n\n"
-    except ClientGone:
-        return
-    except APIError as e:
-        yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
-        yield "data: [DONE]\n\n"
+    for i, echo in enumerate(echoes):
+        if echo:
+            yield piece(i, echo), 0
+    async for i, ev in service.events(handles, queue, request):
+        if ev.text:
+            yield piece(i, ev.text), 0
+        if ev.finished:
+            yield piece(i, "", finish_reason(ev.completion.finish_reason)), len(ev.completion.tokens)
 
 
 # ---- the command -----------------------------------------------------------------------------------
@@ -484,14 +476,11 @@ def generation_defaults(model_dir: Path) -> tuple[float, float]:
 
 
 def make_app(args, engine_in_background: bool = True) -> FastAPI:
-    from mimo.checkpoint import load_model_and_tokenizer
-    from mimo.quantize import quantize_model
+    from mimo.cli import load_engine
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    model = quantize_model(model, args.quantize)
     if args.max_batch < 1 or args.max_queue < 0:
         raise MimoError("--max-batch must be >= 1 and --max-queue >= 0")
-    engine = Engine(model, tokenizer, max_seq_len=args.max_model_len, compile=args.compile)
+    engine, tokenizer = load_engine(args, max_seq_len=args.max_model_len)
     temperature, top_p = generation_defaults(Path(args.model))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or Path(args.model).resolve().name
@@ -529,6 +518,8 @@ def run(args):
 
 
 def add_arguments(p):
+    from mimo.cli import add_engine_arguments
+
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -537,10 +528,5 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
-                   help="speculative decoding with the MTP layers (lossless)")
-    p.add_argument("--num-draft", type=int, default=1, help="tokens the MTP layers draft per step")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 (faster on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_engine_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
