@@ -41,40 +41,43 @@ def drain(pool: asyncio.Queue):
         yield pool.get_nowait()
 
 
-async def raw_client_run(client, model, pool, max_tokens, temperature):
-    """The same requests through plain httpx and a minimal SSE reader (no per-chunk model objects)."""
-    out = []
-    for i, prompt in drain(pool):
-        t0 = time.perf_counter()
-        ttft, tokens = None, 0
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                "temperature": temperature, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if ttft is None and ('"content": "' in line or '"reasoning_content"' in line) and '"content": ""' not in line:
-                    ttft = time.perf_counter() - t0
-                if '"usage": {' in line:
-                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-        out.append((ttft if ttft is not None else time.perf_counter() - t0, tokens))
-    return out
+async def httpx_request(client, model, i, prompt, max_tokens, temperature, t0):
+    """One streamed request through plain httpx and a minimal SSE reader (no per-chunk model objects)
+    -> (ttft_s or None, completion_tokens)."""
+    ttft, tokens = None, 0
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": temperature, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if ttft is None and ('"content": "' in line or '"reasoning_content"' in line) and '"content": ""' not in line:
+                ttft = time.perf_counter() - t0
+            if '"usage": {' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return ttft, tokens
 
 
-async def client_run(client, model, pool, max_tokens, temperature):
+async def openai_request(client, model, i, prompt, max_tokens, temperature, t0):
+    """One streamed request through the openai client -> (ttft_s or None, completion_tokens)."""
+    ttft, tokens = None, 0
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        temperature=temperature, seed=i, stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if ttft is None and chunk.choices:
+            d = chunk.choices[0].delta
+            if d.content or getattr(d, "reasoning_content", None):
+                ttft = time.perf_counter() - t0
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return ttft, tokens
+
+
+async def client_run(request, client, model, pool, max_tokens, temperature):
     """One client: takes prompts from the shared pool one after another -> [(ttft_s, completion_tokens)]."""
     out = []
     for i, prompt in drain(pool):
         t0 = time.perf_counter()
-        ttft, tokens = None, 0
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=temperature, seed=i, stream=True, stream_options={"include_usage": True})
-        async for chunk in stream:
-            if ttft is None and chunk.choices:
-                d = chunk.choices[0].delta
-                if d.content or getattr(d, "reasoning_content", None):
-                    ttft = time.perf_counter() - t0
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
+        ttft, tokens = await request(client, model, i, prompt, max_tokens, temperature, t0)
         out.append((ttft if ttft is not None else time.perf_counter() - t0, tokens))
     return out
 
@@ -101,10 +104,10 @@ async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=Fal
         clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
                                       http_client=openai.DefaultAsyncHttpxClient(timeout=600))
                    for _ in range(n_clients)]
-    run_one = raw_client_run if raw else client_run
+    request = httpx_request if raw else openai_request
     before = engine_counters(url)
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(run_one(c, model, pool, max_tokens, temperature) for c in clients))
+    results = await asyncio.gather(*(client_run(request, c, model, pool, max_tokens, temperature) for c in clients))
     wall = time.perf_counter() - t0
     after = engine_counters(url)
     steps = after["mimo_engine_steps_total"] - before["mimo_engine_steps_total"]
