@@ -1,12 +1,13 @@
 """mimo's engine against Hugging Face transformers' generate() on the same checkpoint, side by side.
 
     python bench/decode_vs_transformers.py [--new-tokens 256] [--prompt-tokens 32] [--repeats 3] [--threads N]
-                                           [--configs 125m,25m] [--no-compile] [--no-int8] [--json FILE]
+                                           [--configs 125m,25m] [--no-compile] [--quantize int8,int4] [--json FILE]
 
 Batch 1, fp32, greedy, random weights (saved once with mimo, loaded by both). Decode tokens/s is
 (new_tokens - 1) / (time to generate new_tokens - time to generate 1 token), the same external clock for both
-engines, best of --repeats; mimo runs eager and with its torch.compile'd decode step (compiled in the warm-up). Also int8 weight-only quantization against fp32 on the 125M model: speed and
-perplexity (on text sampled from the fp32 model). Prints a markdown table with the ratios and the targets.
+engines, best of --repeats; mimo runs eager and with its torch.compile'd decode step (compiled in the warm-up).
+Also int8 and int4 weight-only quantization against fp32 on the 125M model: speed and perplexity (on text
+sampled from the fp32 model). Prints a markdown table with the ratios and the targets.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from mimo.checkpoint import load_model, save_model
 from mimo.config import MiMoConfig
 from mimo.engine import Engine, SamplingParams
 from mimo.model import MiMoForCausalLM
-from mimo.quantize import perplexity, quantize_int8
+from mimo.quantize import perplexity, quantize_model
 
 CONFIGS = {
     "125m": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,
@@ -93,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--configs", default="125m,25m")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 comparison")
+    ap.add_argument("--quantize", default="int8,int4", help="weight-only methods compared with fp32 on 125m ('' for none)")
     ap.add_argument("--no-compile", action="store_true", help="skip mimo with its torch.compile'd decode step")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
@@ -133,20 +134,24 @@ def main(argv=None):
             agree = ", ".join(f"{m} {n}/32" for m, n in same.items())
             rows.append(f"| {name} fp32 | {tps_hf:.1f} | {cells(rates, tps_hf)} | >= {TARGETS[name]}x vs "
                         f"transformers | greedy tokens equal to transformers': {agree} |")
-            if name == "125m" and not args.no_int8:
+            methods = [m for m in args.quantize.split(",") if m] if name == "125m" else []
+            if methods:
                 text = torch.tensor(Engine(model, None).generate([prompt], SamplingParams(
                     max_new_tokens=max_len, temperature=1.0, seed=0))[0].tokens)
                 ppl_fp32 = perplexity(model, text)
-                q = quantize_int8(load_model(model_dir))
-                ppl_int8 = perplexity(q, text)
+            for method in methods:
+                q = quantize_model(load_model(model_dir), method)
+                ppl_q = perplexity(q, text)
                 q_rates, _ = mimo_rates(q)
-                results["125m_int8"] = {"mimo_tokens_per_s": q_rates,
-                                        "ratio_vs_fp32": {m: r / rates[m] for m, r in q_rates.items()},
-                                        "perplexity_fp32": ppl_fp32, "perplexity_int8": ppl_int8,
-                                        "perplexity_change": ppl_int8 / ppl_fp32 - 1, "target": INT8_TARGET}
+                results[f"125m_{method}"] = {"mimo_tokens_per_s": q_rates,
+                                             "ratio_vs_fp32": {m: r / rates[m] for m, r in q_rates.items()},
+                                             "perplexity_fp32": ppl_fp32, f"perplexity_{method}": ppl_q,
+                                             "perplexity_change": ppl_q / ppl_fp32 - 1}
                 ratios = ", ".join(f"{m} {q_rates[m] / rates[m]:.2f}x" for m in q_rates)
-                rows.append(f"| 125m int8 | - | {cells(q_rates, tps_hf)} | >= {INT8_TARGET}x vs fp32 ({ratios}) | "
-                            f"perplexity {100 * (ppl_int8 / ppl_fp32 - 1):+.2f}% |")
+                target = f">= {INT8_TARGET}x vs fp32" if method == "int8" else "vs fp32"
+                rows.append(f"| 125m {method} | - | {cells(q_rates, tps_hf)} | {target} ({ratios}) | "
+                            f"perplexity {100 * (ppl_q / ppl_fp32 - 1):+.2f}% |")
+                del q
             del model
     print(f"decode tokens/s (ratio to transformers), batch 1, greedy, {args.new_tokens} new tokens, "
           f"{results['threads']} threads\n")

@@ -2,7 +2,7 @@
 
     mimo bench train PRESET_OR_MODEL_DIR [--dtype fp32|bf16] [--batch B] [--seq T] [--steps N] [--json]
     mimo bench decode PRESET_OR_MODEL_DIR [--batch B] [--new-tokens N] [--prompt-tokens P] [--mtp/--no-mtp]
-                      [--num-draft K] [--quantize int8] [--compile] [--json]
+                      [--num-draft K] [--quantize int8|int4] [--compile] [--json]
 
 Training throughput is timed after warm-up on synthetic tokens; MFU is model FLOPs (6 x parameters x tokens
 plus attention) per second against this machine's measured matmul peak in the same precision.
@@ -21,6 +21,7 @@ import time
 import torch
 
 from mimo.checkpoint import build_model
+from mimo.config import QUANTIZATIONS
 from mimo.train import TrainConfig, autocast_context, make_optimizer
 
 
@@ -189,7 +190,7 @@ def add_arguments(sub):
     d.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=False,
                    help="speculative decoding with the MTP layers")
     d.add_argument("--num-draft", type=int, default=1, help="tokens drafted per step with --mtp")
-    d.add_argument("--quantize", choices=["int8"], default=None, help="weight-only quantization")
+    d.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="weight-only quantization")
     d.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiled in warm-up)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--json", action="store_true", help="last stdout line is one JSON object")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from mimo import __version__
+from mimo.config import QUANTIZATIONS
 from mimo.errors import MimoError
 
 
@@ -121,7 +122,8 @@ def add_engine_arguments(s):
     s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
                    help="speculative decoding with the MTP layers (lossless: greedy output is identical either way)")
     s.add_argument("--num-draft", type=int, default=1, help="tokens the MTP layers draft per step")
-    s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 (faster on CPU)")
+    s.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="weight-only int8 or int4 (faster on CPU; int4 loses more accuracy)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 

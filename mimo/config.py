@@ -205,6 +205,7 @@ PRESET_SHAPES = {
     "small": (12, 32000, 2048),
 }
 PRESETS = (*PRESET_SHAPES, "mimo-7b")
+QUANTIZATIONS = ("int8", "int4")  # weight-only, mimo/quantize.py
 
 
 def preset_config(name: str) -> MiMoConfig:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mimo import __version__
 from mimo.backends import Request
+from mimo.config import QUANTIZATIONS
 from mimo.errors import MimoError
 from mimo.jsonl import read_jsonl
 from mimo.tasks import Task
@@ -229,7 +230,7 @@ def build_parsers(prog: str = "mimo eval"):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="engine batch size")
     p.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True, help="MTP speculative decoding")
-    p.add_argument("--quantize", choices=["int8"], help="weight-only quantization")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization")
     p.add_argument("--concurrency", type=int, default=8, help="parallel requests to an endpoint")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=5, help="retries with exponential backoff per request")

@@ -1,12 +1,19 @@
-"""Weight-only int8 quantization for inference, and a perplexity helper to check what it costs.
+"""Weight-only int8 and int4 quantization for inference, and a perplexity helper to check what it costs.
 
-quantize_int8(model) swaps every nn.Linear (main layers, MTP layers, LM head; not the embedding) for an
-Int8Linear: symmetric per-output-channel int8 weights with one scale per row, activations kept in float.
-Decoding reads every weight once per token, so a quarter of the fp32 bytes is most of the speed-up.
+quantize_model(model, "int8" | "int4") swaps every nn.Linear (main layers, MTP layers, LM head; not the
+embedding) for a quantized module; activations stay in float. Decoding reads every weight once per token, so
+reading a quarter (int8) or an eighth (int4) of the fp32 bytes is most of the speed-up.
 
-On CPU the matmul is torch._weight_int8pack_mm (an AVX-512 kernel that reads the int8 weights directly) with
-bf16 activations; it needs in_features % 16 == 0, so other shapes (and other devices) dequantize on the fly.
-Weights are quantized against the bf16-rounded scales, so the kernel's bf16 scales are exact.
+- Int8Linear: symmetric int8 with one scale per output row. On CPU the matmul is torch._weight_int8pack_mm
+  (an AVX-512 kernel that reads the int8 weights directly) with bf16 activations; it needs
+  in_features % 16 == 0.
+- Int4Linear: asymmetric 4-bit in groups of 32 input features (a bf16 scale and zero point per group, as
+  gpt-fast and torchao's int4 weight-only), two weights per byte. On CPU the matmul is
+  torch.ops.aten._weight_int4pack_mm_for_cpu with bf16 activations; it needs out_features % 16 == 0 and
+  in_features % 32 == 0.
+
+Other shapes (and other devices) dequantize on the fly. Weights are quantized against the bf16-rounded
+scales (and zero points) the kernels use, so those are exact.
 """
 
 from __future__ import annotations
@@ -54,25 +61,103 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int4Linear(nn.Module):
+    """y = x @ W.T + bias with W[o, i] = (q[o, i] - 8) * scale[g, o] + zero[g, o], g = i // group_size, q in 0..15.
+
+    Buffers: weight_int4, uint8 two weights per byte: [out, in/2] in the CPU kernel's own layout when it applies
+    (cpu_kernel), else [out, ceil(in/2)] with the even input feature in the low nibble; scales_zeros
+    [groups, out, 2] bf16 (the kernel's layout)."""
+
+    def __init__(self, weight_int4, scales_zeros, group_size: int, in_features: int, cpu_kernel: bool, bias):
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = weight_int4.shape[0], in_features, group_size
+        self.cpu_kernel = cpu_kernel
+        self.register_buffer("weight_int4", weight_int4)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, cpu_kernel: bool | None = None) -> Int4Linear:
+        """cpu_kernel None: the CPU kernel's layout wherever it applies; False: the portable layout."""
+        w = linear.weight.detach().float()  # [out, in]
+        out, n_in = w.shape
+        groups = math.ceil(n_in / group_size)
+        wg = F.pad(w, (0, groups * group_size - n_in)).view(out, groups, group_size)
+        lo, hi = wg.amin(-1), wg.amax(-1)  # [out, groups]
+        scale = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16)
+        zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # W = (q - 8) * scale + zero
+        q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+        q = q.view(out, -1)[:, :n_in].to(torch.int32)  # [out, in]
+        scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # [groups, out, 2]
+        fits = w.device.type == "cpu" and out % 16 == 0 and n_in % group_size == 0 and group_size % 32 == 0
+        cpu_kernel = fits if cpu_kernel is None else cpu_kernel and fits
+        if cpu_kernel:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [out, in/2] uint8
+        else:
+            q = F.pad(q, (0, n_in % 2))
+            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # [out, ceil(in/2)]
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(packed, scales_zeros, group_size, n_in, cpu_kernel, bias)
+
+    def dequantized(self, dtype) -> torch.Tensor:
+        """The weight [out, in] the quantized values stand for (the fallback path; not for the kernel layout)."""
+        p = self.weight_int4.to(torch.int32)
+        q = torch.stack([p & 15, p >> 4], -1).view(self.out_features, -1)  # [out, 2 * ceil(in/2)]
+        sz = self.scales_zeros.float().transpose(0, 1)  # [out, groups, 2]
+        scale = sz[..., 0].repeat_interleave(self.group_size, 1)[:, : q.shape[1]]
+        zero = sz[..., 1].repeat_interleave(self.group_size, 1)[:, : q.shape[1]]
+        return ((q - 8) * scale + zero)[:, : self.in_features].to(dtype)
+
+    def forward(self, x):
+        shape = x.shape[:-1]
+        if self.cpu_kernel:
+            if x.device.type != "cpu":
+                raise MimoError("this int4 layer was packed for the CPU kernel; quantize on the device it runs on")
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                           self.weight_int4, self.group_size, self.scales_zeros)
+            y = y.to(x.dtype).view(*shape, self.out_features)
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear}
+
+
 @torch.no_grad()
-def quantize_int8(model: MiMoForCausalLM) -> MiMoForCausalLM:
-    """Swap every nn.Linear of the model for an Int8Linear, in place; returns the model (for inference only)."""
+def quantize_linears(model: MiMoForCausalLM, method: str) -> MiMoForCausalLM:
+    """Swap every nn.Linear of the model for QUANTIZED_LINEAR[method], in place; returns the model (for
+    inference only)."""
     if model.model.embed_tokens.weight.dtype != torch.float32:
-        model.float()  # the kernel's bf16 activations are converted from and back to fp32
+        model.float()  # the kernels' bf16 activations are converted from and back to fp32
+    cls = QUANTIZED_LINEAR[method]
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_linear(child))
+                setattr(parent, name, cls.from_linear(child))
     return model.eval()
 
 
+def quantize_int8(model: MiMoForCausalLM) -> MiMoForCausalLM:
+    return quantize_linears(model, "int8")
+
+
+def quantize_int4(model: MiMoForCausalLM) -> MiMoForCausalLM:
+    return quantize_linears(model, "int4")
+
+
 def quantize_model(model: MiMoForCausalLM, method: str | None) -> MiMoForCausalLM:
-    """quantize_model(model, "int8"); None or "none" leaves the model as it is."""
+    """quantize_model(model, "int8" | "int4"); None or "none" leaves the model as it is."""
     if method in (None, "none"):
         return model
-    if method == "int8":
-        return quantize_int8(model)
-    raise MimoError(f"unknown quantization {method!r} (choose from int8)")
+    if method not in QUANTIZED_LINEAR:
+        raise MimoError(f"unknown quantization {method!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+    return quantize_linears(model, method)
 
 
 @torch.no_grad()

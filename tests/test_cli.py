@@ -99,8 +99,9 @@ def test_generate_json_reports_mtp_and_quantize(capsys, model_dir):
     assert main(args + ["--no-mtp"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["acceptance_rate"] is None and plain["text"] == mtp["text"]
-    assert main(args + ["--quantize", "int8"]) == 0
-    assert json.loads(capsys.readouterr().out)["quantize"] == "int8"
+    for method in ("int8", "int4"):
+        assert main(args + ["--quantize", method]) == 0
+        assert json.loads(capsys.readouterr().out)["quantize"] == method
 
 
 def test_bench_decode_json(capsys):

@@ -6,7 +6,7 @@ from conftest import tiny_model
 
 from mimo.engine import Engine, SamplingParams
 from mimo.errors import MimoError
-from mimo.quantize import Int8Linear, perplexity, quantize_int8, quantize_model
+from mimo.quantize import Int4Linear, Int8Linear, perplexity, quantize_int4, quantize_int8, quantize_model
 
 
 def rel_err(got, want):
@@ -23,18 +23,48 @@ def test_int8_linear_close_to_fp32(shape):
     assert rel_err(q(x), lin(x)) < 0.01
 
 
-def test_quantized_model_logits_and_greedy_close_to_fp32():
-    model, q = tiny_model(vocab_size=400), quantize_int8(tiny_model(vocab_size=400))
+@pytest.mark.parametrize("shape", [(64, 160), (96, 32), (24, 8), (45, 37)])  # the int4 kernel, and the fallback
+def test_int4_linear_close_to_fp32(shape):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(*shape)
+    torch.nn.init.normal_(lin.weight, std=0.05)
+    q = Int4Linear.from_linear(lin)
+    assert q.cpu_kernel == (shape[1] % 16 == 0 and shape[0] % 32 == 0)
+    assert q.weight_int4.dtype == torch.uint8 and q.weight_int4.numel() == shape[1] * ((shape[0] + 1) // 2)
+    x = torch.randn(3, 5, shape[0])
+    assert rel_err(q(x), lin(x)) < 0.12  # 16 levels per group of 32 weights
+
+
+def test_int4_weights_within_half_a_step_and_the_kernel_matches_the_portable_layout():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48, bias=False)
+    portable = Int4Linear.from_linear(lin, cpu_kernel=False)
+    w, deq = lin.weight.detach(), portable.dequantized(torch.float32)
+    scale = portable.scales_zeros[..., 0].float().t().repeat_interleave(32, 1)  # [out, in]
+    assert ((w - deq).abs() <= scale / 2 + 1e-6).all()
+    kernel = Int4Linear.from_linear(lin)
+    assert kernel.cpu_kernel and not portable.cpu_kernel
+    x = torch.randn(4, 96)
+    assert rel_err(kernel(x), x @ deq.t()) < 0.01  # the kernel's bf16 activations
+    assert rel_err(portable(x), x @ deq.t()) < 1e-5
+
+
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4])
+def test_quantized_model_logits_and_greedy_close_to_fp32(quantize):
+    model, q = tiny_model(vocab_size=400), quantize(tiny_model(vocab_size=400))
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     ids = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert rel_err(q(ids).logits, model(ids).logits) < 0.02
+        assert rel_err(q(ids).logits, model(ids).logits) < (0.02 if quantize is quantize_int8 else 0.15)
     prompts = [torch.randint(0, 400, (5,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(6)]
     want = Engine(model, None).generate(prompts, SamplingParams(max_new_tokens=12))
     got = Engine(q, None).generate(prompts, SamplingParams(max_new_tokens=12), mtp=True, num_draft=2)
     same = sum(a == b for w, g in zip(want, got) for a, b in zip(w.tokens, g.tokens))
-    assert same >= 0.6 * 12 * len(prompts)
-    assert sum(w.tokens == g.tokens for w, g in zip(want, got)) >= len(prompts) // 2
+    if quantize is quantize_int8:
+        assert same >= 0.6 * 12 * len(prompts)
+        assert sum(w.tokens == g.tokens for w, g in zip(want, got)) >= len(prompts) // 2
+    else:  # random weights make near-ties everywhere; 4 bits flip some of them
+        assert same >= 0.3 * 12 * len(prompts)
 
 
 def test_perplexity():
@@ -46,6 +76,8 @@ def test_perplexity():
     assert perplexity(model, ids[0].tolist(), chunk=8) > 1.0
     q = quantize_int8(tiny_model(vocab_size=400, initializer_range=0.2))
     assert perplexity(q, ids) == pytest.approx(perplexity(model, ids), rel=0.02)
+    q4 = quantize_int4(tiny_model(vocab_size=400, initializer_range=0.2))
+    assert perplexity(q4, ids) == pytest.approx(perplexity(model, ids), rel=0.15)
     with pytest.raises(MimoError):
         perplexity(model, [5])
 
@@ -53,5 +85,6 @@ def test_perplexity():
 def test_quantize_model_names():
     model = tiny_model(vocab_size=64)
     assert quantize_model(model, None) is model
-    with pytest.raises(MimoError, match="int4"):
-        quantize_model(model, "int4")
+    assert isinstance(quantize_model(tiny_model(vocab_size=64), "int4").lm_head, Int4Linear)
+    with pytest.raises(MimoError, match="int8, int4"):
+        quantize_model(model, "int3")
