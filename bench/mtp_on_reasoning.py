@@ -2,6 +2,7 @@
 accepted length and decode tokens/s with and without MTP (batch 1, greedy, same prompts, one process).
 
     .venv/bin/python bench/mtp_on_reasoning.py MODEL_DIR [--prompts 24] [--new-tokens 128] [--num-draft 1]
+        [--format raw|chat] [--draft-quantize int8|int4]
 """
 
 import argparse
@@ -20,9 +21,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--num-draft", type=int, default=1)
     ap.add_argument("--format", choices=["raw", "chat"], default="raw")
+    ap.add_argument("--draft-quantize", choices=["int8", "int4"], default=None)
     args = ap.parse_args()
     model, tok = load_model_and_tokenizer(args.model, "float32")
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, draft_quantize=args.draft_quantize)
     task = get_task("reasoning")
     rows = task.load()[: args.prompts]
     texts = [task.raw_prompt(r) if args.format == "raw" else
@@ -45,7 +47,7 @@ def main():
     spec = SpecStats.merge(results[True][2]) if results[True][2] else None
     plain, fast = results[False][0], results[True][0]
     print(f"{args.model}: {len(texts)} held-out reasoning prompts ({args.format}), greedy, batch 1, "
-          f"{args.new_tokens} new tokens max, {args.num_draft} draft(s)")
+          f"{args.new_tokens} new tokens max, {args.num_draft} {args.draft_quantize or 'fp32'} draft(s)")
     print(f"decode tokens/s: plain {plain:.1f}, MTP {fast:.1f} ({fast / plain:.2f}x); greedy outputs identical: {same}")
     if spec:
         print(f"acceptance {spec.acceptance_rate:.3f}, first-draft acceptance {spec.first_acceptance_rate:.3f}, "

@@ -2,7 +2,8 @@
 
     mimo bench train PRESET_OR_MODEL_DIR [--dtype fp32|bf16] [--batch B] [--seq T] [--steps N] [--json]
     mimo bench decode PRESET_OR_MODEL_DIR [--batch B] [--new-tokens N] [--prompt-tokens P] [--mtp/--no-mtp]
-                      [--num-draft K] [--quantize int8|int4] [--compile] [--json]
+                      [--num-draft K] [--quantize int8|int4] [--draft-quantize int8|int4]
+                      [--compile] [--json]
 
 Training throughput is timed after warm-up on synthetic tokens; MFU is model FLOPs (6 x parameters x tokens
 plus attention) per second against this machine's measured matmul peak in the same precision.
@@ -108,18 +109,19 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def decode_step_bytes(model, num_draft: int = 0) -> int:
+def decode_step_bytes(model, num_draft: int = 0, drafter=None) -> int:
     """Weight bytes one decode step reads: every main-model weight but the input embedding (a few rows), plus,
-    with MTP, per draft its MTP layer (the last one again for chained drafts) and the LM head."""
+    with MTP, per draft its MTP layer (the last one again for chained drafts) and the LM head. drafter: the
+    (MTP layers, LM head) that draft (Engine.drafter), if not the model's own."""
     main = module_bytes(model.model.layers) + module_bytes(model.model.norm) + module_bytes(model.lm_head)
-    mtp = model.model.mtp_layers
-    drafts = sum(module_bytes(mtp[min(i, len(mtp) - 1)]) + module_bytes(model.lm_head) for i in range(num_draft))
+    mtp, head = drafter or (model.model.mtp_layers, model.lm_head)
+    drafts = sum(module_bytes(mtp[min(i, len(mtp) - 1)]) + module_bytes(head) for i in range(num_draft))
     return main + drafts
 
 
 def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens: int = 32, mtp: bool = False,
                  num_draft: int = 1, quantize: str | None = None, device: str = "cpu", seed: int = 0,
-                 compile: bool = False) -> dict:
+                 compile: bool = False, draft_quantize: str | None = None) -> dict:
     """Greedy decoding of random prompts (no stop tokens: every row makes exactly new_tokens tokens), timed
     after a warm-up run (which also compiles, with compile=True)."""
     from mimo.engine import Engine, SamplingParams
@@ -132,7 +134,8 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
 
         model = quantize_model(model, quantize)
     mtp = mtp and model.config.num_nextn_predict_layers > 0
-    engine = Engine(model, None, max_seq_len=prompt_tokens + new_tokens + 1, compile=compile)
+    engine = Engine(model, None, max_seq_len=prompt_tokens + new_tokens + 1, compile=compile,
+                    draft_quantize=draft_quantize)
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
     engine.generate(prompts, SamplingParams(max_new_tokens=min(8, new_tokens)), mtp=mtp, num_draft=num_draft)
@@ -141,11 +144,12 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
     decoded = sum(len(o.tokens) - 1 for o in outs)
     stats = SpecStats.merge(o.spec for o in outs) if mtp else None
     steps = max(o.spec.verify_steps for o in outs) if mtp else new_tokens - 1
-    step_bytes = decode_step_bytes(model, num_draft if mtp else 0)
+    step_bytes = decode_step_bytes(model, num_draft if mtp else 0, engine.drafter)
     bandwidth = memory_bandwidth(dev)
     used = step_bytes * steps / decode_s if decode_s > 0 else 0.0
     return {"model": spec, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "mtp": mtp, "num_draft": num_draft if mtp else 0, "quantize": quantize, "compile": compile,
+            "draft_quantize": draft_quantize if mtp else None,
             "time_to_first_token_s": sum(o.time_to_first_token_s for o in outs) / len(outs),
             "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
             "decode_steps_per_s": steps / decode_s if decode_s > 0 else 0.0,
@@ -159,8 +163,8 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
 
 def cmd_bench_decode(args):
     r = bench_decode(args.model, args.batch, args.new_tokens, args.prompt_tokens, args.mtp, args.num_draft,
-                     args.quantize, args.device, compile=args.compile)
-    mtp = (f", MTP {r['num_draft']} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
+                     args.quantize, args.device, compile=args.compile, draft_quantize=args.draft_quantize)
+    mtp = (f", MTP {r['num_draft']} {r['draft_quantize'] or ''} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
            f"{r['first_acceptance_rate']:.2f}), {r['mean_accepted_length']:.2f} tokens/step") if r["mtp"] else ""
     print(f"{r['model']} {r['quantize'] or 'fp32'} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
           f"first token {1000 * r['time_to_first_token_s']:.1f} ms, {r['weight_bytes_per_step'] / 2**20:.0f} MiB "
@@ -191,6 +195,8 @@ def add_arguments(sub):
                    help="speculative decoding with the MTP layers")
     d.add_argument("--num-draft", type=int, default=1, help="tokens drafted per step with --mtp")
     d.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="weight-only quantization")
+    d.add_argument("--draft-quantize", choices=QUANTIZATIONS, default=None,
+                   help="draft with quantized copies of the MTP layers and LM head")
     d.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiled in warm-up)")
     d.add_argument("--device", default="cpu")
     d.add_argument("--json", action="store_true", help="last stdout line is one JSON object")

@@ -60,14 +60,16 @@ def _human_bytes(n: float) -> str:
 
 
 def load_engine(args, max_seq_len: int | None = None):
-    """(engine, tokenizer) for generate / chat / serve: the model directory, --dtype, --quantize, --compile."""
+    """(engine, tokenizer) for generate / chat / serve: the model directory and add_engine_arguments' flags."""
     from mimo.checkpoint import load_model_and_tokenizer
     from mimo.engine import Engine
     from mimo.quantize import quantize_model
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     model = quantize_model(model, args.quantize)
-    return Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile), tokenizer
+    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile,
+                    draft_quantize=args.draft_quantize)
+    return engine, tokenizer
 
 
 def cmd_generate(args):
@@ -87,6 +89,7 @@ def cmd_generate(args):
              "finish_reason": out.finish_reason, "time_to_first_token_s": round(out.time_to_first_token_s, 4),
              "decode_tokens_per_s": round(decode_tps, 2), "total_time_s": round(elapsed, 4),
              "mtp": spec is not None, "num_draft": args.num_draft if spec else 0, "quantize": args.quantize,
+             "draft_quantize": args.draft_quantize if spec else None,
              "acceptance_rate": spec.acceptance_rate if spec else None,
              "first_acceptance_rate": spec.first_acceptance_rate if spec else None,
              "mean_accepted_length": spec.mean_accepted_length if spec else None}
@@ -124,6 +127,8 @@ def add_engine_arguments(s):
     s.add_argument("--num-draft", type=int, default=1, help="tokens the MTP layers draft per step")
     s.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                    help="weight-only int8 or int4 (faster on CPU; int4 loses more accuracy)")
+    s.add_argument("--draft-quantize", choices=QUANTIZATIONS, default=None,
+                   help="MTP drafts from quantized copies of the MTP layers and LM head (faster, still lossless)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 

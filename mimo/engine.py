@@ -166,10 +166,12 @@ class ModelRunner:
     model's own weights and modules, so a quantized model runs unchanged and in-place weight updates (RL) are
     seen. RoPE tables are precomputed for every position, norms are single ops, linears skip the module call,
     rows 0..b-1 use the cache through views. compile=True runs the plain decode step through torch.compile
-    (static shapes: all slots, attention over the whole cache).
+    (static shapes: all slots, attention over the whole cache). drafter: the MTP layers and LM head that draft
+    (Engine.drafter: the model's own, or quantized copies).
     """
 
-    def __init__(self, model: MiMoForCausalLM, n_slots: int, capacity: int, compile: bool = False):
+    def __init__(self, model: MiMoForCausalLM, n_slots: int, capacity: int, compile: bool = False,
+                 drafter: tuple[list[torch.nn.Module], torch.nn.Module] | None = None):
         cfg = model.config
         self.model, self.cfg, self.capacity, self.n_slots = model, cfg, capacity, n_slots
         self.embed = model.model.embed_tokens.weight
@@ -187,8 +189,10 @@ class ModelRunner:
         self.gqa = cfg.num_attention_heads != cfg.num_key_value_heads
         L = cfg.num_hidden_layers
         self.blocks = [_Block.of(layer, i) for i, layer in enumerate(model.model.layers)]
-        self.mtp_blocks = [_Block.of(layer, L + k) for k, layer in enumerate(model.model.mtp_layers)]
         self.lm_head = _fast(model.lm_head)
+        self.mtp_layers, draft_head = drafter or (list(model.model.mtp_layers), model.lm_head)
+        self.mtp_blocks = [_Block.of(layer, L + k) for k, layer in enumerate(self.mtp_layers)]
+        self.draft_head = _fast(draft_head)
         self.compiled_decode = torch.compile(self._decode_all, dynamic=False) if compile else None
 
     def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
@@ -252,14 +256,15 @@ class ModelRunner:
 
     def mtp(self, k: int, hidden_prev, next_ids, ctx: RunContext):
         """MTP layer k on h_prev [b, T, H] and tokens x[t+k+1] [b, T] at positions t -> z [b, T, H]."""
-        layer = self.model.model.mtp_layers[k]
+        layer = self.mtp_layers[k]
         e = F.embedding(next_ids, self.embed)
         z = layer.input_proj(torch.cat([self._norm(hidden_prev, layer.hidden_layernorm),
                                         self._norm(e, layer.token_layernorm)], dim=-1))
         return self._block(self.mtp_blocks[k], z, ctx)
 
     def mtp_logits(self, k: int, z):
-        return self.lm_head(self._norm(z, self.model.model.mtp_layers[k].final_layernorm))
+        """A draft's logits: z [..., H] of MTP layer k -> [..., V] (through the drafter's LM head)."""
+        return self.draft_head(self._norm(z, self.mtp_layers[k].final_layernorm))
 
     def _decode_all(self, ids, positions):
         """One token for every slot: ids, positions [n_slots, 1] -> logits [n_slots, V] (static shapes)."""
@@ -511,15 +516,25 @@ class EngineSession:
 
 class Engine:
     def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, draft_quantize: str | None = None):
         """tokenizer None: token ids only (no text, no stop tokens), as benchmarks want.
-        compile: torch.compile the plain decode step (worth it for small models; the first call compiles)."""
+        compile: torch.compile the plain decode step (worth it for small models; the first call compiles).
+        draft_quantize "int8" | "int4": MTP drafts come from weight-only quantized copies of the MTP layers and
+        the LM head, which read a quarter or an eighth of the bytes. Still lossless: the full-precision model
+        verifies every draft, so only the acceptance rate can change."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = model.config
         self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.compile = compile
+        self.draft_quantize = draft_quantize
+        self.drafter = (list(model.model.mtp_layers), model.lm_head)  # what drafts: [MTP layers], LM head
+        if draft_quantize and len(model.model.mtp_layers):  # quantized once, here (stale if weights change)
+            from mimo.quantize import quantized_copy
+
+            self.drafter = ([quantized_copy(layer, draft_quantize) for layer in model.model.mtp_layers],
+                            quantized_copy(model.lm_head, draft_quantize))
         self._idle_runner: ModelRunner | None = None  # KV cache (and compiled step) kept between sessions
         if tokenizer is not None and tokenizer.vocab_size > self.cfg.vocab_size:
             raise MimoError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
@@ -531,7 +546,7 @@ class Engine:
         if runner is not None and runner.n_slots >= n_slots and runner.capacity >= capacity:
             self._idle_runner = None
             return runner
-        return ModelRunner(self.model, n_slots, capacity, self.compile)
+        return ModelRunner(self.model, n_slots, capacity, self.compile, self.drafter)
 
     def release_runner(self, runner: ModelRunner | None):
         if runner is not None:

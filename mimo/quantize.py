@@ -18,6 +18,7 @@ scales (and zero points) the kernels use, so those are exact.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -129,18 +130,42 @@ class Int4Linear(nn.Module):
 QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear}
 
 
+def _check_method(method: str):
+    if method not in QUANTIZED_LINEAR:
+        raise MimoError(f"unknown quantization {method!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+
+
 @torch.no_grad()
-def quantize_linears(model: MiMoForCausalLM, method: str) -> MiMoForCausalLM:
-    """Swap every nn.Linear of the model for QUANTIZED_LINEAR[method], in place; returns the model (for
-    inference only)."""
-    if model.model.embed_tokens.weight.dtype != torch.float32:
-        model.float()  # the kernels' bf16 activations are converted from and back to fp32
+def _swap_linears(module: nn.Module, method: str) -> nn.Module:
+    """Replace every nn.Linear in module (or module itself) by QUANTIZED_LINEAR[method]."""
     cls = QUANTIZED_LINEAR[method]
-    for parent in list(model.modules()):
+    if isinstance(module, nn.Linear):
+        return cls.from_linear(module)
+    for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, cls.from_linear(child))
-    return model.eval()
+    return module
+
+
+def quantize_linears(model: MiMoForCausalLM, method: str) -> MiMoForCausalLM:
+    """Swap every nn.Linear of the model for QUANTIZED_LINEAR[method], in place; returns the model (for
+    inference only)."""
+    _check_method(method)
+    if model.model.embed_tokens.weight.dtype != torch.float32:
+        model.float()  # the kernels' bf16 activations are converted from and back to fp32
+    return _swap_linears(model, method).eval()
+
+
+def quantized_copy(module: nn.Module, method: str) -> nn.Module:
+    """A copy of module (an nn.Linear or a module holding some) whose linears are quantized; every other
+    parameter and buffer is shared with the original, not copied. The engine drafts with such copies of the
+    MTP layers and the LM head (--draft-quantize)."""
+    _check_method(method)
+    if not any(isinstance(m, nn.Linear) for m in module.modules()):
+        return module  # already quantized
+    shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return _swap_linears(copy.deepcopy(module, shared), method).eval()
 
 
 def quantize_int8(model: MiMoForCausalLM) -> MiMoForCausalLM:
@@ -155,8 +180,6 @@ def quantize_model(model: MiMoForCausalLM, method: str | None) -> MiMoForCausalL
     """quantize_model(model, "int8" | "int4"); None or "none" leaves the model as it is."""
     if method in (None, "none"):
         return model
-    if method not in QUANTIZED_LINEAR:
-        raise MimoError(f"unknown quantization {method!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
     return quantize_linears(model, method)
 
 

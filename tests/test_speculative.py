@@ -148,8 +148,8 @@ def exact_pair_distributions(model, prompt, params):
     return joint01, joint12
 
 
-def sample_pairs(model, prompt, params, n, **kw):
-    outs = Engine(model, None).generate([prompt] * n, params, **kw)
+def sample_pairs(model, prompt, params, n, draft_quantize=None, **kw):
+    outs = Engine(model, None, draft_quantize=draft_quantize).generate([prompt] * n, params, **kw)
     toks = torch.tensor([o.tokens[:3] for o in outs])
     V = model.config.vocab_size
     c01 = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).double()
@@ -178,6 +178,33 @@ def test_speculative_sampling_matches_the_models_distribution(num_mtp, params):
         keep = pooled >= 5
         stat = float((((a - pooled) ** 2 + (b - pooled) ** 2) / pooled)[keep].sum())
         assert stat < chi2_critical(int(keep.sum()) - 1)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_drafts_stay_lossless(method):
+    """Drafts from quantized copies of the MTP layers and LM head: greedy output unchanged, sampled output still
+    distributed as the full-precision model's; the model itself is left as it was."""
+    from mimo.quantize import QUANTIZED_LINEAR
+
+    model = structured_model(num_mtp=2, noise=0.1)
+    engine = Engine(model, None, draft_quantize=method)
+    layers, head = engine.drafter
+    assert isinstance(head, QUANTIZED_LINEAR[method]) and isinstance(model.lm_head, torch.nn.Linear)
+    assert layers[0].final_layernorm.weight is model.model.mtp_layers[0].final_layernorm.weight
+    plain = Engine(model, None).generate(PROMPTS, SamplingParams(max_new_tokens=14))
+    for k in (1, 3):
+        outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=14), mtp=True, num_draft=k)
+        assert [o.tokens for o in outs] == [o.tokens for o in plain]
+        assert SpecStats.merge(o.spec for o in outs).acceptance_rate > 0.3
+    model = structured_model(vocab=8 if method == "int8" else 16, num_mtp=1, sharp=0.04, noise=0.3, mtp_noise=0.5)
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, seed=13)
+    n = 6000
+    joint01, joint12 = exact_pair_distributions(model, [1, 4, 2], params)
+    spec01, spec12, stats = sample_pairs(model, [1, 4, 2], params, n, draft_quantize=method, mtp=True, num_draft=2)
+    assert 0.1 < stats.acceptance_rate < 0.95
+    for counts, exact in ((spec01, joint01), (spec12, joint12)):
+        stat, df = chi2_statistic(counts, n * exact.flatten().double())
+        assert stat < chi2_critical(df), (stat, df)
 
 
 def test_seeded_sampling_with_mtp_is_reproducible():
