@@ -193,6 +193,7 @@ class ModelRunner:
         self.mtp_layers, draft_head = drafter or (list(model.model.mtp_layers), model.lm_head)
         self.mtp_blocks = [_Block.of(layer, L + k) for k, layer in enumerate(self.mtp_layers)]
         self.draft_head = _fast(draft_head)
+        self.compile = compile  # also MTP's greedy draft-verify step (speculative.py)
         self.compiled_decode = torch.compile(self._decode_all, dynamic=False) if compile else None
 
     def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
@@ -542,6 +543,8 @@ class Engine:
 
     def acquire_runner(self, n_slots: int, capacity: int) -> ModelRunner:
         """The idle runner if it is big enough (no reallocation, no recompilation), else a new one."""
+        if self.compile:  # compiled steps specialise on the cache's shape: a few capacities only
+            capacity = max(256, 1 << (capacity - 1).bit_length())
         runner = self._idle_runner
         if runner is not None and runner.n_slots >= n_slots and runner.capacity >= capacity:
             self._idle_runner = None

@@ -272,6 +272,27 @@ class MTPSpeculator:
     def step(self, m: int, flags: SamplingFlags, max_len: int, min_len: int):
         """Advance rows 0..m-1 (free slots among them compute garbage). max_len / min_len: host bounds of their
         lengths. Returns (committed tokens [m][k+1], how many of them each row gained [m], log-probs [m][k+1])."""
+        if flags.greedy and self.runner.compile:
+            # static shapes for torch.compile: every slot, attention over the whole cache, the scratch-slot path
+            n = len(self.rows)
+            committed, a, logprobs = _compiled_advance(self, n, flags, self.runner.capacity, -1)
+            committed, a, logprobs = committed[:m], a[:m], logprobs[:m]
+        else:
+            committed, a, logprobs = self._advance(m, flags, max_len, min_len)
+        accepted = a.tolist()
+        for slot, req in enumerate(self.session.slots[:m]):
+            if req is not None:
+                st = req.completion.spec
+                st.verify_steps += 1
+                st.drafted += self.num_draft
+                st.accepted += accepted[slot]
+                st.first_accepted += accepted[slot] > 0
+        return committed.tolist(), [n + 1 for n in accepted], logprobs.tolist()
+
+    def _advance(self, m: int, flags: SamplingFlags, max_len: int, min_len: int):
+        """The tensor work of step(): verify, accept, catch up the MTP caches, draft. -> (committed [m, k+1],
+        accepted drafts a [m], log-probs [m, k+1]). max_len / min_len: bounds of the rows' lengths (host ints;
+        the capacity and -1 are always valid)."""
         k, run, s = self.num_draft, self.runner, self.session
         rows, L, hist = self.rows[:m], s.length[:m], s.hist[:m]
         vpos = (L - 1)[:, None] + self.offsets[: k + 1]  # [m, k+1]
@@ -302,13 +323,15 @@ class MTPSpeculator:
             self.prev_z[j][:m] = zp
         self._chain(zd, rows, None, L_new, flags, max_len + 2 * k + 1)
         L.copy_(L_new)
+        return committed, a, logprobs
 
-        accepted = a.tolist()
-        for slot, req in enumerate(s.slots[:m]):
-            if req is not None:
-                st = req.completion.spec
-                st.verify_steps += 1
-                st.drafted += k
-                st.accepted += accepted[slot]
-                st.first_accepted += accepted[slot] > 0
-        return committed.tolist(), [n + 1 for n in accepted], logprobs.tolist()
+
+def _compiled_advance(spec: MTPSpeculator, *args):
+    """MTPSpeculator._advance through torch.compile (compiled once per shape; every session reuses it)."""
+    global _compiled_advance_fn
+    if _compiled_advance_fn is None:
+        _compiled_advance_fn = torch.compile(MTPSpeculator._advance, dynamic=False)
+    return _compiled_advance_fn(spec, *args)
+
+
+_compiled_advance_fn = None
