@@ -150,7 +150,7 @@ def main():
            "--mtp" if args.mtp else "--no-mtp", "--log-level", "warning", *args.serve_args.split()]
     server = subprocess.Popen(cmd)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600  # --compile compiles every batch size before serving
         while True:
             try:
                 model = httpx.get(url + "/health", timeout=2).json()["model"]

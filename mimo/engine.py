@@ -166,7 +166,7 @@ class ModelRunner:
     model's own weights and modules, so a quantized model runs unchanged and in-place weight updates (RL) are
     seen. RoPE tables are precomputed for every position, norms are single ops, linears skip the module call,
     rows 0..b-1 use the cache through views. compile=True runs the plain decode step through torch.compile
-    (static shapes: all slots, attention over the whole cache). drafter: the MTP layers and LM head that draft
+    (static shapes: compiled_rows() rows, attention over the whole cache). drafter: the MTP layers and LM head that draft
     (Engine.drafter: the model's own, or quantized copies).
     """
 
@@ -267,15 +267,21 @@ class ModelRunner:
         """A draft's logits: z [..., H] of MTP layer k -> [..., V] (through the drafter's LM head)."""
         return self.draft_head(self._norm(z, self.mtp_layers[k].final_layernorm))
 
+    def compiled_rows(self, m: int) -> int:
+        """How many rows a compiled step runs for rows 0..m-1: the next power of two (a graph per size), at most
+        every slot. The extra rows are free slots: they compute garbage that nobody reads."""
+        return min(self.n_slots, 1 << (m - 1).bit_length())
+
     def _decode_all(self, ids, positions):
-        """One token for every slot: ids, positions [n_slots, 1] -> logits [n_slots, V] (static shapes)."""
+        """One token for rows 0..b-1: ids, positions [b, 1] -> logits [b, V] (static shapes: the whole cache)."""
         return self.logits(self.hidden(ids, self.context(positions))[:, 0])
 
     def decode(self, ids, positions, kv_len: int):
         """One token for rows 0..b-1: ids, positions [b, 1] -> logits [b, V]."""
         if self.compiled_decode is not None:
-            b, n = ids.shape[0], self.n_slots
-            if b < n:  # the compiled step always runs every slot (the others attend to position 0 only)
+            b = ids.shape[0]
+            n = self.compiled_rows(b)
+            if b < n:  # free slots fill the compiled batch (attending to position 0 only)
                 pad = ids.new_zeros(n - b, 1)
                 ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
             return self.compiled_decode(ids, positions)[:b]
@@ -359,7 +365,8 @@ class EngineSession:
         return rid
 
     def abort(self, rid: int):
-        """Drop a request (waiting or running); its completion keeps what was generated so far."""
+        """Drop a request: stop it if waiting or running (its completion keeps what was generated so far) and
+        forget it (finished ones too: a long-lived session holds only live requests)."""
         req = self.requests.pop(rid, None)
         if req is None:
             return

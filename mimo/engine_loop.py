@@ -148,6 +148,17 @@ class EngineLoop:
 
     # ---- the loop thread ----------------------------------------------------------------------------
 
+    def warm_up(self):
+        """Step batches of every size a compiled step specialises on (Engine(compile=True)), so that
+        torch.compile runs before the first client instead of during its request. Call from run()'s thread."""
+        runner = self.session.runner
+        for b in sorted({runner.compiled_rows(m) for m in range(1, self.max_batch + 1)}):
+            rids = [self.session.add([0] * 8, SamplingParams(max_new_tokens=4)) for _ in range(b)]
+            while self.session.has_work():
+                self.session.step()
+            for rid in rids:
+                self.session.abort(rid)
+
     def run(self):
         """Serve until stop()."""
         try:
@@ -221,6 +232,7 @@ class EngineLoop:
         h.done = True
         if h.rid is not None:
             self._handles.pop(h.rid, None)
+            self.session.abort(h.rid)  # the session forgets it (a finished request keeps its finish_reason)
         with self._lock:
             self._pending -= 1
         self._deliver(h, ev)

@@ -497,6 +497,9 @@ def run(args):
 
     app = make_app(args, engine_in_background=False)
     s = app.state.service
+    if args.compile:
+        print("mimo serve: compiling the decode steps for every batch size (once; ~15 s each)", flush=True)
+        s.loop.warm_up()
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
     http = threading.Thread(target=server.run, name="mimo-http", daemon=True)
     http.start()

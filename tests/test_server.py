@@ -18,6 +18,7 @@ import uvicorn
 from conftest import tiny_model
 
 from mimo.engine import Engine
+from mimo.engine_loop import EngineLoop
 from mimo.server import ServeConfig, build_app
 
 QUESTION = "What is 2 + 3?"
@@ -318,8 +319,21 @@ def test_sixteen_concurrent_clients_get_the_same_text_as_sequential_requests(tok
             return sequential, list(concurrent)
 
         sequential, concurrent = asyncio.run(run())
+        loop = s.server.config.app.state.service.loop
+        assert loop.session.requests == {} and loop.pending == 0  # a long-lived session keeps no finished request
     assert concurrent == sequential
     assert len(set(sequential)) > 4  # different prompts, different texts
+
+
+def test_warm_up_steps_every_compiled_batch_size_and_leaves_the_session_empty(tokenizer):
+    loop = EngineLoop(Engine(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer), max_batch=6, max_queue=4,
+                      mtp=True, num_draft=1)
+    seen = []
+    step = loop.session.step
+    loop.session.step = lambda: (seen.append(len(loop.session.running())), step())[1]
+    loop.warm_up()
+    assert {1, 2, 4, 6} <= set(seen)  # compiled_rows: 1, 2, 4, then every slot
+    assert loop.session.requests == {} and not loop.session.has_work()
 
 
 def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokenizer, tmp_path):
