@@ -152,7 +152,7 @@ class EngineLoop:
         """Step batches of every size a compiled step specialises on (Engine(compile=True)), so that
         torch.compile runs before the first client instead of during its request. Call from run()'s thread."""
         runner = self.session.runner
-        for b in sorted({runner.compiled_rows(m) for m in range(1, self.max_batch + 1)}):
+        for b in sorted({runner.compiled_rows(m) for m in range(1, self.max_batch + 1)} - {0}):
             rids = [self.session.add([0] * 8, SamplingParams(max_new_tokens=4)) for _ in range(b)]
             while self.session.has_work():
                 self.session.step()
