@@ -7,10 +7,15 @@ done (fixed concurrency, as vLLM's serving benchmark). Same prompts, settings an
 output tokens are the server's own usage counts.
 
     .venv/bin/python bench/serve_load.py runs/speedrun-tiny/final --clients 16 --requests 8 --max-tokens 128
+
+--engine-only runs the same workload without HTTP: the same chat-templated prompts go straight into one
+EngineSession in this process (a finished request is replaced by the next at once), to separate what the
+engine does with this workload from what the HTTP side and the clients cost.
 """
 
 import argparse
 import asyncio
+import functools
 import json
 import socket
 import statistics
@@ -82,6 +87,43 @@ async def client_run(request, client, model, pool, max_tokens, temperature):
     return out
 
 
+def engine_phase(engine, tokenizer, n_clients, prompts, max_tokens, temperature, mtp, max_batch) -> dict:
+    """The phase's workload straight through an EngineSession of max_batch slots (as the server's): n_clients
+    requests in flight, each replaced by the next prompt when it finishes."""
+    from mimo.engine import SamplingParams
+
+    session = engine.session(max_batch, mtp=mtp)
+    pool = list(enumerate(prompts))
+    added, ttfts, tokens, steps, busy = {}, [], 0, 0, 0
+    t0 = time.perf_counter()
+
+    def add():
+        i, prompt = pool.pop(0)
+        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+        added[session.add(ids, SamplingParams(max_tokens, temperature, seed=i))] = time.perf_counter()
+
+    for _ in range(min(n_clients, len(pool))):
+        add()
+    while session.has_work():
+        events = session.step()
+        steps, busy = steps + 1, busy + len(session.running())
+        for ev in events:
+            if ev.request_id in added and (ev.text or ev.finished):
+                ttfts.append(time.perf_counter() - added.pop(ev.request_id))
+            if ev.finished:
+                tokens += len(ev.completion.tokens)
+                session.abort(ev.request_id)
+                if pool:
+                    add()
+    wall = time.perf_counter() - t0
+    session.close()
+    return {"clients": n_clients, "requests": len(prompts), "output_tokens": tokens, "wall_s": round(wall, 2),
+            "output_tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
+            "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
+            "mean_batch_occupancy": round(busy / steps / max_batch, 3)}
+
+
 def engine_counters(url) -> dict:
     """Engine steps and the batch-occupancy sum so far, from /metrics."""
     out = {}
@@ -137,12 +179,15 @@ def main():
     ap.add_argument("--serve-args", default="", help="more `mimo serve` flags, e.g. '--quantize int8'")
     ap.add_argument("--raw-client", action="store_true",
                     help="plain httpx with a minimal SSE reader instead of the openai client")
+    ap.add_argument("--engine-only", action="store_true", help="the same workload in-process, without HTTP")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     task = get_task("reasoning")
     rows = task.load()[: args.clients * args.requests]
     prompts = [task.chat_prompt(r) for r in rows]
+    if args.engine_only:
+        return engine_only(args, prompts)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(Path(sys.executable).with_name("mimo")), "serve", args.model, "--port", str(port),
@@ -170,8 +215,27 @@ def main():
         server.wait(timeout=30)
     acceptance = next((float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith("mimo_mtp_acceptance_rate ")), None)
-    result = {"model": args.model, "mtp": args.mtp, "client": "httpx" if args.raw_client else "openai", "max_tokens": args.max_tokens, "single": single,
-              "concurrent": many, "speedup": round(many["output_tokens_per_s"] / single["output_tokens_per_s"], 2),
+    client = "httpx" if args.raw_client else "openai"
+    report(args, client, single, many, acceptance)
+
+
+def engine_only(args, prompts):
+    from mimo.checkpoint import load_model_and_tokenizer
+    from mimo.engine import Engine
+
+    model, tokenizer = load_model_and_tokenizer(args.model, "auto")
+    engine = Engine(model, tokenizer)
+    run = functools.partial(engine_phase, engine, tokenizer, max_tokens=args.max_tokens,
+                            temperature=args.temperature, mtp=args.mtp, max_batch=args.max_batch or args.clients)
+    run(1, prompts[:2])  # warm-up
+    single, many = run(1, prompts[: args.single_requests]), run(args.clients, prompts)
+    report(args, "none (in-process engine)", single, many, None)
+
+
+def report(args, client, single, many, acceptance):
+    result = {"model": args.model, "mtp": args.mtp, "client": client, "max_tokens": args.max_tokens,
+              "single": single, "concurrent": many,
+              "speedup": round(many["output_tokens_per_s"] / single["output_tokens_per_s"], 2),
               "mtp_acceptance_rate": acceptance}
     if not args.json:
         for name, r in (("1 client", single), (f"{args.clients} clients", many)):
