@@ -165,9 +165,9 @@ class ModelRunner:
     The math is MiMoForCausalLM's (hidden_states, logits, mtp_step; tests check them against each other) on the
     model's own weights and modules, so a quantized model runs unchanged and in-place weight updates (RL) are
     seen. RoPE tables are precomputed for every position, norms are single ops, linears skip the module call,
-    rows 0..b-1 use the cache through views. compile=True runs the plain decode step through torch.compile
-    (static shapes: compiled_rows() rows, attention over the whole cache). drafter: the MTP layers and LM head that draft
-    (Engine.drafter: the model's own, or quantized copies).
+    rows 0..b-1 use the cache through views. compile=True runs the plain decode step (and MTP's greedy
+    draft-verify step, speculative.py) through torch.compile for small batches (compiled_rows: static shapes,
+    attention over the whole cache). drafter: the MTP layers and LM head that draft (Engine.drafter).
     """
 
     def __init__(self, model: MiMoForCausalLM, n_slots: int, capacity: int, compile: bool = False,
@@ -532,7 +532,8 @@ class Engine:
     def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
                  compile: bool = False, draft_quantize: str | None = None):
         """tokenizer None: token ids only (no text, no stop tokens), as benchmarks want.
-        compile: torch.compile the plain decode step (worth it for small models; the first call compiles).
+        compile: torch.compile the plain decode step and MTP's greedy draft-verify step for batches of 1-2 rows
+        (worth it for small models; the first call per batch size and cache size compiles, ~15 s).
         draft_quantize "int8" | "int4": MTP drafts come from weight-only quantized copies of the MTP layers and
         the LM head, which read a quarter or an eighth of the bytes. Still lossless: the full-precision model
         verifies every draft, so only the acceptance rate can change."""
