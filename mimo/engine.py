@@ -244,6 +244,12 @@ class ModelRunner:
         h = self._norm(x, blk.post_norm)
         return x + blk.down(F.silu(blk.gate(h)) * blk.up(h))
 
+    def copy_prefix(self, src, dst, length: int):
+        """Copy the main layers' cached keys/values at positions [0, length) from slots src [n] to slots dst [n]."""
+        for i in range(self.cfg.num_hidden_layers):
+            for c in (self.cache.k[i], self.cache.v[i]):
+                c[dst, :, :length] = c[src, :, :length]
+
     def hidden(self, ids, ctx: RunContext):
         """ids [b, T] -> the main model's final hidden state before model.norm [b, T, H]."""
         x = F.embedding(ids, self.embed)
@@ -445,7 +451,10 @@ class EngineSession:
         return tokens[:, None].tolist(), lp[:, None].tolist()
 
     def _admit(self, events: list[Event]):
-        """Prefill waiting requests into free slots (one right-padded batch) and sample their first tokens."""
+        """Prefill waiting requests into free slots (one right-padded batch) and sample their first tokens. Rows
+        with the same prompt (n samples of one request, a GRPO group) share one main-model prefill: the others
+        get its keys and values copied into their slots. (MTP layers still run per row: their last prompt
+        position reads the row's own first token.)"""
         batch: list[_Request] = []
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
@@ -470,7 +479,7 @@ class EngineSession:
         # padding writes land past each row's length: masked now, overwritten later
         ctx = self.runner.context(torch.arange(P, device=dev).expand(b, P),
                                   None if slot_list == list(range(b)) else slots, P)
-        hidden = self.runner.hidden(ids, ctx)  # [b, P, H]
+        hidden = self._prefill(batch, ids, slots, ctx)  # [b, P, H]
         logits = self.runner.logits(hidden[torch.arange(b, device=dev), lens - 1])  # [b, V]
         flags = self.sampler.flags(slot_list)
         tokens = self.sampler.sample(logits, slots, lens, flags)
@@ -491,6 +500,20 @@ class EngineSession:
                 events.append(Event(req.rid, text, done, req.completion))
             if done:
                 self._free(req)
+
+    def _prefill(self, batch: list[_Request], ids, slots, ctx: RunContext):
+        """The main model over the prompts ids [b, P] -> hidden [b, P, H]; each distinct prompt computed once."""
+        first: dict[tuple, int] = {}
+        source = [first.setdefault(tuple(r.prompt), i) for i, r in enumerate(batch)]  # the row each row copies
+        if len(first) == len(batch):
+            return self.runner.hidden(ids, ctx)
+        dev, P = ids.device, ids.shape[1]
+        unique = torch.tensor(sorted(first.values()), device=dev)
+        rank = {int(row): n for n, row in enumerate(unique.tolist())}
+        hidden = self.runner.hidden(ids[unique], self.runner.context(ctx.positions[unique], slots[unique], P))
+        copies = [i for i, s in enumerate(source) if s != i]
+        self.runner.copy_prefix(slots[[source[i] for i in copies]], slots[copies], P)
+        return hidden[torch.tensor([rank[s] for s in source], device=dev)]
 
     def _free(self, req: _Request):
         s = req.slot

@@ -28,6 +28,37 @@ def test_ragged_batch_equals_one_by_one(tokenizer):
         assert o.text == tokenizer.decode(o.tokens)
 
 
+def test_rows_with_the_same_prompt_share_one_prefill():
+    """Duplicate prompts are prefilled once and their keys/values copied: every row still decodes as if alone
+    (greedy, sampled with its own seed, with and without MTP), and the main model runs on the distinct prompts."""
+    from mimo.speculative import row_seed
+
+    model = tiny_model(vocab_size=64)
+    a, b = [5, 9, 2, 7, 1], [3, 3, 8]
+    prompts = [a, b, a, a, b, [4]]
+    engine = Engine(model, None)
+    calls = []
+    runner = engine.acquire_runner(6, 64)  # the runner every session below reuses
+    engine.release_runner(runner)
+    hidden = runner.hidden
+    runner.hidden = lambda ids, ctx: (calls.append(ids.shape[0]), hidden(ids, ctx))[1]
+    for mtp in (False, True):
+        calls.clear()
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=10), mtp=mtp)
+        assert calls[0] == 3  # the prefill: a, b and [4]
+        for p, o in zip(prompts, outs):
+            assert o.tokens == greedy_reference(model, p, 10, [])
+        sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7)
+        outs = engine.generate(prompts, sampled, mtp=mtp)
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            session = Engine(model, None).session(1, mtp=mtp)  # the row alone, with the seed generate gave it
+            rid = session.add(p, SamplingParams(max_new_tokens=10, temperature=1.0, seed=row_seed(7, i)))
+            while session.has_work():
+                session.step()
+            assert o.tokens == session.completion(rid).tokens
+        assert len({tuple(outs[i].tokens) for i in (0, 2, 3)}) > 1  # same prompt, own seeds
+
+
 def test_logprobs_are_the_models(tokenizer):
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     out = Engine(model, tokenizer).generate([tokenizer.encode("hello")], SamplingParams(max_new_tokens=5,
