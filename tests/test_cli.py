@@ -102,6 +102,9 @@ def test_generate_json_reports_mtp_and_quantize(capsys, model_dir):
     for method in ("int8", "int4"):
         assert main(args + ["--quantize", method]) == 0
         assert json.loads(capsys.readouterr().out)["quantize"] == method
+    assert main(args + ["--draft-quantize", "int4", "--num-draft", "2"]) == 0
+    drafted = json.loads(capsys.readouterr().out)
+    assert drafted["draft_quantize"] == "int4" and drafted["text"] == mtp["text"]  # lossless
 
 
 def test_bench_decode_json(capsys):

@@ -207,6 +207,15 @@ def test_quantized_drafts_stay_lossless(method):
         assert stat < chi2_critical(df), (stat, df)
 
 
+def test_draft_quantize_without_mtp_layers_is_a_no_op():
+    model = tiny_model(vocab_size=64, num_mtp=0)
+    engine = Engine(model, None, draft_quantize="int4")
+    assert engine.drafter[1] is model.lm_head
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6), mtp=True)
+    assert [o.tokens for o in outs] == [o.tokens for o in Engine(model, None).generate(PROMPTS, SamplingParams(
+        max_new_tokens=6))]
+
+
 def test_seeded_sampling_with_mtp_is_reproducible():
     model = structured_model(num_mtp=1, sharp=0.03)
     engine = Engine(model, None)
