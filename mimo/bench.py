@@ -138,8 +138,9 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
                     draft_quantize=draft_quantize)
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
-    engine.generate(prompts, SamplingParams(max_new_tokens=min(8, new_tokens)), mtp=mtp, num_draft=num_draft)
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens), mtp=mtp, num_draft=num_draft)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    engine.warm_up(prompts, params, mtp=mtp, num_draft=num_draft, tokens=8)
+    outs = engine.generate(prompts, params, mtp=mtp, num_draft=num_draft)
     decode_s = max(o.decode_time_s for o in outs)
     decoded = sum(len(o.tokens) - 1 for o in outs)
     stats = SpecStats.merge(o.spec for o in outs) if mtp else None

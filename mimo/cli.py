@@ -80,6 +80,8 @@ def cmd_generate(args):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     stream = None if args.json else (lambda _row, text: (sys.stdout.write(text), sys.stdout.flush()))
+    if args.compile:  # compile first, so that the times below are the compiled engine's
+        engine.warm_up([prompt_ids], params, mtp=args.mtp, num_draft=args.num_draft)
     t0 = time.perf_counter()
     out = engine.generate([prompt_ids], params, on_text=stream, mtp=args.mtp, num_draft=args.num_draft)[0]
     elapsed = time.perf_counter() - t0

@@ -197,3 +197,15 @@ def test_no_tokenizer_and_zero_budget():
     assert all(o.tokens == [] and o.finish_reason == "length" for o in outs)
     out = engine.generate([[1, 2]], SamplingParams(max_new_tokens=5))[0]
     assert len(out.tokens) == 5 and out.text == ""
+
+
+def test_warm_up_leaves_the_runner_the_real_call_reuses():
+    """Engine.warm_up runs a few tokens through a session of generate()'s size: the later call reuses its runner
+    (with compile=True, its compiled steps) instead of making another."""
+    engine = Engine(tiny_model(vocab_size=64), None)
+    prompts, params = [[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=40)
+    engine.warm_up(prompts, params, mtp=True)
+    runner = engine._idle_runner
+    assert runner is not None and runner.n_slots == 2
+    outs = engine.generate(prompts, params, mtp=True)
+    assert engine._idle_runner is runner and all(len(o.tokens) == 40 for o in outs)
