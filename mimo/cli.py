@@ -110,6 +110,10 @@ def cmd_chat(args):
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     params.validate()
+    if args.compile:
+        print("compiling the decode steps (once, ~15 s) ...", file=sys.stderr, flush=True)
+        hello = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "hello"}]))
+        engine.warm_up([hello], params, mtp=args.mtp, num_draft=args.num_draft)
     chat_loop(engine, tokenizer, params, mtp=args.mtp, num_draft=args.num_draft, system=args.system)
 
 
