@@ -165,7 +165,8 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
 def cmd_bench_decode(args):
     r = bench_decode(args.model, args.batch, args.new_tokens, args.prompt_tokens, args.mtp, args.num_draft,
                      args.quantize, args.device, compile=args.compile, draft_quantize=args.draft_quantize)
-    mtp = (f", MTP {r['num_draft']} {r['draft_quantize'] or ''} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
+    drafts = f"{r['num_draft']} {r['draft_quantize']}" if r["draft_quantize"] else str(r["num_draft"])
+    mtp = (f", MTP {drafts} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
            f"{r['first_acceptance_rate']:.2f}), {r['mean_accepted_length']:.2f} tokens/step") if r["mtp"] else ""
     print(f"{r['model']} {r['quantize'] or 'fp32'} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
           f"first token {1000 * r['time_to_first_token_s']:.1f} ms, {r['weight_bytes_per_step'] / 2**20:.0f} MiB "

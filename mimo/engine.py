@@ -193,7 +193,6 @@ class ModelRunner:
         self.mtp_layers, draft_head = drafter or (list(model.model.mtp_layers), model.lm_head)
         self.mtp_blocks = [_Block.of(layer, L + k) for k, layer in enumerate(self.mtp_layers)]
         self.draft_head = _fast(draft_head)
-        self.compile = compile  # also MTP's greedy draft-verify step (speculative.py)
         self.compiled_decode = torch.compile(self._decode_all, dynamic=False) if compile else None
 
     def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
@@ -280,7 +279,7 @@ class ModelRunner:
     def compiled_rows(self, m: int) -> int:
         """How many rows a compiled step runs for rows 0..m-1: the next power of two (a graph per size), at most
         every slot; the extra rows are free slots computing garbage nobody reads. 0: run eagerly."""
-        if not self.compile or m > self.COMPILED_MAX_ROWS:
+        if self.compiled_decode is None or m > self.COMPILED_MAX_ROWS:
             return 0
         return min(self.n_slots, 1 << (m - 1).bit_length())
 
@@ -508,8 +507,9 @@ class EngineSession:
         if len(first) == len(batch):
             return self.runner.hidden(ids, ctx)
         dev, P = ids.device, ids.shape[1]
-        unique = torch.tensor(sorted(first.values()), device=dev)
-        rank = {int(row): n for n, row in enumerate(unique.tolist())}
+        rows = sorted(first.values())
+        rank = {row: n for n, row in enumerate(rows)}
+        unique = torch.tensor(rows, device=dev)
         hidden = self.runner.hidden(ids[unique], self.runner.context(ctx.positions[unique], slots[unique], P))
         copies = [i for i, s in enumerate(source) if s != i]
         self.runner.copy_prefix(slots[[source[i] for i in copies]], slots[copies], P)
@@ -566,7 +566,6 @@ class Engine:
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.compile = compile
-        self.draft_quantize = draft_quantize
         self.drafter = (list(model.model.mtp_layers), model.lm_head)  # what drafts: [MTP layers], LM head
         if draft_quantize and len(model.model.mtp_layers):  # quantized once, here (stale if weights change)
             from mimo.quantize import quantized_copy

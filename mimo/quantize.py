@@ -172,10 +172,6 @@ def quantize_int8(model: MiMoForCausalLM) -> MiMoForCausalLM:
     return quantize_linears(model, "int8")
 
 
-def quantize_int4(model: MiMoForCausalLM) -> MiMoForCausalLM:
-    return quantize_linears(model, "int4")
-
-
 def quantize_model(model: MiMoForCausalLM, method: str | None) -> MiMoForCausalLM:
     """quantize_model(model, "int8" | "int4"); None or "none" leaves the model as it is."""
     if method in (None, "none"):

@@ -64,6 +64,10 @@ def _eval_rows(out: Path) -> list[tuple[str, dict]]:
     return rows
 
 
+def _flag(name: str, value) -> str:
+    return f" {name} {value}" if value else ""
+
+
 def write_report_card(out: Path, state: dict, commands: dict):
     out = Path(out)
     env = environment()
@@ -123,7 +127,8 @@ def write_report_card(out: Path, state: dict, commands: dict):
                   f"| without MTP | {plain['decode_tokens_per_s']:.1f} | |",
                   f"| with MTP | {mtp['decode_tokens_per_s']:.1f} | {'n/a' if acc is None else f'{acc:.2f}'} |", "",
                   (f"Speed-up {speedup:.2f}x, {mtp.get('mean_accepted_length') or 0:.2f} tokens per verify step "
-                   "(`mimo bench decode MODEL --compile --num-draft 2 --draft-quantize int4 --mtp` against "
+                   f"(`mimo bench decode MODEL{' --compile' if mtp.get('compile') else ''} --num-draft "
+                   f"{mtp.get('num_draft')}{_flag('--draft-quantize', mtp.get('draft_quantize'))} --mtp` against "
                    "`--no-mtp`; random prompts, greedy, batch 1)."), ""]
 
     evals = _eval_rows(out)

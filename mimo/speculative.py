@@ -272,9 +272,9 @@ class MTPSpeculator:
     def step(self, m: int, flags: SamplingFlags, max_len: int, min_len: int):
         """Advance rows 0..m-1 (free slots among them compute garbage). max_len / min_len: host bounds of their
         lengths. Returns (committed tokens [m][k+1], how many of them each row gained [m], log-probs [m][k+1])."""
-        n = self.runner.compiled_rows(m) if flags.greedy else 0
-        if n:  # static shapes for torch.compile: n rows, attention over the whole cache, the scratch-slot path
-            committed, a, logprobs = _compiled_advance(self, n, flags, self.runner.capacity, -1)
+        padded = self.runner.compiled_rows(m) if flags.greedy else 0
+        if padded:  # static shapes for torch.compile: padded rows, the whole cache, the scratch-slot path
+            committed, a, logprobs = _compiled_advance(self, padded, flags, self.runner.capacity, -1)
             committed, a, logprobs = committed[:m], a[:m], logprobs[:m]
         else:
             committed, a, logprobs = self._advance(m, flags, max_len, min_len)
