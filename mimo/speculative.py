@@ -92,7 +92,7 @@ def row_seed(seed: int, row: int) -> int:
     return mix32((mix32(seed & _M32) + row * 0x9E3779B9) & _M32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingFlags:
     """Host-side summary of the running rows' settings: which work a batched sampling call can skip."""
     greedy: bool  # every row is greedy
@@ -329,7 +329,9 @@ def _compiled_advance(spec: MTPSpeculator, *args):
     """MTPSpeculator._advance through torch.compile (compiled once per shape; every session reuses it)."""
     global _compiled_advance_fn
     if _compiled_advance_fn is None:
-        _compiled_advance_fn = torch.compile(MTPSpeculator._advance, dynamic=False)
+        from mimo.engine import InferenceCompiled
+
+        _compiled_advance_fn = InferenceCompiled(MTPSpeculator._advance, spec.runner.device)
     return _compiled_advance_fn(spec, *args)
 
 

@@ -88,3 +88,20 @@ def test_quantize_model_names():
     assert isinstance(quantize_model(tiny_model(vocab_size=64), "int4").lm_head, Int4Linear)
     with pytest.raises(MimoError, match="int8, int4"):
         quantize_model(model, "int3")
+
+
+@pytest.mark.parametrize("method", [None, "int8", "int4"])
+def test_compiled_step_freezes_each_models_own_weights(method):
+    """compile=True freezes the weights into the compiled graph (engine.InferenceCompiled). A second model of
+    the same shapes must get its own graph, never the first one's frozen weights: the graph guards on its
+    parameters, which is why quantized weights are parameters. Compiled quantized products round differently
+    from aten's kernels (which round their output to bf16), so logits are compared, not greedy tokens."""
+    from mimo.engine import ModelRunner
+
+    ids, positions = torch.tensor([[5], [9]]), torch.tensor([[0], [0]])
+    for seed in (0, 1):
+        model = quantize_model(tiny_model(seed, hidden_size=64, intermediate_size=128), method)
+        with torch.inference_mode():
+            eager = ModelRunner(model, 2, 256).decode(ids, positions, 1)
+            compiled = ModelRunner(model, 2, 256, compile=True).decode(ids, positions, 1)
+        assert rel_err(compiled, eager) < (1e-5 if method is None else 0.01)
