@@ -146,7 +146,8 @@ class InferenceCompiled:
 
     def __init__(self, fn, device: torch.device):
         self.fn = torch.compile(fn, dynamic=False)
-        self.options = {"freezing": True, "max_autotune": True, "fx_graph_cache": False}
+        self.options = {"freezing": True, "max_autotune": True, "fx_graph_cache": False,
+                        "autotune_num_choices_displayed": 0}  # no autotuning tables on stderr
         if device.type == "cpu":
             self.options["max_autotune_gemm_backends"] = "CPP,ATEN"
         self.signatures: set[tuple] = set()
@@ -198,10 +199,11 @@ class ModelRunner:
 
     The math is MiMoForCausalLM's (hidden_states, logits, mtp_step; tests check them against each other) on the
     model's own weights and modules, so a quantized model runs unchanged and in-place weight updates (RL) are
-    seen. RoPE tables are precomputed for every position, norms are single ops, linears skip the module call,
-    rows 0..b-1 use the cache through views. compile=True runs the plain decode step (and MTP's greedy
-    draft-verify step, speculative.py) through torch.compile for small batches (compiled_rows: static shapes,
-    attention over the whole cache). drafter: the MTP layers and LM head that draft (Engine.drafter).
+    seen by the eager steps. RoPE tables are precomputed for every position, norms are single ops, linears skip
+    the module call, rows 0..b-1 use the cache through views. compile=True runs the plain decode step (and
+    MTP's greedy draft-verify step, speculative.py) through torch.compile for small batches (compiled_rows:
+    static shapes, attention over the whole cache, weights frozen in: InferenceCompiled). drafter: the MTP
+    layers and LM head that draft (Engine.drafter).
     """
 
     def __init__(self, model: MiMoForCausalLM, n_slots: int, capacity: int, compile: bool = False,
@@ -589,8 +591,10 @@ class Engine:
     def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
                  compile: bool = False, draft_quantize: str | None = None):
         """tokenizer None: token ids only (no text, no stop tokens), as benchmarks want.
-        compile: torch.compile the plain decode step and MTP's greedy draft-verify step for batches of 1-2 rows
-        (worth it for small models; the first call per batch size and cache size compiles, ~15 s).
+        compile: torch.compile the plain decode step and MTP's greedy draft-verify step for batches of 1-2 rows,
+        with the weights frozen into the graphs and every matmul autotuned (InferenceCompiled; the first call per
+        batch size and cache size compiles, 15-60 s). Compiled steps do not see later in-place weight updates:
+        for serving and evaluation, not for a model that is still training.
         draft_quantize "int8" | "int4": MTP drafts come from weight-only quantized copies of the MTP layers and
         the LM head, which read a quarter or an eighth of the bytes. Still lossless: the full-precision model
         verifies every draft, so only the acceptance rate can change."""
