@@ -147,7 +147,7 @@ class InferenceCompiled:
     def __init__(self, fn, device: torch.device):
         self.fn = torch.compile(fn, dynamic=False)
         self.options = {"freezing": True, "max_autotune": True, "fx_graph_cache": False,
-                        "autotune_num_choices_displayed": 0}  # no autotuning tables on stderr
+                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}  # quiet stderr
         if device.type == "cpu":
             self.options["max_autotune_gemm_backends"] = "CPP,ATEN"
         self.signatures: set[tuple] = set()
