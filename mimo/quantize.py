@@ -29,20 +29,14 @@ from mimo.errors import MimoError
 from mimo.model import MiMoForCausalLM, cross_entropy
 
 
-def _frozen(t: torch.Tensor) -> nn.Parameter:
-    """A weight that never trains, held as a Parameter rather than a buffer: compiled engines freeze parameters
-    into their graphs and guard on their identity (engine.InferenceCompiled), which they do not for buffers."""
-    return nn.Parameter(t, requires_grad=False)
-
-
 class Int8Linear(nn.Module):
     """y = x @ (scale[:, None] * w_int8).T + bias, with w_int8 [out, in] and one bf16 scale per output row."""
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
-        self.weight_int8 = _frozen(weight_int8)  # [out, in] int8
-        self.scales = _frozen(scales)  # [out] bf16
+        self.register_buffer("weight_int8", weight_int8)  # [out, in] int8
+        self.register_buffer("scales", scales)  # [out] bf16
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
@@ -79,8 +73,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features, self.group_size = weight_int4.shape[0], in_features, group_size
         self.cpu_kernel = cpu_kernel
-        self.weight_int4 = _frozen(weight_int4)
-        self.scales_zeros = _frozen(scales_zeros)
+        self.register_buffer("weight_int4", weight_int4)
+        self.register_buffer("scales_zeros", scales_zeros)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
