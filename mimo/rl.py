@@ -302,8 +302,8 @@ class RolloutDecoder:
     a sampled stop token stays in the row's tokens (the policy is trained to emit it) and we end the row there.
     Each sample has its own seed, so what it draws does not depend on which others share the batch."""
 
-    def __init__(self, model, stop_ids, slots: int, max_len: int, params: SamplingParams, seed: int):
-        self.session = Engine(model, None, max_len).session(max_batch=slots, max_seq_len=max_len)
+    def __init__(self, engine: Engine, stop_ids, slots: int, max_len: int, params: SamplingParams, seed: int):
+        self.session = engine.session(max_batch=slots, max_seq_len=max_len)
         self.stop, self.params, self.seed, self.slots = set(stop_ids), params, seed, slots
         self.rows: dict[int, tuple[Any, int]] = {}  # request id -> (tag, tokens already checked for a stop)
         self.added = self.generated = 0
@@ -352,13 +352,15 @@ class Group:
     correct: list[bool] | None = None
 
 
-def rollout(model, tokenizer, stream: ProblemStream, pool: rewards.RewardPool, cfg: RLConfig, step: int,
+def rollout(engine: Engine, tokenizer, stream: ProblemStream, pool: rewards.RewardPool, cfg: RLConfig, step: int,
             prompt_ids: dict[str, list[int]], max_len: int) -> tuple[list[Group], dict]:
-    """Sample groups until `batch_prompts` are informative (or the resample cap is hit); returns them and stats."""
+    """Sample groups until `batch_prompts` are informative (or the resample cap is hit); returns them and stats.
+    engine: one Engine on the policy for the whole run (its eager steps see the updated weights), so every
+    step's session reuses the same KV cache instead of allocating one per step."""
     G, target = cfg.group_size, cfg.batch_prompts
     cap = target * (1 + cfg.max_resample_rounds)  # most groups drawn in one step
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    dec = RolloutDecoder(model, tokenizer.stop_token_ids, cfg.rollout_slots or target * G, max_len, params,
+    dec = RolloutDecoder(engine, tokenizer.stop_token_ids, cfg.rollout_slots or target * G, max_len, params,
                          seed=cfg.seed * 1_000_003 + step)
     groups: list[Group] = []
     queue: deque = deque()  # (group, sample index) waiting for a slot
@@ -422,6 +424,7 @@ def rollout(model, tokenizer, stream: ProblemStream, pool: rewards.RewardPool, c
             for f in g.futures:
                 if isinstance(f, Future):
                     f.cancel()
+    dec.session.close()
     finished = [g for g in groups if g.rewards is not None]
     all_rewards = [r for g in finished for r in g.rewards]
     all_correct = [c for g in finished for c in g.correct]
@@ -514,11 +517,12 @@ def run(args) -> dict:
     print0(f"GRPO on {len(problems)} problems: {cfg.batch_prompts} groups x {cfg.group_size} samples per step, "
            f"{'naive' if cfg.naive_rollout else 'continuous'} rollout, {cfg.max_steps} steps, device {device}")
     last: dict = {}
+    engine = Engine(model, None, max_len)
     with rewards.RewardPool(cfg.reward_workers) as pool:
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             stream.begin_step(step)
-            groups, roll = rollout(model, tokenizer, stream, pool, cfg, step, prompt_ids, max_len)
+            groups, roll = rollout(engine, tokenizer, stream, pool, cfg, step, prompt_ids, max_len)
             t1 = time.perf_counter()
             upd = grpo_update(model, opt, groups, cfg, ref_model, seed=cfg.seed * 1_000_003 + step) if groups else {}
             done = step + 1

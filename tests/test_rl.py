@@ -11,6 +11,7 @@ from conftest import tiny_model
 from safetensors.torch import load_file
 
 from mimo import rewards, rl
+from mimo.engine import Engine
 from mimo.rewards import Graded, RLProblem
 from mimo.train import TrainConfig, make_optimizer
 
@@ -68,7 +69,8 @@ def test_rollout_decoder_stops_and_refills(tokenizer):
     extra = max({t for f in full for t in f}, key=lambda t: sum(t in f for f in full))
     want = [f[: f.index(extra)] if extra in f else f for f in full]
     assert len({len(w) for w in want}) > 1
-    dec = rl.RolloutDecoder(model, [*tokenizer.stop_token_ids, extra], slots=2, max_len=64, params=params, seed=0)
+    dec = rl.RolloutDecoder(Engine(model, None, 64), [*tokenizer.stop_token_ids, extra], slots=2, max_len=64,
+                            params=params, seed=0)
     pending, got = list(enumerate(prompts)), {}
     while pending or dec.rows:
         if dec.free and pending:
@@ -125,7 +127,7 @@ def test_rollout_dynamic_sampling_and_easy_pool(tokenizer, fake_grade, naive):
                       naive_rollout=naive, rollout_slots=5)
     stream = rl.ProblemStream(items, easy_prob=0.0)
     with rewards.RewardPool(2) as pool:
-        groups, stats = rl.rollout(model, tokenizer, stream, pool, cfg, 0, prompt_ids, max_len=128)
+        groups, stats = rl.rollout(Engine(model, None, 128), tokenizer, stream, pool, cfg, 0, prompt_ids, max_len=128)
     assert 1 <= len(groups) <= 2 and all(g.problem.id.startswith("mixed") for g in groups)
     assert all(rl.informative(g.rewards) and len(g.tokens) == 4 for g in groups)
     assert stats["groups_sampled"] <= 8 and stats["dropped_group_fraction"] > 0
