@@ -87,6 +87,15 @@ async def client_run(request, client, model, pool, max_tokens, temperature):
     return out
 
 
+def phase_result(n_clients, requests, tokens, wall, ttfts, steps, occupancy) -> dict:
+    """One phase's figures, the same for the server and the in-process engine."""
+    return {"clients": n_clients, "requests": requests, "output_tokens": tokens, "wall_s": round(wall, 2),
+            "output_tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
+            "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
+            "mean_batch_occupancy": round(occupancy, 3)}
+
+
 def engine_phase(engine, tokenizer, n_clients, prompts, max_tokens, temperature, mtp, max_batch) -> dict:
     """The phase's workload straight through an EngineSession of max_batch slots (as the server's): n_clients
     requests in flight, each replaced by the next prompt when it finishes."""
@@ -117,11 +126,7 @@ def engine_phase(engine, tokenizer, n_clients, prompts, max_tokens, temperature,
                     add()
     wall = time.perf_counter() - t0
     session.close()
-    return {"clients": n_clients, "requests": len(prompts), "output_tokens": tokens, "wall_s": round(wall, 2),
-            "output_tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
-            "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
-            "mean_batch_occupancy": round(busy / steps / max_batch, 3)}
+    return phase_result(n_clients, len(prompts), tokens, wall, ttfts, steps, busy / steps / max_batch)
 
 
 def engine_counters(url) -> dict:
@@ -156,13 +161,7 @@ async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=Fal
     occupancy = ((after["mimo_batch_occupancy_sum"] - before["mimo_batch_occupancy_sum"])
                  / max(1.0, after["mimo_batch_occupancy_count"] - before["mimo_batch_occupancy_count"]))
     flat = [r for rs in results for r in rs]
-    tokens = sum(n for _, n in flat)
-    ttfts = [t for t, _ in flat]
-    return {"clients": n_clients, "requests": len(flat), "output_tokens": tokens, "wall_s": round(wall, 2),
-            "output_tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
-            "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
-            "mean_batch_occupancy": round(occupancy, 3)}
+    return phase_result(n_clients, len(flat), sum(n for _, n in flat), wall, [t for t, _ in flat], steps, occupancy)
 
 
 def main():
