@@ -77,6 +77,15 @@ async def openai_request(client, model, i, prompt, max_tokens, temperature, t0):
     return ttft, tokens
 
 
+async def openai_whole_request(client, model, i, prompt, max_tokens, temperature, t0):
+    """One non-streamed request through the openai client -> (latency_s, completion_tokens): the whole reply
+    arrives at once, so its "time to first token" is the request's latency."""
+    reply = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        temperature=temperature, seed=i)
+    return time.perf_counter() - t0, reply.usage.completion_tokens
+
+
 async def client_run(request, client, model, pool, max_tokens, temperature):
     """One client: takes prompts from the shared pool one after another -> [(ttft_s, completion_tokens)]."""
     out = []
@@ -139,7 +148,7 @@ def engine_counters(url) -> dict:
     return out
 
 
-async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=False):
+async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=False, stream=True):
     """n_clients clients take the prompts from one pool, each sending its next request when the previous one is
     done (a fixed concurrency, as vLLM's serving benchmark), until the pool is empty."""
     pool = asyncio.Queue()
@@ -151,7 +160,7 @@ async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=Fal
         clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
                                       http_client=openai.DefaultAsyncHttpxClient(timeout=600))
                    for _ in range(n_clients)]
-    request = httpx_request if raw else openai_request
+    request = httpx_request if raw else openai_request if stream else openai_whole_request
     before = engine_counters(url)
     t0 = time.perf_counter()
     results = await asyncio.gather(*(client_run(request, c, model, pool, max_tokens, temperature) for c in clients))
@@ -178,6 +187,8 @@ def main():
     ap.add_argument("--serve-args", default="", help="more `mimo serve` flags, e.g. '--quantize int8'")
     ap.add_argument("--raw-client", action="store_true",
                     help="plain httpx with a minimal SSE reader instead of the openai client")
+    ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                    help="stream replies (SSE); --no-stream: whole replies (openai client; TTFT = latency)")
     ap.add_argument("--engine-only", action="store_true", help="the same workload in-process, without HTTP")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -205,16 +216,16 @@ def main():
                 time.sleep(0.2)
         asyncio.run(phase(url, model, 1, prompts[:2], 8, args.temperature))  # warm-up
         single = asyncio.run(phase(url, model, 1, prompts[: args.single_requests], args.max_tokens,
-                                   args.temperature, args.raw_client))
+                                   args.temperature, args.raw_client, args.stream))
         many = asyncio.run(phase(url, model, args.clients, prompts, args.max_tokens, args.temperature,
-                                 args.raw_client))
+                                 args.raw_client, args.stream))
         metrics = httpx.get(url + "/metrics").text
     finally:
         server.terminate()
         server.wait(timeout=30)
     acceptance = next((float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith("mimo_mtp_acceptance_rate ")), None)
-    client = "httpx" if args.raw_client else "openai"
+    client = "httpx" if args.raw_client else "openai" if args.stream else "openai, not streamed"
     report(args, client, single, many, acceptance)
 
 
