@@ -39,6 +39,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import random
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -53,7 +54,6 @@ from mimo.checkpoint import load_model_and_tokenizer, save_model
 from mimo.engine import Engine, SamplingParams, row_seed
 from mimo.errors import MimoError
 from mimo.parallel import pick_device, print0
-from mimo.problem_stream import TASK_SAMPLING, ProblemStream
 from mimo.train import (
     TrainConfig,
     autocast_context,
@@ -90,7 +90,6 @@ class RLConfig:
     max_new_tokens: int = 256
     max_resample_rounds: int = 2
     easy_prob: float = 0.1
-    task_sampling: str = "uniform"  # uniform | informative (mimo.problem_stream)
     naive_rollout: bool = False
     rollout_slots: int = 0  # 0: batch_prompts x group_size
     code_reward: str = "soft"
@@ -111,8 +110,6 @@ class RLConfig:
                 raise MimoError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise MimoError(f"--group-size must be at least 2 (advantages compare samples), got {self.group_size}")
-        if self.task_sampling not in TASK_SAMPLING:
-            raise MimoError(f"--task-sampling must be one of {', '.join(TASK_SAMPLING)}, got {self.task_sampling!r}")
         if self.loss_norm not in ("token", "sequence"):
             raise MimoError(f"--loss-norm must be token or sequence, got {self.loss_norm!r}")
         if not 0 <= self.easy_prob <= 1 or self.eps_low < 0 or self.eps_high < 0 or self.max_resample_rounds < 0:
@@ -256,6 +253,47 @@ def policy_update(model, opt, seqs: list[list[int]], prompt_lens: list[int], adv
             "first_ratio_dev": first_ratio_dev, "optimizer_steps": updates}
 
 
+# ---- problems ------------------------------------------------------------------------------------
+
+class ProblemStream:
+    """The train problems in a fixed order walked by a cursor, plus MiMo's easy pool: a problem that every rollout
+    of its group solved moves to the pool and leaves the main stream; each drawn problem comes from the pool with
+    probability `easy_prob` (removing easy problems outright destabilised MiMo's training)."""
+
+    def __init__(self, problems: list[rewards.RLProblem], easy_prob: float = 0.1, seed: int = 0):
+        self.problems, self.easy_prob, self.seed = problems, easy_prob, seed
+        self.by_id = {p.id: p for p in problems}
+        self.cursor, self.easy = 0, []  # easy: problem ids in the order they joined
+        self.rng = random.Random(seed)
+
+    def begin_step(self, step: int):
+        """Seed this step's easy-pool draws from the step number (so a resumed run draws the same)."""
+        self.rng = random.Random(self.seed * 1_000_003 + step)
+
+    def draw(self, n: int) -> list[tuple[rewards.RLProblem, bool]]:
+        """n problems, each with whether it came from the easy pool."""
+        out, easy = [], set(self.easy)
+        for _ in range(n):
+            if self.easy and (len(easy) >= len(self.by_id) or self.rng.random() < self.easy_prob):
+                out.append((self.by_id[self.rng.choice(self.easy)], True))
+                continue
+            while (p := self.problems[self.cursor % len(self.problems)]).id in easy:
+                self.cursor += 1
+            self.cursor += 1
+            out.append((p, False))
+        return out
+
+    def mark_easy(self, problem: rewards.RLProblem):
+        if problem.id not in self.easy:
+            self.easy.append(problem.id)
+
+    def state(self) -> dict:
+        return {"cursor": self.cursor, "easy": list(self.easy)}
+
+    def load_state(self, state: dict):
+        self.cursor, self.easy = state["cursor"], [i for i in state["easy"] if i in self.by_id]
+
+
 # ---- rollout -------------------------------------------------------------------------------------
 
 class RolloutDecoder:
@@ -388,7 +426,6 @@ def rollout(engine: Engine, tokenizer, stream: ProblemStream, pool: rewards.Rewa
                     f.cancel()
     dec.session.close()
     finished = [g for g in groups if g.rewards is not None]
-    stream.observe([(g.problem, informative(g.rewards)) for g in finished if not g.from_easy])
     all_rewards = [r for g in finished for r in g.rewards]
     all_correct = [c for g in finished for c in g.correct]
     lengths = [len(t) for g in finished for t in g.tokens]
@@ -462,7 +499,7 @@ def run(args) -> dict:
     if longest >= context:
         raise MimoError(f"a prompt of {longest} tokens does not fit the model's context of {context}")
     max_len = min(context, longest + cfg.max_new_tokens)
-    stream = ProblemStream(problems, cfg.easy_prob, cfg.seed, cfg.task_sampling)
+    stream = ProblemStream(problems, cfg.easy_prob, cfg.seed)
 
     metrics_path, start = run_dir / "metrics.jsonl", 0
     ckpt = latest_checkpoint(run_dir)
@@ -491,7 +528,6 @@ def run(args) -> dict:
             done = step + 1
             last = {"step": done, **roll, "rollout_mode": "naive" if cfg.naive_rollout else "continuous",
                     "easy_pool_size": len(stream.easy), "lr": cfg.lr,
-                    "task_weights": {k: round(v, 4) for k, v in stream.weights().items()},
                     **{k: upd.get(k) for k in ("loss", "grad_norm", "entropy", "clip_fraction", "mtp_acceptance",
                                                "kl", "first_ratio_dev", "optimizer_steps")},
                     "update_s": time.perf_counter() - t1, "step_s": time.perf_counter() - t0}
@@ -534,9 +570,6 @@ def add_arguments(p):
     g.add_argument("--max-resample-rounds", type=int, default=d.max_resample_rounds,
                    help="dynamic sampling: extra batches' worth of problems drawn at most")
     g.add_argument("--easy-prob", type=float, default=d.easy_prob, help="chance a problem comes from the easy pool")
-    g.add_argument("--task-sampling", default=d.task_sampling, choices=TASK_SAMPLING,
-                   help="uniform: problems in order; informative: tasks weighted by their recent rate of informative "
-                        "groups (the online form of MiMo's pre-RL filter, mimo.problem_stream)")
     g = p.add_argument_group("rollout")
     g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="response length limit")

@@ -107,33 +107,6 @@ def test_easy_pool_moves_and_redraws():
     assert [(p.id, easy) for p, easy in again.draw(50)] == first and again.easy == ["p3", "p5"]
 
 
-def test_informative_task_sampling_follows_informative_groups():
-    """Sources are drawn by share x informative-group rate: a task whose groups are never informative fades to a
-    trickle (but is still drawn), and the counts survive a checkpoint."""
-    items = [RLProblem(id=f"{kind}-{i}", kind=kind, prompt=f"q{i}") for kind in ("math", "code") for i in range(50)]
-    stream = rl.ProblemStream(items, easy_prob=0.0, seed=1, task_sampling="informative")
-    assert stream.weights() == {"math": 0.5, "code": 0.5}
-    for step in range(10):  # math groups are informative, code groups never
-        stream.begin_step(step)
-        stream.observe([(p, p.kind == "math") for p, _ in stream.draw(20)])
-    w = stream.weights()
-    assert w["math"] > 0.85 and 0.01 < w["code"] < 0.15
-    stream.begin_step(10)
-    kinds = [p.kind for p, _ in stream.draw(400)]
-    assert 0.8 < kinds.count("math") / 400 < 0.95 and "code" in kinds
-    assert len({p.id for p, _ in stream.draw(50) if p.kind == "math"}) > 10  # each source walks its own problems
-    again = rl.ProblemStream(items, easy_prob=0.0, seed=1, task_sampling="informative")
-    again.load_state(json.loads(json.dumps(stream.state())))
-    assert again.weights() == stream.weights()
-    stream.begin_step(11), again.begin_step(11)
-    assert [p.id for p, _ in again.draw(30)] == [p.id for p, _ in stream.draw(30)]
-    for p in items[:50]:  # every math problem easy: only code is left outside the pool
-        stream.mark_easy(p)
-    assert all(p.kind == "code" for p, easy in stream.draw(20) if not easy)
-    with pytest.raises(ValueError):
-        rl.ProblemStream(items, task_sampling="hardest")
-
-
 @pytest.fixture
 def fake_grade(monkeypatch):
     """Rewards by problem id: "easy" always solved, "hard" never, "mixed" by the parity of the text's length."""
