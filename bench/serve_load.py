@@ -17,11 +17,13 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -41,17 +43,30 @@ def percentile(values, q):
     return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What every request of a run asks for."""
+    max_tokens: int
+    temperature: float
+    ignore_eos: bool = False  # generate max_tokens tokens whatever the model does (fixed-length replies)
+
+    def body(self, i: int) -> dict:
+        """The request fields beyond model and messages (request i gets seed i)."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": i,
+                **({"ignore_eos": True} if self.ignore_eos else {})}
+
+
 def drain(pool: asyncio.Queue):
     while not pool.empty():
         yield pool.get_nowait()
 
 
-async def httpx_request(client, model, i, prompt, max_tokens, temperature, t0):
+async def httpx_request(client, model, i, prompt, w: Workload, t0):
     """One streamed request through plain httpx and a minimal SSE reader (no per-chunk model objects)
     -> (ttft_s or None, completion_tokens)."""
     ttft, tokens = None, 0
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": temperature, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], **w.body(i), "stream": True,
+            "stream_options": {"include_usage": True}}
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         async for line in r.aiter_lines():
             if ttft is None and ('"content": "' in line or '"reasoning_content"' in line) and '"content": ""' not in line:
@@ -61,12 +76,18 @@ async def httpx_request(client, model, i, prompt, max_tokens, temperature, t0):
     return ttft, tokens
 
 
-async def openai_request(client, model, i, prompt, max_tokens, temperature, t0):
+def openai_kwargs(w: Workload, i: int) -> dict:
+    body = w.body(i)
+    extra = {"ignore_eos": body.pop("ignore_eos")} if "ignore_eos" in body else None
+    return {**body, "extra_body": extra}
+
+
+async def openai_request(client, model, i, prompt, w: Workload, t0):
     """One streamed request through the openai client -> (ttft_s or None, completion_tokens)."""
     ttft, tokens = None, 0
     stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-        temperature=temperature, seed=i, stream=True, stream_options={"include_usage": True})
+        model=model, messages=[{"role": "user", "content": prompt}], **openai_kwargs(w, i), stream=True,
+        stream_options={"include_usage": True})
     async for chunk in stream:
         if ttft is None and chunk.choices:
             d = chunk.choices[0].delta
@@ -77,35 +98,42 @@ async def openai_request(client, model, i, prompt, max_tokens, temperature, t0):
     return ttft, tokens
 
 
-async def openai_whole_request(client, model, i, prompt, max_tokens, temperature, t0):
+async def openai_whole_request(client, model, i, prompt, w: Workload, t0):
     """One non-streamed request through the openai client -> (latency_s, completion_tokens): the whole reply
     arrives at once, so its "time to first token" is the request's latency."""
     reply = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-        temperature=temperature, seed=i)
+        model=model, messages=[{"role": "user", "content": prompt}], **openai_kwargs(w, i))
     return time.perf_counter() - t0, reply.usage.completion_tokens
 
 
-async def client_run(request, client, model, pool, max_tokens, temperature):
+async def client_run(request, client, model, pool, w: Workload):
     """One client: takes prompts from the shared pool one after another -> [(ttft_s, completion_tokens)]."""
     out = []
     for i, prompt in drain(pool):
         t0 = time.perf_counter()
-        ttft, tokens = await request(client, model, i, prompt, max_tokens, temperature, t0)
+        ttft, tokens = await request(client, model, i, prompt, w, t0)
         out.append((ttft if ttft is not None else time.perf_counter() - t0, tokens))
     return out
 
 
-def phase_result(n_clients, requests, tokens, wall, ttfts, steps, occupancy) -> dict:
-    """One phase's figures, the same for the server and the in-process engine."""
-    return {"clients": n_clients, "requests": requests, "output_tokens": tokens, "wall_s": round(wall, 2),
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of this process, or of process pid (Linux /proc)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def phase_result(n_clients, requests, tokens, wall, ttfts, steps, occupancy, cpu=None) -> dict:
+    """One phase's figures, the same for the server and the in-process engine. cpu: CPU seconds by process."""
+    return {**({"cpu_s": {k: round(v, 2) for k, v in cpu.items()}} if cpu else {}),"clients": n_clients, "requests": requests, "output_tokens": tokens, "wall_s": round(wall, 2),
             "output_tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
             "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
             "mean_batch_occupancy": round(occupancy, 3)}
 
 
-def engine_phase(engine, tokenizer, n_clients, prompts, max_tokens, temperature, mtp, max_batch) -> dict:
+def engine_phase(engine, tokenizer, n_clients, prompts, w: Workload, mtp, max_batch) -> dict:
     """The phase's workload straight through an EngineSession of max_batch slots (as the server's): n_clients
     requests in flight, each replaced by the next prompt when it finishes."""
     from mimo.engine import SamplingParams
@@ -118,7 +146,8 @@ def engine_phase(engine, tokenizer, n_clients, prompts, max_tokens, temperature,
     def add():
         i, prompt = pool.pop(0)
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
-        added[session.add(ids, SamplingParams(max_tokens, temperature, seed=i))] = time.perf_counter()
+        added[session.add(ids, SamplingParams(w.max_tokens, w.temperature, seed=i,
+                                                    ignore_eos=w.ignore_eos))] = time.perf_counter()
 
     for _ in range(min(n_clients, len(pool))):
         add()
@@ -148,9 +177,10 @@ def engine_counters(url) -> dict:
     return out
 
 
-async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=False, stream=True):
+async def phase(url, model, n_clients, prompts, w: Workload, raw=False, stream=True, server_pid=None):
     """n_clients clients take the prompts from one pool, each sending its next request when the previous one is
-    done (a fixed concurrency, as vLLM's serving benchmark), until the pool is empty."""
+    done (a fixed concurrency, as vLLM's serving benchmark), until the pool is empty. Both processes' CPU time
+    is measured: they share this machine's cores."""
     pool = asyncio.Queue()
     for item in enumerate(prompts):
         pool.put_nowait(item)
@@ -162,15 +192,20 @@ async def phase(url, model, n_clients, prompts, max_tokens, temperature, raw=Fal
                    for _ in range(n_clients)]
     request = httpx_request if raw else openai_request if stream else openai_whole_request
     before = engine_counters(url)
+    cpu0 = {"clients": cpu_seconds(), "server": cpu_seconds(server_pid) if server_pid else 0.0}
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(client_run(request, c, model, pool, max_tokens, temperature) for c in clients))
+    results = await asyncio.gather(*(client_run(request, c, model, pool, w) for c in clients))
     wall = time.perf_counter() - t0
+    cpu = {"clients": cpu_seconds() - cpu0["clients"]}
+    if server_pid:
+        cpu["server"] = cpu_seconds(server_pid) - cpu0["server"]
     after = engine_counters(url)
     steps = after["mimo_engine_steps_total"] - before["mimo_engine_steps_total"]
     occupancy = ((after["mimo_batch_occupancy_sum"] - before["mimo_batch_occupancy_sum"])
                  / max(1.0, after["mimo_batch_occupancy_count"] - before["mimo_batch_occupancy_count"]))
     flat = [r for rs in results for r in rs]
-    return phase_result(n_clients, len(flat), sum(n for _, n in flat), wall, [t for t, _ in flat], steps, occupancy)
+    return phase_result(n_clients, len(flat), sum(n for _, n in flat), wall, [t for t, _ in flat], steps, occupancy,
+                        cpu)
 
 
 def main():
@@ -182,6 +217,8 @@ def main():
     ap.add_argument("--single-requests", type=int, default=16, help="requests of the single-client phase")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every reply runs to --max-tokens (vLLM's ignore_eos): fixed-length replies, as a static batch")
     ap.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: --clients)")
     ap.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--serve-args", default="", help="more `mimo serve` flags, e.g. '--quantize int8'")
@@ -214,11 +251,11 @@ def main():
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.2)
-        asyncio.run(phase(url, model, 1, prompts[:2], 8, args.temperature))  # warm-up
-        single = asyncio.run(phase(url, model, 1, prompts[: args.single_requests], args.max_tokens,
-                                   args.temperature, args.raw_client, args.stream))
-        many = asyncio.run(phase(url, model, args.clients, prompts, args.max_tokens, args.temperature,
-                                 args.raw_client, args.stream))
+        w = Workload(args.max_tokens, args.temperature, args.ignore_eos)
+        asyncio.run(phase(url, model, 1, prompts[:2], Workload(8, args.temperature)))  # warm-up
+        single = asyncio.run(phase(url, model, 1, prompts[: args.single_requests], w, args.raw_client, args.stream,
+                                   server.pid))
+        many = asyncio.run(phase(url, model, args.clients, prompts, w, args.raw_client, args.stream, server.pid))
         metrics = httpx.get(url + "/metrics").text
     finally:
         server.terminate()
@@ -235,8 +272,9 @@ def engine_only(args, prompts):
 
     model, tokenizer = load_model_and_tokenizer(args.model, "auto")
     engine = Engine(model, tokenizer)
-    run = functools.partial(engine_phase, engine, tokenizer, max_tokens=args.max_tokens,
-                            temperature=args.temperature, mtp=args.mtp, max_batch=args.max_batch or args.clients)
+    run = functools.partial(engine_phase, engine, tokenizer, w=Workload(args.max_tokens, args.temperature,
+                                                                       args.ignore_eos),
+                            mtp=args.mtp, max_batch=args.max_batch or args.clients)
     run(1, prompts[:2])  # warm-up
     single, many = run(1, prompts[: args.single_requests]), run(args.clients, prompts)
     report(args, "none (in-process engine)", single, many, None)
@@ -244,6 +282,7 @@ def engine_only(args, prompts):
 
 def report(args, client, single, many, acceptance):
     result = {"model": args.model, "mtp": args.mtp, "client": client, "max_tokens": args.max_tokens,
+              "ignore_eos": args.ignore_eos,
               "single": single, "concurrent": many,
               "speedup": round(many["output_tokens_per_s"] / single["output_tokens_per_s"], 2),
               "mtp_acceptance_rate": acceptance}
@@ -251,7 +290,8 @@ def report(args, client, single, many, acceptance):
         for name, r in (("1 client", single), (f"{args.clients} clients", many)):
             print(f"{name:>11}: {r['output_tokens_per_s']:7.1f} output tokens/s ({r['output_tokens']} tokens in "
                   f"{r['wall_s']} s), TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms; "
-                  f"{r['engine_steps_per_s']} engine steps/s, batch {100 * r['mean_batch_occupancy']:.0f}% full")
+                  f"{r['engine_steps_per_s']} engine steps/s, batch {100 * r['mean_batch_occupancy']:.0f}% full"
+                  + "".join(f"; {k} CPU {v} s" for k, v in r.get("cpu_s", {}).items()))
         print(f"aggregate speed-up at {args.clients} clients: {result['speedup']}x; MTP acceptance {acceptance}")
     print(json.dumps(result))
 

@@ -51,6 +51,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # generate through end-of-turn tokens up to max_new_tokens (fixed-length benchmarks)
 
     def validate(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -564,7 +565,7 @@ class EngineSession:
         """Add one token to a row; return (new text, whether the row is finished)."""
         out, p = req.completion, req.params
         new = ""
-        if self.tokenizer is not None and token in self.tokenizer.stop_token_ids:
+        if self.tokenizer is not None and token in self.tokenizer.stop_token_ids and not p.ignore_eos:
             out.finish_reason = "stop"
             new = req.detok.flush()
         else:

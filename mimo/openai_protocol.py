@@ -77,6 +77,8 @@ class SamplingRequest(_Body):
     n: Int(ge=1, le=MAX_N) = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Int(ge=-(2**63), le=2**64 - 1) | None = None
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating through end-of-turn tokens "
+                             "until max_tokens (for fixed-length benchmarks)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

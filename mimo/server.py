@@ -107,7 +107,7 @@ class Service:
             max_new_tokens=max_tokens if max_tokens is not None else room,
             temperature=self.cfg.default_temperature if req.temperature is None else req.temperature,
             top_p=self.cfg.default_top_p if req.top_p is None else req.top_p,
-            top_k=max(0, req.top_k or 0), stop=req.stop_list(), seed=seed)
+            top_k=max(0, req.top_k or 0), stop=req.stop_list(), seed=seed, ignore_eos=req.ignore_eos)
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)

@@ -137,6 +137,10 @@ def test_max_tokens_stop_n_and_seed(client):
     assert ask(client, max_tokens=3).usage.completion_tokens == 3
     assert ask(client, max_tokens=3).choices[0].finish_reason == "length"
     assert ask(client, max_completion_tokens=4, max_tokens=50).usage.completion_tokens == 4
+    ended = ask(client, max_tokens=60)  # the model ends its turn after ~20 tokens
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 60
+    through = ask(client, max_tokens=60, extra_body={"ignore_eos": True})  # vLLM's extension
+    assert through.choices[0].finish_reason == "length" and through.usage.completion_tokens == 60
     stopped = ask(client, max_tokens=60, stop=["5"])
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == "The answer is "
     a = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3,
