@@ -77,6 +77,7 @@ async def httpx_request(client, model, i, prompt, w: Workload, t0):
 
 
 def openai_kwargs(w: Workload, i: int) -> dict:
+    """The workload as the openai client's arguments (extensions such as ignore_eos go in extra_body)."""
     body = w.body(i)
     extra = {"ignore_eos": body.pop("ignore_eos")} if "ignore_eos" in body else None
     return {**body, "extra_body": extra}
@@ -126,11 +127,12 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 def phase_result(n_clients, requests, tokens, wall, ttfts, steps, occupancy, cpu=None) -> dict:
     """One phase's figures, the same for the server and the in-process engine. cpu: CPU seconds by process."""
-    return {**({"cpu_s": {k: round(v, 2) for k, v in cpu.items()}} if cpu else {}),"clients": n_clients, "requests": requests, "output_tokens": tokens, "wall_s": round(wall, 2),
+    return {"clients": n_clients, "requests": requests, "output_tokens": tokens, "wall_s": round(wall, 2),
             "output_tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_s": round(percentile(ttfts, 50), 4), "ttft_p99_s": round(percentile(ttfts, 99), 4),
             "ttft_mean_s": round(statistics.mean(ttfts), 4), "engine_steps_per_s": round(steps / wall, 1),
-            "mean_batch_occupancy": round(occupancy, 3)}
+            "mean_batch_occupancy": round(occupancy, 3),
+            **({"cpu_s": {k: round(v, 2) for k, v in cpu.items()}} if cpu else {})}
 
 
 def engine_phase(engine, tokenizer, n_clients, prompts, w: Workload, mtp, max_batch) -> dict:
@@ -146,8 +148,8 @@ def engine_phase(engine, tokenizer, n_clients, prompts, w: Workload, mtp, max_ba
     def add():
         i, prompt = pool.pop(0)
         ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
-        added[session.add(ids, SamplingParams(w.max_tokens, w.temperature, seed=i,
-                                                    ignore_eos=w.ignore_eos))] = time.perf_counter()
+        params = SamplingParams(w.max_tokens, w.temperature, seed=i, ignore_eos=w.ignore_eos)
+        added[session.add(ids, params)] = time.perf_counter()
 
     for _ in range(min(n_clients, len(pool))):
         add()
@@ -218,7 +220,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--ignore-eos", action="store_true",
-                    help="every reply runs to --max-tokens (vLLM's ignore_eos): fixed-length replies, as a static batch")
+                    help="every reply runs to --max-tokens (vLLM's ignore_eos): fixed-length replies")
     ap.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: --clients)")
     ap.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--serve-args", default="", help="more `mimo serve` flags, e.g. '--quantize int8'")
