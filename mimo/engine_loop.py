@@ -72,17 +72,22 @@ class ServerMetrics:
 class Handle:
     """A submitted sequence, seen from the event loop. Its events go to the queue it shares with the other
     sequences of its HTTP request, as (handle, Event); the last is finished, or None when the engine refused
-    the request (`error` says why) or it was aborted."""
+    the request (`error` says why) or it was aborted. stream_interval: the first token's event goes out at
+    once, then one event per stream_interval tokens carrying their text (SGLang's --stream-interval); 0: the
+    finished event only (a reply that is not streamed)."""
     prompt: list[int]
     params: SamplingParams
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    stream_interval: int = 1
     t_submit: float = field(default_factory=time.perf_counter)
     rid: int | None = None
     error: str | None = None
     internal_error: bool = False  # the error is a bug of ours, not the request's
     done: bool = False
     started: bool = False  # has produced its first token
+    held_text: str = ""  # text generated since the last event delivered
+    sent_tokens: int = 0  # tokens generated when the last event was delivered
 
 
 def _put_all(items):
@@ -124,15 +129,17 @@ class EngineLoop:
 
     # ---- called from the event loop -----------------------------------------------------------------
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> tuple[list[Handle], asyncio.Queue]:
-        """Queue sequences all at once or none (QueueFull); their events arrive on the returned queue."""
+    def submit(self, requests: list[tuple[list[int], SamplingParams]],
+               stream_interval: int = 1) -> tuple[list[Handle], asyncio.Queue]:
+        """Queue sequences all at once or none (QueueFull); their events arrive on the returned queue, one per
+        stream_interval tokens (0: only the finished ones; see Handle)."""
         with self._lock:
             if self._pending + len(requests) > self.capacity:
                 raise QueueFull(f"the server is busy ({self._pending} sequences running or queued, room for "
                                 f"{self.capacity}); retry later")
             self._pending += len(requests)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        handles = [Handle(prompt, params, events, loop) for prompt, params in requests]
+        handles = [Handle(prompt, params, events, loop, stream_interval) for prompt, params in requests]
         for h in handles:
             self._inbox.put(("add", h))
         return handles, events
@@ -223,9 +230,13 @@ class EngineLoop:
                 self.metrics.ttft.observe(time.perf_counter() - h.t_submit)
             if ev.finished:
                 self.metrics.finished(ev.completion)
-                self._finish(h, ev)
-            else:
-                self._deliver(h, ev)
+                self._finish(h, Event(ev.request_id, h.held_text + ev.text, True, ev.completion))
+                continue
+            h.held_text += ev.text
+            n = len(ev.completion.tokens)
+            if h.stream_interval and (h.sent_tokens == 0 or n - h.sent_tokens >= h.stream_interval):
+                self._deliver(h, Event(ev.request_id, h.held_text, False, ev.completion))
+                h.held_text, h.sent_tokens = "", n
 
     def _finish(self, h: Handle, ev: Event | None):
         """The sequence's last event (None: refused or aborted)."""

@@ -69,6 +69,7 @@ class ServeConfig:
     api_key: str | None = None
     default_temperature: float = 1.0  # for requests that leave them out (the model's generation_config)
     default_top_p: float = 1.0
+    stream_interval: int = 1  # tokens per streamed chunk (after the first token, which goes out at once)
     engine_in_background: bool = True  # False: the caller runs service.loop.run() itself (`mimo serve` does)
 
 
@@ -115,9 +116,10 @@ class Service:
             raise APIError(400, "The prompt is empty.", param="prompt")
         return ids
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams]]):
+    def submit(self, requests: list[tuple[list[int], SamplingParams]], stream: bool):
+        """Start the sequences; a reply that is not streamed gets only their finished events."""
         try:
-            return self.loop.submit(requests)
+            return self.loop.submit(requests, self.cfg.stream_interval if stream else 0)
         except QueueFull as e:
             raise APIError(429, str(e), type="server_busy", code="rate_limit_exceeded") from None
 
@@ -237,7 +239,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
             raise APIError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         seqs = [(prompt, service.sampling(body, len(prompt), max_tokens, i)) for i in range(body.n)]
-        handles, queue = service.submit(seqs)
+        handles, queue = service.submit(seqs, body.stream)
         t0, rid = time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": cfg.model_name}
         if body.stream:
@@ -271,7 +273,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
                            "sequences this server takes at once", param="n")
         seqs = [(p, service.sampling(body, len(p), body.max_tokens, i)) for p in prompts for i in range(body.n)]
         echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
-        handles, queue = service.submit(seqs)
+        handles, queue = service.submit(seqs, body.stream)
         t0, rid = time.perf_counter(), f"cmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": cfg.model_name}
         prompt_tokens = sum(len(p) for p in prompts)
@@ -478,14 +480,14 @@ def generation_defaults(model_dir: Path) -> tuple[float, float]:
 def make_app(args, engine_in_background: bool = True) -> FastAPI:
     from mimo.cli import load_engine
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise MimoError("--max-batch must be >= 1 and --max-queue >= 0")
+    if args.max_batch < 1 or args.max_queue < 0 or args.stream_interval < 1:
+        raise MimoError("--max-batch and --stream-interval must be >= 1 and --max-queue >= 0")
     engine, tokenizer = load_engine(args, max_seq_len=args.max_model_len)
     temperature, top_p = generation_defaults(Path(args.model))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or Path(args.model).resolve().name
     cfg = ServeConfig(name, args.max_batch, args.max_queue, args.mtp, args.num_draft, api_key, temperature, top_p,
-                      engine_in_background)
+                      args.stream_interval, engine_in_background)
     return build_app(engine, tokenizer, cfg)
 
 
@@ -531,5 +533,8 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk after the first (as SGLang's): larger values cost the server "
+                        "and its clients less per token, at the price of a less smooth stream")
     add_engine_arguments(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

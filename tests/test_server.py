@@ -133,6 +133,26 @@ def test_raw_stream_is_server_sent_events_ending_in_done(chat_server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_stream_interval_sends_the_same_text_in_fewer_chunks(tokenizer):
+    model = endless_model(tokenizer)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 21, "stream": True,
+            "temperature": 0}
+
+    def stream(url):
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+        pieces = [c["choices"][0]["delta"] for c in chunks]
+        return ["".join(d.get(k) or "" for k in ("reasoning_content", "content")) for d in pieces[1:-1]]
+
+    with serve(model, tokenizer, max_batch=2) as s:
+        every_token = stream(s.url)
+    with serve(model, tokenizer, max_batch=2, stream_interval=4) as s:
+        every_fourth = stream(s.url)
+    assert "".join(every_fourth) == "".join(every_token) != ""
+    # the first token at once, then 4 tokens a chunk: 1 + 4 * 5 = 21 (a few tokens may decode to no text)
+    assert len(every_fourth) <= 6 < len(every_token)
+
+
 def test_max_tokens_stop_n_and_seed(client):
     assert ask(client, max_tokens=3).usage.completion_tokens == 3
     assert ask(client, max_tokens=3).choices[0].finish_reason == "length"
