@@ -232,9 +232,11 @@ class EngineLoop:
                 self.metrics.finished(ev.completion)
                 self._finish(h, Event(ev.request_id, h.held_text + ev.text, True, ev.completion))
                 continue
+            if not h.stream_interval:  # a reply that is not streamed: only its finished event goes out
+                continue
             h.held_text += ev.text
             n = len(ev.completion.tokens)
-            if h.stream_interval and (h.sent_tokens == 0 or n - h.sent_tokens >= h.stream_interval):
+            if h.sent_tokens == 0 or n - h.sent_tokens >= h.stream_interval:
                 self._deliver(h, Event(ev.request_id, h.held_text, False, ev.completion))
                 h.held_text, h.sent_tokens = "", n
 
