@@ -194,13 +194,12 @@ async def phase(url, model, n_clients, prompts, w: Workload, raw=False, stream=T
                    for _ in range(n_clients)]
     request = httpx_request if raw else openai_request if stream else openai_whole_request
     before = engine_counters(url)
-    cpu0 = {"clients": cpu_seconds(), "server": cpu_seconds(server_pid) if server_pid else 0.0}
+    pids = {"clients": None, **({"server": server_pid} if server_pid else {})}  # None: this process
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     results = await asyncio.gather(*(client_run(request, c, model, pool, w) for c in clients))
     wall = time.perf_counter() - t0
-    cpu = {"clients": cpu_seconds() - cpu0["clients"]}
-    if server_pid:
-        cpu["server"] = cpu_seconds(server_pid) - cpu0["server"]
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     after = engine_counters(url)
     steps = after["mimo_engine_steps_total"] - before["mimo_engine_steps_total"]
     occupancy = ((after["mimo_batch_occupancy_sum"] - before["mimo_batch_occupancy_sum"])
