@@ -272,7 +272,7 @@ def engine_only(args, prompts):
     from mimo.engine import Engine
 
     model, tokenizer = load_model_and_tokenizer(args.model, "auto")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, pack_weights=True)  # as `mimo serve` builds it
     run = functools.partial(engine_phase, engine, tokenizer, w=Workload(args.max_tokens, args.temperature,
                                                                        args.ignore_eos),
                             mtp=args.mtp, max_batch=args.max_batch or args.clients)

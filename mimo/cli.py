@@ -68,7 +68,7 @@ def load_engine(args, max_seq_len: int | None = None):
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
     model = quantize_model(model, args.quantize)
     engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile,
-                    draft_quantize=args.draft_quantize)
+                    draft_quantize=args.draft_quantize, pack_weights=True)  # the weights never change here
     return engine, tokenizer
 
 

@@ -166,11 +166,30 @@ class InferenceCompiled:
         return out
 
 
-def _fast(linear):
-    """module(x) without nn.Module.__call__'s overhead (several microseconds, on every linear of every token)."""
-    if type(linear) is torch.nn.Linear:
-        return functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
-    return linear.forward  # e.g. quantize.Int8Linear
+def mkl_packing_available(weight: torch.Tensor) -> bool:
+    """Whether MKL's packed GEMM can run products with this weight (fp32 on a CPU build with MKL: x86)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+
+
+def _fast(linear, pack_rows: tuple[int, ...] = ()):
+    """module(x) without nn.Module.__call__'s overhead (several microseconds, on every linear of every token).
+
+    pack_rows: input sizes (rows = batch x tokens) to keep an MKL-packed copy of an nn.Linear's weight for
+    (mkl_packing_available): an input of exactly that many rows runs through MKL's packed GEMM, which picks its
+    kernel for that size: 1.4-2x faster than F.linear at 16-48 rows, on the tiny model's shapes and a 7B
+    model's alike (docs/benchmarks.md). Same math; the copy does not see later in-place weight updates."""
+    if type(linear) is not torch.nn.Linear:
+        return linear.forward  # e.g. quantize.Int8Linear
+    w, b = linear.weight, linear.bias
+    if not pack_rows:
+        return functools.partial(F.linear, weight=w, bias=b)
+    packed = {n: torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), n) for n in pack_rows}
+
+    def packed_linear(x):
+        n = x.numel() // x.shape[-1]
+        p = packed.get(n)
+        return F.linear(x, w, b) if p is None else torch.ops.mkl._mkl_linear(x, p, w, b, n)
+    return packed_linear
 
 
 @dataclass
@@ -188,11 +207,11 @@ class _Block:
     down: Callable
 
     @classmethod
-    def of(cls, layer, cache_index: int) -> _Block:
+    def of(cls, layer, cache_index: int, pack_rows: tuple[int, ...] = ()) -> _Block:
         a, m = layer.self_attn, layer.mlp
-        return cls(cache_index, layer.input_layernorm, _fast(a.q_proj), _fast(a.k_proj), _fast(a.v_proj),
-                   _fast(a.o_proj), layer.post_attention_layernorm, _fast(m.gate_proj), _fast(m.up_proj),
-                   _fast(m.down_proj))
+        q, k, v, o, gate, up, down = (_fast(lin, pack_rows) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                                                        m.gate_proj, m.up_proj, m.down_proj))
+        return cls(cache_index, layer.input_layernorm, q, k, v, o, layer.post_attention_layernorm, gate, up, down)
 
 
 class ModelRunner:
@@ -204,13 +223,16 @@ class ModelRunner:
     the module call, rows 0..b-1 use the cache through views. compile=True runs the plain decode step (and
     MTP's greedy draft-verify step, speculative.py) through torch.compile for small batches (compiled_rows:
     static shapes, attention over the whole cache, weights frozen in: InferenceCompiled). drafter: the MTP
-    layers and LM head that draft (Engine.drafter).
+    layers and LM head that draft (Engine.drafter). pack_rows: the input sizes to keep MKL-packed weights for
+    (_fast; Engine.pack_rows).
     """
 
     def __init__(self, model: MiMoForCausalLM, n_slots: int, capacity: int, compile: bool = False,
-                 drafter: tuple[list[torch.nn.Module], torch.nn.Module] | None = None):
+                 drafter: tuple[list[torch.nn.Module], torch.nn.Module] | None = None,
+                 pack_rows: tuple[int, ...] = ()):
         cfg = model.config
         self.model, self.cfg, self.capacity, self.n_slots = model, cfg, capacity, n_slots
+        self.pack_rows = pack_rows
         self.embed = model.model.embed_tokens.weight
         self.device, self.dtype = self.embed.device, self.embed.dtype
         self.cache = KVCache(cfg, n_slots, capacity, self.dtype, self.device)
@@ -225,11 +247,11 @@ class ModelRunner:
         self.key_positions = torch.arange(capacity, device=self.device)
         self.gqa = cfg.num_attention_heads != cfg.num_key_value_heads
         L = cfg.num_hidden_layers
-        self.blocks = [_Block.of(layer, i) for i, layer in enumerate(model.model.layers)]
-        self.lm_head = _fast(model.lm_head)
+        self.blocks = [_Block.of(layer, i, pack_rows) for i, layer in enumerate(model.model.layers)]
+        self.lm_head = _fast(model.lm_head, pack_rows)
         self.mtp_layers, draft_head = drafter or (list(model.model.mtp_layers), model.lm_head)
-        self.mtp_blocks = [_Block.of(layer, L + k) for k, layer in enumerate(self.mtp_layers)]
-        self.draft_head = _fast(draft_head)
+        self.mtp_blocks = [_Block.of(layer, L + k, pack_rows) for k, layer in enumerate(self.mtp_layers)]
+        self.draft_head = _fast(draft_head, pack_rows)
         self.compiled_decode = InferenceCompiled(self._decode_all, self.device) if compile else None
 
     def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
@@ -320,6 +342,12 @@ class ModelRunner:
             return 0
         return min(self.n_slots, 1 << (m - 1).bit_length())
 
+    def rows_to_run(self, m: int) -> int:
+        """How many rows a step runs when rows 0..m-1 hold the live ones: every slot when the weights are packed
+        for a full batch and m is within a quarter of it (the free slots compute garbage nobody reads, at the
+        packed products' speed), else m."""
+        return self.n_slots if self.n_slots in self.pack_rows and 4 * m > 3 * self.n_slots else m
+
     def _decode_all(self, ids, positions):
         """One token for rows 0..b-1: ids, positions [b, 1] -> logits [b, V] (static shapes: the whole cache)."""
         return self.logits(self.hidden(ids, self.context(positions))[:, 0])
@@ -371,7 +399,8 @@ class EngineSession:
         self.max_seq_len = min(max_seq_len or engine.max_seq_len, engine.max_seq_len)
         n_mtp = engine.cfg.num_nextn_predict_layers if mtp else 0
         # scratch positions past the longest sequence for drafts, padding and the rows of free slots
-        self.runner = engine.acquire_runner(max_batch, self.max_seq_len + 2 * num_draft + n_mtp + 3)
+        self.runner = engine.acquire_runner(max_batch, self.max_seq_len + 2 * num_draft + n_mtp + 3,
+                                            engine.pack_rows(max_batch, num_draft if n_mtp else 0))
         capacity = self.runner.capacity
         self.sampler = RowSampler(max_batch, engine.device)
         self.idle_length = n_mtp + 1  # a free slot's length (keeps MTP catch-up positions >= 0)
@@ -447,7 +476,7 @@ class EngineSession:
         rows = self.running()
         if not rows:
             return events
-        m = rows[-1] + 1
+        m = self.runner.rows_to_run(rows[-1] + 1)
         flags = self.sampler.flags(rows)
         max_len = max(self.host_length[:m])
         if self.spec is not None:
@@ -590,7 +619,7 @@ class EngineSession:
 
 class Engine:
     def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
-                 compile: bool = False, draft_quantize: str | None = None):
+                 compile: bool = False, draft_quantize: str | None = None, pack_weights: bool = False):
         """tokenizer None: token ids only (no text, no stop tokens), as benchmarks want.
         compile: torch.compile the plain decode step and MTP's greedy draft-verify step for batches of 1-2 rows,
         with the weights frozen into the graphs and every matmul autotuned (InferenceCompiled; the first call per
@@ -598,13 +627,16 @@ class Engine:
         for serving and evaluation, not for a model that is still training.
         draft_quantize "int8" | "int4": MTP drafts come from weight-only quantized copies of the MTP layers and
         the LM head, which read a quarter or an eighth of the bytes. Still lossless: the full-precision model
-        verifies every draft, so only the acceptance rate can change."""
+        verifies every draft, so only the acceptance rate can change.
+        pack_weights: sessions of PACK_MIN_BATCH rows or more keep MKL-packed copies of the linear weights for
+        their full batch (and MTP's verify pass over it) and run a nearly full batch as a full one (pack_rows;
+        fp32 on x86 CPUs; copies up to PACK_MAX_BYTES). Like compile, for weights that no longer change."""
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = model.config
         self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
-        self.compile = compile
+        self.compile, self.pack_weights = compile, pack_weights
         self.drafter = (list(model.model.mtp_layers), model.lm_head)  # what drafts: [MTP layers], LM head
         if draft_quantize and len(model.model.mtp_layers):  # quantized once, here (stale if weights change)
             from mimo.quantize import quantized_copy
@@ -616,15 +648,33 @@ class Engine:
             raise MimoError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
                             f"{self.cfg.vocab_size}")
 
-    def acquire_runner(self, n_slots: int, capacity: int) -> ModelRunner:
-        """The idle runner if it is big enough (no reallocation, no recompilation), else a new one."""
+    PACK_MIN_BATCH = 8  # MKL's packed GEMM measured 1.4-2x faster at 16-48 rows; a single row gains nothing
+    PACK_MAX_BYTES = 2 << 30  # the packed copies cost memory: as much again as the linear weights, per size
+
+    def pack_rows(self, max_batch: int, num_draft: int = 0) -> tuple[int, ...]:
+        """The input sizes a session of max_batch rows keeps packed weights for (() for none): a full batch, and
+        its MTP verify pass of num_draft + 1 tokens a row."""
+        if not self.pack_weights or max_batch < self.PACK_MIN_BATCH:
+            return ()
+        linears = [m.weight for m in self.model.modules() if type(m) is torch.nn.Linear]
+        sizes = (max_batch, max_batch * (num_draft + 1)) if num_draft else (max_batch,)
+        if not linears or not all(mkl_packing_available(w) for w in linears):
+            return ()
+        if sum(w.numel() * w.element_size() for w in linears) * len(sizes) > self.PACK_MAX_BYTES:
+            return ()
+        return sizes
+
+    def acquire_runner(self, n_slots: int, capacity: int, pack_rows: tuple[int, ...] = ()) -> ModelRunner:
+        """The idle runner if it is big enough and packed for the same sizes (no reallocation, no
+        recompilation), else a new one."""
         if self.compile:  # compiled steps specialise on the cache's shape: a few capacities only
             capacity = max(256, 1 << (capacity - 1).bit_length())
         runner = self._idle_runner
-        if runner is not None and runner.n_slots >= n_slots and runner.capacity >= capacity:
+        if (runner is not None and runner.n_slots >= n_slots and runner.capacity >= capacity
+                and runner.pack_rows == pack_rows):
             self._idle_runner = None
             return runner
-        return ModelRunner(self.model, n_slots, capacity, self.compile, self.drafter)
+        return ModelRunner(self.model, n_slots, capacity, self.compile, self.drafter, pack_rows)
 
     def release_runner(self, runner: ModelRunner | None):
         if runner is not None:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -209,3 +210,32 @@ def test_warm_up_leaves_the_runner_the_real_call_reuses():
     assert runner is not None and runner.n_slots == 2
     outs = engine.generate(prompts, params, mtp=True)
     assert engine._idle_runner is runner and all(len(o.tokens) == 40 for o in outs)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's packed GEMM (x86 CPU builds)")
+def test_packed_weights_decode_like_plain_ones():
+    """Engine(pack_weights=True): a session of 8 rows keeps MKL-packed weights for 8 rows (and 16, MTP's verify
+    pass of 2 tokens a row), runs 7 live rows as a full batch of 8, and decodes what the plain engine does, with
+    and without MTP, greedy and sampled; rows join and leave on the way."""
+    model = tiny_model(vocab_size=64)
+    packed, plain = Engine(model, None, pack_weights=True), Engine(model, None)
+    assert packed.pack_rows(8) == (8,) and packed.pack_rows(8, num_draft=1) == (8, 16)
+    assert packed.pack_rows(4) == () and plain.pack_rows(8) == ()  # small batches, or not asked for
+    prompts = [[i + 1, 2 * i + 3, 5][: 1 + i % 3] for i in range(11)]
+    params = [SamplingParams(max_new_tokens=4 + 3 * (i % 4), temperature=0.0 if i % 3 else 0.8, seed=i)
+              for i in range(11)]
+    for mtp in (False, True):
+        outs = {}
+        for name, engine in (("packed", packed), ("plain", plain)):
+            session = engine.session(max_batch=8, mtp=mtp)
+            assert session.runner.rows_to_run(7) == (8 if name == "packed" else 7)
+            assert session.runner.rows_to_run(6) == 6
+            rids = [session.add(p, sp) for p, sp in zip(prompts, params)]  # 3 wait for a free slot
+            while session.has_work():
+                session.step()
+            outs[name] = [session.completion(r).tokens for r in rids]
+            session.close()
+        assert outs["packed"] == outs["plain"]
+    runner = packed._idle_runner
+    assert runner.pack_rows == (8, 16)
+    assert packed.acquire_runner(8, 32, (8,)) is not runner  # packed for other sizes: not reused
