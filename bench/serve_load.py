@@ -1,7 +1,8 @@
 """Load on `mimo serve`: aggregate output tokens/s and time to first token at 1 and N concurrent clients.
 
 Starts `mimo serve MODEL_DIR` in its own process, then streams chat completions of held-out reasoning
-problems through the OpenAI API (openai.AsyncOpenAI, one connection per client): first one client alone,
+problems through the OpenAI API (one connection per client; by default through aiohttp, reading the SSE lines
+as vLLM's serving benchmark does, --client openai through the official client): first one client alone,
 then N clients at once taking prompts from one pool, each sending its next request when its previous one is
 done (fixed concurrency, as vLLM's serving benchmark). Same prompts, settings and server in both phases;
 output tokens are the server's own usage counts.
@@ -26,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 import openai
 
@@ -61,17 +63,18 @@ def drain(pool: asyncio.Queue):
         yield pool.get_nowait()
 
 
-async def httpx_request(client, model, i, prompt, w: Workload, t0):
-    """One streamed request through plain httpx and a minimal SSE reader (no per-chunk model objects)
+async def aiohttp_request(session, model, i, prompt, w: Workload, t0):
+    """One streamed request through aiohttp, as vLLM's serving benchmark sends them: the SSE lines are read as
+    bytes, with no per-chunk objects (a light load generator: the clients share the server's cores)
     -> (ttft_s or None, completion_tokens)."""
     ttft, tokens = None, 0
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], **w.body(i), "stream": True,
             "stream_options": {"include_usage": True}}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-        async for line in r.aiter_lines():
-            if ttft is None and ('"content": "' in line or '"reasoning_content"' in line) and '"content": ""' not in line:
+    async with session.post("/v1/chat/completions", json=body) as r:
+        async for line in r.content:
+            if ttft is None and (b'"content": "' in line or b'"reasoning_content"' in line) and b'"content": ""' not in line:
                 ttft = time.perf_counter() - t0
-            if '"usage": {' in line:
+            if b'"usage": {' in line:
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return ttft, tokens
 
@@ -179,26 +182,28 @@ def engine_counters(url) -> dict:
     return out
 
 
-async def phase(url, model, n_clients, prompts, w: Workload, raw=False, stream=True, server_pid=None):
+async def phase(url, model, n_clients, prompts, w: Workload, client="aiohttp", stream=True, server_pid=None):
     """n_clients clients take the prompts from one pool, each sending its next request when the previous one is
     done (a fixed concurrency, as vLLM's serving benchmark), until the pool is empty. Both processes' CPU time
     is measured: they share this machine's cores."""
     pool = asyncio.Queue()
     for item in enumerate(prompts):
         pool.put_nowait(item)
-    if raw:
-        clients = [httpx.AsyncClient(base_url=url, timeout=600) for _ in range(n_clients)]
+    if client == "aiohttp" and stream:
+        clients = [aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(600)) for _ in range(n_clients)]
+        request = aiohttp_request
     else:
         clients = [openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0,
                                       http_client=openai.DefaultAsyncHttpxClient(timeout=600))
                    for _ in range(n_clients)]
-    request = httpx_request if raw else openai_request if stream else openai_whole_request
+        request = openai_request if stream else openai_whole_request
     before = engine_counters(url)
     pids = {"clients": None, **({"server": server_pid} if server_pid else {})}  # None: this process
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     results = await asyncio.gather(*(client_run(request, c, model, pool, w) for c in clients))
     wall = time.perf_counter() - t0
+    await asyncio.gather(*(c.close() for c in clients))
     cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     after = engine_counters(url)
     steps = after["mimo_engine_steps_total"] - before["mimo_engine_steps_total"]
@@ -223,8 +228,9 @@ def main():
     ap.add_argument("--max-batch", type=int, default=None, help="server --max-batch (default: --clients)")
     ap.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--serve-args", default="", help="more `mimo serve` flags, e.g. '--quantize int8'")
-    ap.add_argument("--raw-client", action="store_true",
-                    help="plain httpx with a minimal SSE reader instead of the openai client")
+    ap.add_argument("--client", choices=["aiohttp", "openai"], default="aiohttp",
+                    help="aiohttp: a light load generator, as vLLM's serving benchmark; openai: the official client, "
+                         "which parses every chunk into objects (several times the clients' CPU)")
     ap.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                     help="stream replies (SSE); --no-stream: whole replies (openai client; TTFT = latency)")
     ap.add_argument("--engine-only", action="store_true", help="the same workload in-process, without HTTP")
@@ -254,16 +260,16 @@ def main():
                 time.sleep(0.2)
         w = Workload(args.max_tokens, args.temperature, args.ignore_eos)
         asyncio.run(phase(url, model, 1, prompts[:2], Workload(8, args.temperature)))  # warm-up
-        single = asyncio.run(phase(url, model, 1, prompts[: args.single_requests], w, args.raw_client, args.stream,
+        single = asyncio.run(phase(url, model, 1, prompts[: args.single_requests], w, args.client, args.stream,
                                    server.pid))
-        many = asyncio.run(phase(url, model, args.clients, prompts, w, args.raw_client, args.stream, server.pid))
+        many = asyncio.run(phase(url, model, args.clients, prompts, w, args.client, args.stream, server.pid))
         metrics = httpx.get(url + "/metrics").text
     finally:
         server.terminate()
         server.wait(timeout=30)
     acceptance = next((float(line.split()[-1]) for line in metrics.splitlines()
                        if line.startswith("mimo_mtp_acceptance_rate ")), None)
-    client = "httpx" if args.raw_client else "openai" if args.stream else "openai, not streamed"
+    client = args.client if args.stream else "openai, not streamed"
     report(args, client, single, many, acceptance)
 
 
