@@ -176,8 +176,9 @@ def _fast(linear, pack_rows: tuple[int, ...] = ()):
 
     pack_rows: input sizes (rows = batch x tokens) to keep an MKL-packed copy of an nn.Linear's weight for
     (mkl_packing_available): an input of exactly that many rows runs through MKL's packed GEMM, which picks its
-    kernel for that size: 1.4-2x faster than F.linear at 16-48 rows, on the tiny model's shapes and a 7B
-    model's alike (docs/benchmarks.md). Same math; the copy does not see later in-place weight updates."""
+    kernel for that size: at 16 rows 1.2-2.7x faster than F.linear on the tiny model's shapes and 1.45-1.9x on
+    a 7B model's, less at 32-48 rows (bench/packed_linear.py). Same math; the copy does not see later in-place
+    weight updates."""
     if type(linear) is not torch.nn.Linear:
         return linear.forward  # e.g. quantize.Int8Linear
     w, b = linear.weight, linear.bias
@@ -648,7 +649,7 @@ class Engine:
             raise MimoError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
                             f"{self.cfg.vocab_size}")
 
-    PACK_MIN_BATCH = 8  # MKL's packed GEMM measured 1.4-2x faster at 16-48 rows; a single row gains nothing
+    PACK_MIN_BATCH = 8  # packed products win at 16-48 rows (bench/packed_linear.py); a single row gains nothing
     PACK_MAX_BYTES = 2 << 30  # the packed copies cost memory: as much again as the linear weights, per size
 
     def pack_rows(self, max_batch: int, num_draft: int = 0) -> tuple[int, ...]:
