@@ -431,6 +431,8 @@ class EngineSession:
             raise MimoError("stop strings need a tokenizer")
         if max(prompt) >= self.engine.cfg.vocab_size or min(prompt) < 0:
             raise MimoError(f"prompt token ids must be in [0, {self.engine.cfg.vocab_size})")
+        if params.top_k >= self.engine.cfg.vocab_size:  # keeps every token: off (and any int fits the tensors)
+            params = dataclasses.replace(params, top_k=0)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()))
         rid = next(self._ids)
         completion = Completion(prompt_tokens=list(prompt))

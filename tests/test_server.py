@@ -171,6 +171,9 @@ def test_max_tokens_stop_n_and_seed(client):
     texts = [(c.message.reasoning_content, c.message.content) for c in a.choices]
     assert texts == [(c.message.reasoning_content, c.message.content) for c in b.choices]
     assert len(set(texts)) > 1  # the choices draw different numbers
+    huge = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3,
+                                          temperature=1.5, seed=7, max_tokens=12, extra_body={"top_k": 2**70})
+    assert [(c.message.reasoning_content, c.message.content) for c in huge.choices] == texts  # top-k off
 
 
 def test_text_completions_plain_and_streamed(client, tokenizer):
