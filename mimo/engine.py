@@ -252,7 +252,7 @@ class ModelRunner:
         self.lm_head = _fast(model.lm_head, pack_rows)
         self.mtp_layers, draft_head = drafter or (list(model.model.mtp_layers), model.lm_head)
         self.mtp_blocks = [_Block.of(layer, L + k, pack_rows) for k, layer in enumerate(self.mtp_layers)]
-        self.draft_head = _fast(draft_head, pack_rows)
+        self.draft_head = self.lm_head if draft_head is model.lm_head else _fast(draft_head, pack_rows)
         self.compiled_decode = InferenceCompiled(self._decode_all, self.device) if compile else None
 
     def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
