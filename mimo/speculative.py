@@ -329,7 +329,7 @@ def _compiled_advance(spec: MTPSpeculator, *args):
     """MTPSpeculator._advance through torch.compile (compiled once per shape; every session reuses it)."""
     global _compiled_advance_fn
     if _compiled_advance_fn is None:
-        from mimo.engine import InferenceCompiled
+        from mimo.model_runner import InferenceCompiled
 
         _compiled_advance_fn = InferenceCompiled(MTPSpeculator._advance, spec.runner.device)
     return _compiled_advance_fn(spec, *args)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from mimo.engine import Engine, IncrementalDetokenizer, ModelRunner, SamplingParams, filtered_probs
+from mimo.engine import Engine, IncrementalDetokenizer, SamplingParams, filtered_probs
+from mimo.model_runner import ModelRunner
 
 
 def greedy_reference(model, ids, n, stop_ids):

@@ -92,11 +92,11 @@ def test_quantize_model_names():
 
 @pytest.mark.parametrize("method", [None, "int8", "int4"])
 def test_compiled_step_freezes_each_models_own_weights(method):
-    """compile=True freezes the weights into the compiled graph (engine.InferenceCompiled). A second model of
+    """compile=True freezes the weights into the compiled graph (model_runner.InferenceCompiled). A second model of
     the same shapes must get its own graph, never the first one's frozen weights (with inductor's FX graph
     cache on, int8 got the first model's prepacked weights back). Compiled quantized products round differently
     from aten's kernels (which round their output to bf16), so logits are compared, not greedy tokens."""
-    from mimo.engine import ModelRunner
+    from mimo.model_runner import ModelRunner
 
     ids, positions = torch.tensor([[5], [9]]), torch.tensor([[0], [0]])
     for seed in (0, 1):
