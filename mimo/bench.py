@@ -3,7 +3,7 @@
     mimo bench train PRESET_OR_MODEL_DIR [--dtype fp32|bf16] [--batch B] [--seq T] [--steps N] [--json]
     mimo bench decode PRESET_OR_MODEL_DIR [--batch B] [--new-tokens N] [--prompt-tokens P] [--mtp/--no-mtp]
                       [--num-draft K] [--quantize int8|int4] [--draft-quantize int8|int4]
-                      [--compile] [--json]
+                      [--compile] [--dtype auto|float32|bfloat16] [--prefill-tokens N] [--json]
 
 Training throughput is timed after warm-up on synthetic tokens; MFU is model FLOPs (6 x parameters x tokens
 plus attention) per second against this machine's measured matmul peak in the same precision.
@@ -121,58 +121,81 @@ def decode_step_bytes(model, num_draft: int = 0, drafter=None) -> int:
 
 def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens: int = 32, mtp: bool = False,
                  num_draft: int = 1, quantize: str | None = None, device: str = "cpu", seed: int = 0,
-                 compile: bool = False, draft_quantize: str | None = None) -> dict:
+                 compile: bool = False, draft_quantize: str | None = None, dtype: str | None = None,
+                 prefill_tokens: int = 0) -> dict:
     """Greedy decoding of random prompts (no stop tokens: every row makes exactly new_tokens tokens), timed
-    after a warm-up run (which also compiles, with compile=True)."""
+    after a warm-up run (which also compiles, with compile=True). A model directory loads as stored (dtype None)
+    with quantize applied as each tensor is read; a preset builds random fp32 weights. prefill_tokens: also time
+    one prompt of that many tokens to its first token (prefill tokens/s)."""
+    from pathlib import Path
+
+    from mimo.checkpoint import load_model
     from mimo.engine import Engine, SamplingParams
+    from mimo.memory import peak_resident_bytes
     from mimo.speculative import SpecStats
 
     dev = torch.device(device)
-    model = build_model(spec, dtype="float32", device=dev, seed=seed)
-    if quantize:
-        from mimo.quantize import quantize_model
+    t0 = time.perf_counter()
+    if Path(spec).exists():
+        model = load_model(spec, dtype=dtype, device=dev, quantize=quantize)
+    else:
+        model = build_model(spec, dtype=dtype or "float32", device=dev, seed=seed)
+        if quantize:
+            from mimo.quantize import quantize_model
 
-        model = quantize_model(model, quantize)
+            model = quantize_model(model, quantize)
+    load_s = time.perf_counter() - t0
     mtp = mtp and model.config.num_nextn_predict_layers > 0
-    engine = Engine(model, None, max_seq_len=prompt_tokens + new_tokens + 1, compile=compile,
+    engine = Engine(model, None, max_seq_len=max(prompt_tokens + new_tokens, prefill_tokens) + 1, compile=compile,
                     draft_quantize=draft_quantize)
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
     params = SamplingParams(max_new_tokens=new_tokens)
-    engine.warm_up(prompts, params, mtp=mtp, num_draft=num_draft, tokens=8)
+    engine.warm_up(prompts, params, mtp=mtp, num_draft=num_draft, tokens=4)
     outs = engine.generate(prompts, params, mtp=mtp, num_draft=num_draft)
     decode_s = max(o.decode_time_s for o in outs)
     decoded = sum(len(o.tokens) - 1 for o in outs)
     stats = SpecStats.merge(o.spec for o in outs) if mtp else None
     steps = max(o.spec.verify_steps for o in outs) if mtp else new_tokens - 1
     step_bytes = decode_step_bytes(model, num_draft if mtp else 0, engine.drafter)
+    prefill_tps = None
+    if prefill_tokens:
+        long = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=g).tolist()
+        first = engine.generate(long, SamplingParams(max_new_tokens=1))[0]
+        prefill_tps = prefill_tokens / first.time_to_first_token_s
     bandwidth = memory_bandwidth(dev)
     used = step_bytes * steps / decode_s if decode_s > 0 else 0.0
     return {"model": spec, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "mtp": mtp, "num_draft": num_draft if mtp else 0, "quantize": quantize, "compile": compile,
-            "draft_quantize": draft_quantize if mtp else None,
+            "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
+            "draft_quantize": draft_quantize if mtp else None, "load_s": load_s,
             "time_to_first_token_s": sum(o.time_to_first_token_s for o in outs) / len(outs),
             "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
             "decode_steps_per_s": steps / decode_s if decode_s > 0 else 0.0,
+            "decode_step_s": decode_s / steps if steps else 0.0,
+            "prefill_tokens": prefill_tokens, "prefill_tokens_per_s": prefill_tps,
             "weight_bytes_per_step": step_bytes, "bandwidth_used_bytes_per_s": used,
             "measured_bandwidth_bytes_per_s": bandwidth, "bandwidth_fraction": used / bandwidth,
             "acceptance_rate": stats.acceptance_rate if stats else None,
             "first_acceptance_rate": stats.first_acceptance_rate if stats else None,
             "mean_accepted_length": stats.mean_accepted_length if stats else None,
-            "threads": torch.get_num_threads()}
+            "peak_resident_bytes": peak_resident_bytes(), "threads": torch.get_num_threads()}
 
 
 def cmd_bench_decode(args):
     r = bench_decode(args.model, args.batch, args.new_tokens, args.prompt_tokens, args.mtp, args.num_draft,
-                     args.quantize, args.device, compile=args.compile, draft_quantize=args.draft_quantize)
+                     args.quantize, args.device, compile=args.compile, draft_quantize=args.draft_quantize,
+                     dtype=None if args.dtype == "auto" else args.dtype, prefill_tokens=args.prefill_tokens)
     drafts = f"{r['num_draft']} {r['draft_quantize']}" if r["draft_quantize"] else str(r["num_draft"])
     mtp = (f", MTP {drafts} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
            f"{r['first_acceptance_rate']:.2f}), {r['mean_accepted_length']:.2f} tokens/step") if r["mtp"] else ""
-    print(f"{r['model']} {r['quantize'] or 'fp32'} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
+    prefill = (f", prefill of {r['prefill_tokens']} tokens {r['prefill_tokens_per_s']:.1f} tokens/s"
+               if r["prefill_tokens"] else "")
+    print(f"{r['model']} {r['quantize'] or r['dtype']} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
           f"first token {1000 * r['time_to_first_token_s']:.1f} ms, {r['weight_bytes_per_step'] / 2**20:.0f} MiB "
           f"of weights per step x {r['decode_steps_per_s']:.1f} steps/s = {r['bandwidth_used_bytes_per_s'] / 1e9:.1f} "
           f"GB/s, {100 * r['bandwidth_fraction']:.0f}% of the measured {r['measured_bandwidth_bytes_per_s'] / 1e9:.1f} "
-          f"GB/s{mtp}")
+          f"GB/s{mtp}{prefill}; loaded in {r['load_s']:.1f} s, peak memory {r['peak_resident_bytes'] / 1e9:.2f} GB")
     if args.json:
         print(json.dumps(r))
 
@@ -200,6 +223,9 @@ def add_arguments(sub):
     d.add_argument("--draft-quantize", choices=QUANTIZATIONS, default=None,
                    help="draft with quantized copies of the MTP layers and LM head")
     d.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiled in warm-up)")
+    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: a directory as stored, a preset in float32")
+    d.add_argument("--prefill-tokens", type=int, default=0, help="also time the first token of a prompt this long")
     d.add_argument("--device", default="cpu")
     d.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     d.set_defaults(func=cmd_bench_decode)

@@ -9,13 +9,16 @@ so peak memory is about one copy of the weights.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
+import sys
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 from safetensors.torch import save_file
 
 from mimo.config import PRESETS, MiMoConfig, preset_config
@@ -113,6 +116,72 @@ def _write_weights(sd: dict, out_dir: Path, max_shard_bytes: int):
 
 # ---- loading ---------------------------------------------------------------------------------------
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+PAGE = mmap.PAGESIZE
+
+
+class MappedSafetensors:
+    """One safetensors file, memory-mapped (copy-on-write) for reading: tensor(name) is a view of the file's pages,
+    with no copy; release(name) hands a tensor's pages back once it has been copied or quantized.
+
+    The format is read here (8-byte little-endian header length, JSON header, raw data) rather than through
+    safetensors.safe_open, whose get_tensor copies each tensor out of a mapping that stays resident until the
+    file closes: loading a 7B checkpoint that way peaks at the model plus a whole shard."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 2 <= n <= min(size - 8, 100 * 1024**2):
+                    raise MimoError(f"{path}: not a safetensors file (or truncated: {size:,} bytes)")
+                header = json.loads(f.read(n))
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:
+            raise MimoError(f"{path}: not a readable safetensors file ({e})") from None
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        try:
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self.entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]), begin, end)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MimoError(f"{path}: malformed safetensors header ({e.__class__.__name__}: {e})") from None
+        need = self.data_start + max((e[3] for e in self.entries.values()), default=0)
+        if need > size:
+            raise MimoError(f"{path}: truncated: {size:,} bytes, but its header describes {need:,} "
+                            "(an interrupted download or copy?)")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as a view of the mapped file (copy-on-write: writing to it never reaches the file)."""
+        dtype, shape, begin, end = self.entries[name]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = (end - begin) // itemsize
+        if count != math.prod(shape) or (end - begin) % itemsize:
+            raise MimoError(f"{self.path}: tensor {name} has {end - begin} bytes for shape {shape}")
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        offset = self.data_start + begin
+        if offset % itemsize:  # unaligned (an unusual writer): a copy
+            raw = torch.frombuffer(self.mm, dtype=torch.uint8, count=end - begin, offset=offset).clone()
+            return raw.view(dtype).view(shape)
+        return torch.frombuffer(self.mm, dtype=dtype, count=count, offset=offset).view(shape)
+
+    def release(self, name: str):
+        """Drop the pages of a tensor that was copied out (they are read back from the file if touched again)."""
+        _, _, begin, end = self.entries[name]
+        lo = -(-(self.data_start + begin) // PAGE) * PAGE
+        hi = (self.data_start + end) // PAGE * PAGE
+        if hi > lo and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def weight_files(model_dir: Path) -> dict[str, Path]:
     """tensor name -> file, from the index (sharded) or the single safetensors file."""
     index_path = model_dir / INDEX_FILE
@@ -130,11 +199,7 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     single = model_dir / SINGLE_FILE
     if not single.exists():
         raise MimoError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
-    try:
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MimoError(f"{single}: not a readable safetensors file ({e})") from None
+    return dict.fromkeys(MappedSafetensors(single).entries, single)
 
 
 def _summarise(names, n=4):
@@ -143,8 +208,64 @@ def _summarise(names, n=4):
     return ", ".join(names[:n]) + more
 
 
-def load_model(model_dir, dtype=None, device="cpu") -> MiMoForCausalLM:
-    """Load a MiMo or Qwen2 model directory (mimo, transformers or Xiaomi). dtype None: as stored."""
+def _linear_names(model: MiMoForCausalLM) -> set[str]:
+    return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _quantized_bytes(shape, method: str) -> int:
+    """Bytes of a quantized [out, in] weight: ggml's Q8_0 / Q4_0 blocks (34 / 18 bytes per 32 weights)."""
+    return shape[0] * -(-shape[1] // 32) * {"int8": 34, "int4": 18}[method]
+
+
+def weights_bytes(cfg: MiMoConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
+    """Memory the model's weights take once loaded: dtype for all, or linears quantized (embedding in dtype)."""
+    with torch.device("meta"):
+        model = MiMoForCausalLM(cfg)
+    linears = _linear_names(model) if quantize else set()
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, t in weights_state_dict(model).items():
+        prefix = name.rsplit(".", 1)[0]
+        total += _quantized_bytes(t.shape, quantize) if prefix in linears and name.endswith(".weight") \
+            else t.numel() * item
+    if quantize and cfg.tie_word_embeddings:
+        total += _quantized_bytes(model.lm_head.weight.shape, quantize)
+    return total
+
+
+def check_fits(path, cfg: MiMoConfig, dtype: torch.dtype, quantize: str | None, free: int | None):
+    """A MimoError, before anything is allocated, when the weights cannot fit in the memory available."""
+    from mimo.memory import RUNTIME_RESERVE_BYTES, human
+
+    need = weights_bytes(cfg, dtype, quantize)
+    if free is None or need + RUNTIME_RESERVE_BYTES <= free:
+        return need
+    what = f"{quantize} ({str(dtype).removeprefix('torch.')} embedding)" if quantize else \
+        str(dtype).removeprefix("torch.")
+    smaller = [f"--quantize {q} needs about {human(weights_bytes(cfg, torch.bfloat16, q))}"
+               for q in ("int8", "int4") if q != quantize and weights_bytes(cfg, torch.bfloat16, q) < need]
+    raise MimoError(f"{path}: the weights need about {human(need)} in {what} and {human(free)} of memory is "
+                    f"available" + (f" ({'; '.join(smaller)})" if smaller else ""))
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype a model directory's embedding is stored in."""
+    path = weight_files(model_dir).get("model.embed_tokens.weight")
+    if path is None:
+        raise MimoError(f"{model_dir}: missing tensor(s) model.embed_tokens.weight")
+    return MappedSafetensors(path).entries["model.embed_tokens.weight"][0]
+
+
+def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
+               progress: bool = False) -> MiMoForCausalLM:
+    """Load a MiMo or Qwen2 model directory (mimo, transformers or Xiaomi). dtype None: as stored.
+
+    Tensors are read from memory-mapped shards one at a time: kept as views of the file where dtype and device
+    match what is stored (no copy), converted otherwise, and with quantize ("int8" | "int4") every linear weight
+    is quantized as it is read (mimo/quantize.py), so no more than one tensor is ever held in float. Checks that
+    the weights fit in the memory available first. progress: a tqdm bar on stderr."""
+    from mimo.memory import available_bytes
+
     model_dir = Path(model_dir)
     if not model_dir.exists():
         raise MimoError(f"{model_dir}: no such file or directory")
@@ -153,39 +274,72 @@ def load_model(model_dir, dtype=None, device="cpu") -> MiMoForCausalLM:
     cfg = MiMoConfig.load(model_dir / "config.json")
     dtype = parse_dtype(dtype)
     files = weight_files(model_dir)
+    mapped = {path: MappedSafetensors(path) for path in sorted(set(files.values()))}
     with torch.device("meta"):
         model = MiMoForCausalLM(cfg)
     expected = {k: v.shape for k, v in weights_state_dict(model).items()}
     present = {n for n in files if not n.endswith(IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         present.discard("lm_head.weight")
-    some_file = next(iter(set(files.values())), model_dir)
+    some_file = next(iter(mapped), model_dir)
     if missing := set(expected) - present:
         raise MimoError(f"{some_file}: missing tensor(s) {_summarise(missing)}")
     if extra := present - set(expected):
         raise MimoError(f"{some_file}: unexpected tensor(s) {_summarise(extra)} for this config.json")
-    state = {}
-    by_file: dict[Path, list[str]] = {}
     for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    for path, names in by_file.items():
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in names:
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != tuple(expected[name]):
-                        raise MimoError(f"{path}: tensor {name} has shape {list(t.shape)}, "
-                                        f"expected {list(expected[name])}")
-                    if not t.is_floating_point():
-                        raise MimoError(f"{path}: tensor {name} has dtype {t.dtype}, expected a float type")
-                    target = dtype or t.dtype
-                    state[name] = t.to(device=device, dtype=target)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise MimoError(f"{path}: not a readable safetensors file ({e})") from None
-    if cfg.tie_word_embeddings:
+        stored, shape, _, _ = mapped[files[name]].entries[name]
+        if tuple(shape) != tuple(expected[name]):
+            raise MimoError(f"{files[name]}: tensor {name} has shape {shape}, expected {list(expected[name])}")
+        if not stored.is_floating_point:
+            raise MimoError(f"{files[name]}: tensor {name} has dtype {stored}, expected a float type")
+    embed_dtype = mapped[files["model.embed_tokens.weight"]].entries["model.embed_tokens.weight"][0]
+    if torch.device(device).type == "cpu":
+        check_fits(model_dir, cfg, dtype or embed_dtype, quantize, available_bytes())
+    linears = _linear_names(model) if quantize else set()
+    if quantize:
+        from mimo.quantize import QUANTIZED_LINEAR
+
+        if quantize not in QUANTIZED_LINEAR:
+            raise MimoError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+    order = sorted(expected, key=lambda n: (str(files[n]), mapped[files[n]].entries[n][2]))  # file order
+    total = sum(math.prod(expected[n]) for n in order)
+    bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"loading {model_dir.name}", file=sys.stderr,
+               disable=not progress, mininterval=1.0)
+    state, quantized = {}, {}
+    with bar:
+        for name in order:
+            f = mapped[files[name]]
+            t = f.tensor(name)
+            prefix, leaf = name.rsplit(".", 1)
+            if prefix in linears and leaf == "weight":
+                bias_name = prefix + ".bias"
+                bias = None
+                if bias_name in expected:
+                    bias = mapped[files[bias_name]].tensor(bias_name).to(device=device, dtype=dtype or t.dtype)
+                quantized[prefix] = QUANTIZED_LINEAR[quantize].from_weight(t.to(device), bias)
+                f.release(name)
+            elif prefix in linears and leaf == "bias":
+                pass  # read with its weight
+            else:
+                target = dtype or t.dtype
+                if t.dtype != target or torch.device(device).type != "cpu" or quantize:
+                    state[name] = t.to(device=device, dtype=target, copy=True)
+                    f.release(name)
+                else:
+                    state[name] = t  # a view of the mapped file
+            bar.update(t.numel())
+        if quantize and cfg.tie_word_embeddings:
+            quantized["lm_head"] = QUANTIZED_LINEAR[quantize].from_weight(state["model.embed_tokens.weight"], None)
+    for prefix, module in quantized.items():  # quantized linears replace the meta ones
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    if cfg.tie_word_embeddings and not quantize:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_word_embeddings:
+    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantized]
+    if missing or unexpected:
+        raise MimoError(f"{model_dir}: could not place tensor(s) {_summarise(missing + unexpected)}")
+    if cfg.tie_word_embeddings and not quantize:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 
@@ -205,18 +359,21 @@ def build_model(spec: str, *, meta: bool = False, seed: int = 0, dtype=None, dev
     return model.to(device=device, dtype=parse_dtype(dtype) or torch.float32)
 
 
-def load_model_and_tokenizer(model_dir, dtype: str | None = "auto"):
+def load_model_and_tokenizer(model_dir, dtype: str | None = "auto", quantize: str | None = None,
+                             progress: bool = False):
     """A model directory -> (model, tokenizer), checking that the tokenizer fits the embedding.
-    dtype 'auto': as stored, except fp16 becomes fp32 on the CPU (fp16 matmuls are slow there)."""
+    dtype 'auto': as stored, except fp16 becomes fp32 on the CPU (fp16 matmuls are slow there).
+    quantize, progress: as load_model's."""
     from mimo.tokenizer import Tokenizer
 
     path = Path(model_dir)
     if not path.is_dir():
         raise MimoError(f"{model_dir}: no such model directory")
     tokenizer = Tokenizer.load(path)
-    model = load_model(path, dtype=None if dtype in (None, "auto") else dtype)
-    if dtype == "auto" and model.lm_head.weight.dtype == torch.float16 and not torch.cuda.is_available():
-        model = model.float()
+    dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
+    if dtype is None and not torch.cuda.is_available() and stored_dtype(path) == torch.float16:
+        dtype = torch.float32
+    model = load_model(path, dtype=dtype, quantize=quantize, progress=progress)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise MimoError(f"{path / 'tokenizer.json'}: {tokenizer.vocab_size} tokens do not fit the model's "
                         f"embedding of {model.config.vocab_size}")

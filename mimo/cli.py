@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from mimo import __version__
-from mimo.config import QUANTIZATIONS
+from mimo.engine_args import add_engine_arguments, load_engine
 from mimo.errors import MimoError
 
 
@@ -57,19 +57,6 @@ def _human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
-
-
-def load_engine(args, max_seq_len: int | None = None):
-    """(engine, tokenizer) for generate / chat / serve: the model directory and add_engine_arguments' flags."""
-    from mimo.checkpoint import load_model_and_tokenizer
-    from mimo.engine import Engine
-    from mimo.quantize import quantize_model
-
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype)
-    model = quantize_model(model, args.quantize)
-    engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile,
-                    draft_quantize=args.draft_quantize, pack_weights=True)  # the weights never change here
-    return engine, tokenizer
 
 
 def cmd_generate(args):
@@ -124,19 +111,6 @@ def add_decoding_arguments(s, temperature: float, top_p: float, max_new_tokens: 
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--seed", type=int, default=None)
     add_engine_arguments(s)
-
-
-def add_engine_arguments(s):
-    """How the model runs: what load_engine reads, plus MTP speculation (generate, chat, serve)."""
-    s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
-                   help="speculative decoding with the MTP layers (lossless: greedy output is identical either way)")
-    s.add_argument("--num-draft", type=int, default=1, help="tokens the MTP layers draft per step")
-    s.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
-                   help="weight-only int8 or int4 (faster on CPU; int4 loses more accuracy)")
-    s.add_argument("--draft-quantize", choices=QUANTIZATIONS, default=None,
-                   help="MTP drafts from quantized copies of the MTP layers and LM head (faster, still lossless)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def cmd_tokenizer_train(args):

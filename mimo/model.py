@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import MiMoConfig
+from mimo.memory import lazy_zeros
 
 IGNORE_INDEX = -100
 
@@ -72,8 +73,9 @@ class KVCache:
     def __init__(self, cfg: MiMoConfig, batch_size: int, max_seq_len: int, dtype=torch.float32, device="cpu"):
         n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         shape = (batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # zero pages taken as positions are written: a long context costs memory only when it is used
+        self.k = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
+        self.v = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
 
     def update(self, i: int, k, v, ctx: AttnContext):

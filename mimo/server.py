@@ -478,11 +478,11 @@ def generation_defaults(model_dir: Path) -> tuple[float, float]:
 
 
 def make_app(args, engine_in_background: bool = True) -> FastAPI:
-    from mimo.cli import load_engine
+    from mimo.engine_args import load_engine
 
     if args.max_batch < 1 or args.max_queue < 0 or args.stream_interval < 1:
         raise MimoError("--max-batch and --stream-interval must be >= 1 and --max-queue >= 0")
-    engine, tokenizer = load_engine(args, max_seq_len=args.max_model_len)
+    engine, tokenizer = load_engine(args, n_slots=args.max_batch)
     temperature, top_p = generation_defaults(Path(args.model))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or Path(args.model).resolve().name
@@ -523,7 +523,7 @@ def run(args):
 
 
 def add_arguments(p):
-    from mimo.cli import add_engine_arguments
+    from mimo.engine_args import add_engine_arguments
 
     p.add_argument("model", metavar="MODEL_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
@@ -532,7 +532,6 @@ def add_arguments(p):
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed chunk after the first (as SGLang's): larger values cost the server "
                         "and its clients less per token, at the price of a less smooth stream")

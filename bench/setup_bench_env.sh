@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The bench-only environment: peer tools that mimo's benchmarks compare against, never mimo's own dependencies.
+#   bash bench/setup_bench_env.sh          # makes bench/.venv: torch (CPU, as scripts/setup.sh), mimo, llama-cpp-python
+# llama-cpp-python builds llama.cpp from source (about 30 minutes on 2 cores). Its AMX code is switched off (on
+# some VMs that advertise AMX it dies with an illegal instruction on q4_0/q8_0); everything else is native.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+ENV=bench/.venv
+[ -x $ENV/bin/python ] || "$PY" -m venv $ENV
+$ENV/bin/python -m pip install -q --upgrade pip
+read -r -a torch_spec <<< "${MIMO_TORCH:-torch==2.13.0}"
+$ENV/bin/python -m pip install -q "${torch_spec[@]}"
+$ENV/bin/python -m pip install -q -e .
+CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_BLAS=OFF" \
+  CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2} \
+  $ENV/bin/python -m pip install -q --no-binary llama-cpp-python "llama-cpp-python${LLAMA_CPP_VERSION:+==$LLAMA_CPP_VERSION}"
+$ENV/bin/python -c "import llama_cpp, torch; print('bench env ready: llama-cpp-python', llama_cpp.__version__, 'torch', torch.__version__)"

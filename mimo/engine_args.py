@@ -1,0 +1,70 @@
+"""How `mimo generate`, `mimo chat` and `mimo serve` load and run a model: the engine's flags, declared once
+(as vLLM's EngineArgs: add_engine_arguments here, load_engine reads them back).
+
+Loading says what it did on stderr: the time, the weights' memory and the process's peak, and the KV-cache
+context chosen from the memory left (mimo/memory.py), so a 7B model on a laptop never reserves its full
+32,768-position context per slot unless that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mimo.config import QUANTIZATIONS
+
+
+def add_engine_arguments(s):
+    """How the model runs: what load_engine reads, plus MTP speculation (generate, chat, serve)."""
+    s.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=True,
+                   help="speculative decoding with the MTP layers (lossless: greedy output is identical either way)")
+    s.add_argument("--num-draft", type=int, default=1, help="tokens the MTP layers draft per step")
+    s.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="weight-only int8 or int4, applied to each tensor as it is read (less memory, faster "
+                        "decoding; int4 loses more accuracy)")
+    s.add_argument("--draft-quantize", choices=QUANTIZATIONS, default=None,
+                   help="MTP drafts from quantized copies of the MTP layers and LM head (faster, still lossless)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations (auto: as stored; float16 becomes float32 on a CPU)")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="context per sequence (default: the model's, or the largest power of two whose KV cache "
+                        "fits in half the memory left after the weights)")
+
+
+def _weights_nbytes(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def load_engine(args, n_slots: int = 1, quiet: bool = False):
+    """(engine, tokenizer) from add_engine_arguments' flags, with a KV cache for n_slots sequences.
+    quiet: no progress bar or loading lines on stderr."""
+    from mimo.checkpoint import load_model_and_tokenizer
+    from mimo.engine import Engine
+    from mimo.errors import MimoError
+    from mimo.memory import available_bytes, choose_context, human, peak_resident_bytes
+
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise MimoError("--max-model-len must be at least 2")
+    free_before = available_bytes()
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, quantize=args.quantize,
+                                                progress=not quiet and sys.stderr.isatty())
+    weights = _weights_nbytes(model)
+    dtype = model.model.embed_tokens.weight.dtype
+    free_after = None if free_before is None else max(0, free_before - weights)
+    context, why = choose_context(model.config, dtype, n_slots, free_after, args.max_model_len)
+    if not quiet:
+        kind = args.quantize or str(dtype).removeprefix("torch.")
+        print(f"mimo: loaded {Path(args.model).name} ({kind}) in {time.perf_counter() - t0:.1f} s: weights "
+              f"{human(weights)}, peak memory {human(peak_resident_bytes())}; {why}", file=sys.stderr, flush=True)
+    engine = Engine(model, tokenizer, max_seq_len=context, compile=args.compile,
+                    draft_quantize=args.draft_quantize, pack_weights=True)  # the weights never change here
+    return engine, tokenizer
