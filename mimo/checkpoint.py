@@ -12,14 +12,14 @@ import json
 import math
 import mmap
 import os
-import sys
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from mimo.config import PRESETS, MiMoConfig, preset_config
 from mimo.errors import MimoError
@@ -286,10 +286,10 @@ def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
         raise MimoError(f"{some_file}: missing tensor(s) {_summarise(missing)}")
     if extra := present - set(expected):
         raise MimoError(f"{some_file}: unexpected tensor(s) {_summarise(extra)} for this config.json")
-    for name in expected:
+    for name, want in expected.items():
         stored, shape, _, _ = mapped[files[name]].entries[name]
-        if tuple(shape) != tuple(expected[name]):
-            raise MimoError(f"{files[name]}: tensor {name} has shape {shape}, expected {list(expected[name])}")
+        if tuple(shape) != tuple(want):
+            raise MimoError(f"{files[name]}: tensor {name} has shape {shape}, expected {list(want)}")
         if not stored.is_floating_point:
             raise MimoError(f"{files[name]}: tensor {name} has dtype {stored}, expected a float type")
     embed_dtype = mapped[files["model.embed_tokens.weight"]].entries["model.embed_tokens.weight"][0]
