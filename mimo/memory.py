@@ -45,7 +45,7 @@ def peak_resident_bytes() -> int:
 
 
 def human(n: float) -> str:
-    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.0f} MB"
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
 def kv_bytes_per_token(cfg: MiMoConfig, dtype: torch.dtype) -> int:
