@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_arguments(s)
     s.set_defaults(func=lambda args: server.run(args))
 
+    from mimo import gguf as gguf_file
+
+    s = sub.add_parser("export", help="write a model for other runtimes: export gguf (llama.cpp; mimo loads it too)")
+    gguf_file.add_arguments(s)
+
     from mimo import bench
 
     s = sub.add_parser("bench", help="speed benchmarks")

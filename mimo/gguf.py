@@ -1,0 +1,595 @@
+"""GGUF files: export a model directory for llama.cpp and other on-device runtimes, and load one back.
+
+`export_gguf` writes the main model as llama.cpp's architecture "qwen2" (MiMo's main model is exactly Qwen2),
+with the metadata, tensor names and tokenizer keys llama.cpp's convert_hf_to_gguf.py writes for a Qwen2
+checkpoint, so the file loads in llama.cpp as it is. Tensors stream from the safetensors shards one at a time
+(quantized in row chunks), so a 7B model never sits in memory in float32.
+
+- Types: f32, f16, bf16: every 2-D weight in that type; q8_0: as `convert_hf_to_gguf.py --outtype q8_0`
+  (every 2-D weight Q8_0, token_embd and output included); q4_0: as `llama-quantize ... Q4_0` except for the
+  output matrix (output.weight, or token_embd when tied), which llama-quantize makes Q6_K and mimo makes Q8_0
+  (llama-quantize's own choice when Q6_K does not fit; mimo's kernels have no Q6_K). Norms and biases stay F32
+  in every type, and a weight whose rows are not a multiple of 32 falls back to F16 (as the converter does).
+- Tokenizer: tokenizer.ggml.model "gpt2" with the padded vocabulary ("[PAD{i}]" UNUSED tokens up to the
+  embedding's rows), token types (special added tokens CONTROL, other added tokens USER_DEFINED), merges,
+  tokenizer.ggml.pre "qwen2" (llama.cpp's regex for it is exactly mimo's QWEN2_SPLIT), bos/eos/padding ids,
+  add_bos false and the chat template. The Hugging Face pipeline (normalizer, pre-tokenizer, decoder) is kept in
+  mimo.tokenizer.huggingface so that mimo's loader rebuilds the identical tokenizer.
+- MTP: llama.cpp refuses tensors its architecture does not use, so the MTP layers go to a companion file
+  FILE.mtp.gguf, in llama.cpp's NextN convention (as its --mtp export: blocks after the main ones,
+  blk.{L+k}.{attn_*,ffn_*} and blk.{L+k}.nextn.{eh_proj,enorm,hnorm,shared_head_norm}; eh_proj's input columns
+  in llama.cpp's [embedding, hidden] order); the embedding and LM head are shared with the main file.
+  `load_gguf` reads the companion when it sits beside the file, so MTP speculative decoding keeps working.
+
+`load_gguf` reads such a file (or any qwen2 GGUF with these tensor types) through numpy memory maps: float
+tensors stored in the requested dtype stay views of the file; Q8_0 / Q4_0 blocks go to mimo's quantized
+linears when mimo.quantize provides `from_blocks` (otherwise they are dequantized).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from mimo.config import MiMoConfig
+from mimo.errors import MimoError
+
+ARCH = "qwen2"
+# llama.cpp's pre-tokenizer names whose regex is Qwen2's (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_QWEN2)
+QWEN2_PRE_NAMES = ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2")
+TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+WEIGHT_TYPE = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
+LOADABLE = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0)
+QUANT_METHOD = {QT.Q8_0: "int8", QT.Q4_0: "int4"}  # mimo.quantize's names for ggml's blocks
+KEY_CONFIG, KEY_EXPORT_ID, KEY_MTP, KEY_TOKENIZER = "mimo.config", "mimo.export_id", "mimo.mtp_layers", \
+    "mimo.tokenizer.huggingface"
+KEY_COMPANION = "mimo.mtp_companion_of"
+PAD_TOKEN = re.compile(r"\[PAD\d+\]")
+CHUNK_FLOATS = 1 << 24  # rows quantized at a time: about 64 MB of float32
+
+GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+LAYER_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.o_proj.weight": "attn_output.weight",
+               "post_attention_layernorm.weight": "ffn_norm.weight",
+               **{f"self_attn.{p}_proj.{w}": f"attn_{p}.{w}" for p in "qkv" for w in ("weight", "bias")},
+               **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")}}
+MTP_NAMES = {**LAYER_NAMES, "token_layernorm.weight": "nextn.enorm.weight",
+             "hidden_layernorm.weight": "nextn.hnorm.weight", "input_proj.weight": "nextn.eh_proj.weight",
+             "final_layernorm.weight": "nextn.shared_head_norm.weight"}
+
+
+def companion_path(path) -> Path:
+    """FILE.gguf -> FILE.mtp.gguf, where the MTP layers go."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".gguf") + ".mtp.gguf")
+
+
+def gguf_name(name: str, n_layers: int) -> str:
+    """A mimo (Hugging Face) tensor name -> its GGUF name; MTP layer k becomes block n_layers + k."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = re.fullmatch(r"model\.(layers|mtp_layers)\.(\d+)\.(.+)", name)
+    table = LAYER_NAMES if m and m[1] == "layers" else MTP_NAMES
+    if not m or m[3] not in table:
+        raise MimoError(f"tensor {name} has no GGUF name")
+    return f"blk.{int(m[2]) + (n_layers if m[1] == 'mtp_layers' else 0)}.{table[m[3]]}"
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    """input_proj [H, 2H] over [hidden, embedding] <-> eh_proj over [embedding, hidden] (an involution)."""
+    h = w.shape[1] // 2
+    return torch.cat([w[:, h:], w[:, :h]], dim=1)
+
+
+def _tensor_type(name: str, shape, kind: str) -> QT:
+    if len(shape) <= 1 or name.endswith("norm.weight"):
+        return QT.F32
+    qt = WEIGHT_TYPE[kind]
+    if kind == "q4_0" and name == "output.weight":
+        qt = QT.Q8_0
+    if qt in (QT.Q8_0, QT.Q4_0) and shape[-1] % 32:
+        qt = QT.F16  # convert_hf_to_gguf's fallback when a row does not split into blocks
+    return qt
+
+
+def _nbytes(shape, qt: QT) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    return int(np.prod(shape)) // block * size
+
+
+def _encode(t: torch.Tensor, qt: QT) -> np.ndarray:
+    """A tensor in the file's bytes for qt (quantized in row chunks: never the whole tensor in float32)."""
+    if qt == QT.F32:
+        return t.float().numpy()
+    if qt == QT.F16:
+        return t.to(torch.float16).numpy()
+    if qt == QT.BF16:
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    rows, cols = t.shape
+    out = np.empty((rows, _nbytes((cols,), qt)), dtype=np.uint8)
+    step = max(1, CHUNK_FLOATS // cols)
+    for r in range(0, rows, step):
+        out[r: r + step] = gguf.quants.quantize(t[r: r + step].float().numpy(), qt)
+    return out
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+def _pre_tokenizer_name(tokenizer, source) -> str:
+    from mimo.tokenizer import QWEN2_SPLIT
+
+    pre = json.dumps(json.loads(tokenizer.tk.to_str()).get("pre_tokenizer"))
+    if json.dumps(QWEN2_SPLIT)[1:-1] not in pre:
+        raise MimoError(f"{source}: the tokenizer's pre-tokenizer is not Qwen2's, and llama.cpp has no pre-tokenizer "
+                        f"name for it (mimo exports Qwen2-style byte-level BPE tokenizers)")
+    return "qwen2"
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int, source):
+    tk = tokenizer.tk
+    data = json.loads(tk.to_str())
+    if data["model"].get("type") != "BPE":
+        raise MimoError(f"{source}: a {data['model'].get('type')} tokenizer cannot be exported (BPE only)")
+    reverse = {i: t for t, i in tk.get_vocab(with_added_tokens=True).items()}
+    if max(reverse) >= vocab_size:
+        raise MimoError(f"{source}: token id {max(reverse)} does not fit the embedding of {vocab_size} rows")
+    added = tk.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tok = reverse[i]
+        tokens.append(tok)
+        if i not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif added[i].special or (tok.startswith("<|") and tok.endswith("|>")):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            types.append(gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(p.replace(" ", chr(ord(" ") + 256)) for p in m)
+              for m in data["model"].get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer_name(tokenizer, source))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    # bos: Qwen2's config says <|endoftext|>; never added (add_bos false), but llama.cpp's default id is arbitrary
+    bos = tokenizer.config.get("bos_token")
+    bos_id = tk.token_to_id(bos.get("content") if isinstance(bos, dict) else bos) if bos else None
+    bos_id = bos_id if bos_id is not None else tk.token_to_id("<|endoftext|>")
+    if bos_id is not None:
+        w.add_bos_token_id(bos_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    pad = tokenizer.config.get("pad_token") or "<|endoftext|>"
+    pad_id = tk.token_to_id(pad.get("content") if isinstance(pad, dict) else pad)
+    if pad_id is not None:
+        w.add_pad_token_id(pad_id)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(tokenizer.chat_template)
+    # what rebuilds the identical Hugging Face tokenizer (the vocabulary and merges are the keys above)
+    pipeline = {k: data.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")}
+    pipeline["model"] = {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")}
+    w.add_string(KEY_TOKENIZER, json.dumps(pipeline))
+
+
+def _add_hparams(w: gguf.GGUFWriter, cfg: MiMoConfig, n_blocks: int, kind: str, export_id: str, name: str):
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_block_count(n_blocks)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_file_type(TYPES[kind])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string(KEY_CONFIG, json.dumps(cfg.to_hf_dict()))
+    w.add_string(KEY_EXPORT_ID, export_id)
+
+
+def _write(out: Path, plan: list, read, add_metadata, progress: bool):
+    """plan: [(gguf name, mimo name, shape, type)]; read(mimo name) -> tensor. Written beside, then renamed."""
+    from tqdm import tqdm
+
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    w = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        add_metadata(w)
+        for gname, _, shape, qt in plan:
+            w.add_tensor_info(gname, shape, np.dtype(np.float32), _nbytes(shape, qt), raw_dtype=qt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with tqdm(total=sum(_nbytes(s, q) for _, _, s, q in plan), unit="B", unit_scale=True, file=sys.stderr,
+                  desc=f"writing {out.name}", disable=not progress, mininterval=1.0) as bar:
+            for _, name, shape, qt in plan:
+                data = _encode(read(name), qt)
+                w.write_tensor_data(data)
+                bar.update(data.nbytes)
+        w.close()
+        os.replace(tmp, out)
+    finally:
+        w.close()
+        tmp.unlink(missing_ok=True)
+
+
+def export_gguf(model_dir, out_path, type: str = "auto", *, mtp: bool = True, name: str | None = None,
+                progress: bool = False) -> list[Path]:
+    """Write MODEL_DIR as out_path (llama.cpp "qwen2") and its MTP layers as out_path's .mtp.gguf companion.
+    type: f32 | f16 | bf16 | q8_0 | q4_0 | auto (the stored dtype). Returns the files written."""
+    from safetensors import safe_open
+
+    from mimo.checkpoint import IGNORED_SUFFIXES, weight_files, weights_state_dict
+    from mimo.model import MiMoForCausalLM
+    from mimo.tokenizer import Tokenizer
+
+    model_dir, out = Path(model_dir), Path(out_path)
+    if not model_dir.is_dir():
+        raise MimoError(f"{model_dir}: no such model directory")
+    if type != "auto" and type not in TYPES:
+        raise MimoError(f"unknown GGUF type {type!r} (choose from {', '.join(TYPES)})")
+    if out.suffix != ".gguf":
+        raise MimoError(f"{out}: the output file must end in .gguf")
+    cfg = MiMoConfig.load(model_dir / "config.json")
+    tokenizer = Tokenizer.load(model_dir)
+    files = weight_files(model_dir)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in weights_state_dict(MiMoForCausalLM(cfg)).items()}
+    present = {n for n in files if not n.endswith(IGNORED_SUFFIXES)} - ({"lm_head.weight"} if cfg.tie_word_embeddings
+                                                                        else set())
+    if missing := sorted(set(expected) - present):
+        raise MimoError(f"{model_dir}: missing tensor(s) {', '.join(missing[:4])}")
+    if cfg.num_attention_heads * cfg.head_dim != cfg.hidden_size:
+        print(f"mimo: warning: {cfg.num_attention_heads} heads x head_dim {cfg.head_dim} != hidden "
+              f"{cfg.hidden_size}: llama.cpp's qwen2 cannot load this file (mimo can)", file=sys.stderr)
+    with ExitStack() as stack:
+        handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in sorted(set(files.values()))}
+
+        def read(hf: str) -> torch.Tensor:
+            t = handles[files[hf]].get_tensor(hf)
+            if tuple(t.shape) != expected[hf]:
+                raise MimoError(f"{files[hf]}: tensor {hf} has shape {list(t.shape)}, expected {list(expected[hf])}")
+            return _swap_halves(t) if hf.endswith("input_proj.weight") else t
+
+        if type == "auto":
+            stored = handles[files["model.embed_tokens.weight"]].get_slice("model.embed_tokens.weight").get_dtype()
+            type = {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(stored, "f16")
+        L, K = cfg.num_hidden_layers, cfg.num_nextn_predict_layers if mtp else 0
+        main = [n for n in expected if ".mtp_layers." not in n]
+        main = [n for n in main if n != "lm_head.weight"] + (["lm_head.weight"] if "lm_head.weight" in main else [])
+        tied = cfg.tie_word_embeddings
+
+        def plan(names):
+            rows = []
+            for n in names:
+                g = gguf_name(n, L)
+                qt = _tensor_type("output.weight" if tied and g == "token_embd.weight" else g, expected[n], type)
+                rows.append((g, n, expected[n], qt))
+            return rows
+
+        export_id = uuid.uuid4().hex
+        title = name or model_dir.name
+        n_params = sum(int(np.prod(s)) for n, s in expected.items() if ".mtp_layers." not in n)
+
+        def main_metadata(w):
+            _add_hparams(w, cfg, L, type, export_id, title)
+            w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+            w.add_uint32(KEY_MTP, K)
+            _add_tokenizer(w, tokenizer, cfg.vocab_size, model_dir / "tokenizer.json")
+
+        def mtp_metadata(w):
+            _add_hparams(w, cfg, L + K, type, export_id, f"{title} MTP")
+            w.add_uint32(f"{ARCH}.nextn_predict_layers", K)  # gguf.Keys.LLM.NEXTN_PREDICT_LAYERS
+            w.add_string(KEY_COMPANION, out.name)
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write(out, plan(main), read, main_metadata, progress)
+        written = [out]
+        companion = companion_path(out)
+        if K:
+            _write(companion, plan([n for n in expected if ".mtp_layers." in n]), read, mtp_metadata, progress)
+            written.append(companion)
+        else:
+            companion.unlink(missing_ok=True)  # a stale one would belong to another export
+    return written
+
+
+# ---- load ------------------------------------------------------------------------------------------
+
+def _open(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise MimoError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MimoError(f"{path}: not a GGUF file")
+    try:
+        reader = gguf.GGUFReader(path, "c")  # copy-on-write: writable views, nothing copied
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as e:
+        raise MimoError(f"{path}: unreadable or truncated GGUF file ({e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise MimoError(f"{path}: truncated (tensor {t.name} ends past the end of the file)")
+    return reader
+
+
+def _field(reader, key: str, default=None, required_by: Path | None = None):
+    f = reader.fields.get(key)
+    if f is None:
+        if required_by is not None:
+            raise MimoError(f"{required_by}: missing metadata key {key}")
+        return default
+    return f.contents()
+
+
+def _architecture(reader, path: Path):
+    arch = _field(reader, "general.architecture", required_by=path)
+    if arch != ARCH:
+        raise MimoError(f"{path}: architecture {arch} is not supported (mimo loads {ARCH} exported by "
+                        f"mimo export gguf)")
+
+
+def _config(reader, path: Path, vocab_size: int, n_mtp: int) -> MiMoConfig:
+    def key(k, default=None, required=False):
+        v = _field(reader, f"{ARCH}.{k}", default, path if required else None)
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise MimoError(f"{path}: per-layer {ARCH}.{k} is not supported")
+            v = v[0]
+        return v
+
+    if (scaling := key("rope.scaling.type", "none")) != "none":
+        raise MimoError(f"{path}: rope scaling {scaling!r} is not supported")
+    extra = json.loads(_field(reader, KEY_CONFIG, "{}"))
+    hidden, heads = key("embedding_length", required=True), key("attention.head_count", required=True)
+    eps, theta = key("attention.layer_norm_rms_epsilon", required=True), key("rope.freq_base", 10000.0)
+    # float32 in the file: the exact values mimo wrote beside them when they agree
+    eps = extra["rms_norm_eps"] if np.float32(extra.get("rms_norm_eps", -1)) == np.float32(eps) else eps
+    theta = extra["rope_theta"] if np.float32(extra.get("rope_theta", -1)) == np.float32(theta) else theta
+    tensors = {t.name for t in reader.tensors}
+    try:
+        return MiMoConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=key("feed_forward_length", required=True),
+            num_hidden_layers=key("block_count", required=True), num_attention_heads=heads,
+            num_key_value_heads=key("attention.head_count_kv", heads), head_dim=key("attention.key_length", 0),
+            num_nextn_predict_layers=n_mtp, max_position_embeddings=key("context_length", 32768),
+            rms_norm_eps=float(eps), rope_theta=float(theta), tie_word_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors, initializer_range=extra.get("initializer_range", 0.02),
+            bos_token_id=extra.get("bos_token_id"), eos_token_id=extra.get("eos_token_id"),
+            torch_dtype=extra.get("torch_dtype", "float32"))
+    except (MimoError, TypeError) as e:
+        raise MimoError(f"{path}: {e}") from None
+
+
+def _default_pipeline() -> dict:
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from mimo.tokenizer import QWEN2_SPLIT
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    data = json.loads(tk.to_str())
+    pipeline = {k: data.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")}
+    pipeline["model"] = {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")}
+    return pipeline
+
+
+def load_tokenizer(reader, path: Path):
+    """The tokenizer a GGUF file's metadata describes (tokens + merges -> a byte-level BPE), as mimo's Tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from mimo.tokenizer import Tokenizer
+
+    model = _field(reader, "tokenizer.ggml.model", required_by=path)
+    if model != "gpt2":
+        raise MimoError(f"{path}: tokenizer model {model!r} is not supported (mimo loads gpt2-style BPE)")
+    tokens = _field(reader, "tokenizer.ggml.tokens", required_by=path)
+    types = _field(reader, "tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    merges = _field(reader, "tokenizer.ggml.merges", [])
+    if (pipeline := _field(reader, KEY_TOKENIZER)) is not None:
+        pipeline = json.loads(pipeline)
+    else:
+        pre = _field(reader, "tokenizer.ggml.pre", "default")
+        if pre not in QWEN2_PRE_NAMES:
+            raise MimoError(f"{path}: pre-tokenizer {pre!r} is not supported (mimo loads Qwen2's: "
+                            f"{', '.join(QWEN2_PRE_NAMES)})")
+        pipeline = _default_pipeline()
+    vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types))
+             if not (ty == gguf.TokenType.UNUSED and PAD_TOKEN.fullmatch(t))}
+    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": ty == gguf.TokenType.CONTROL}
+             for i, ty in enumerate(types) if ty in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
+    pairs = []
+    for m in merges:
+        cut = m.find(" ", 1)  # as llama.cpp splits them
+        pairs.append([m[:cut], m[cut + 1:]])
+    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            **{k: v for k, v in pipeline.items() if k != "model"},
+            "model": {**pipeline["model"], "type": "BPE", "vocab": vocab, "merges": pairs}}
+    try:
+        tk = HFTokenizer.from_str(json.dumps(data))
+    except Exception as e:  # noqa: BLE001 (the Rust library raises plain Exception subclasses)
+        raise MimoError(f"{path}: the tokenizer in its metadata is invalid ({str(e).splitlines()[0]})") from None
+
+    def token(key):
+        i = _field(reader, key)
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    config = {"eos_token": token("tokenizer.ggml.eos_token_id"), "pad_token": token("tokenizer.ggml.padding_token_id")}
+    return Tokenizer(tk, {k: v for k, v in config.items() if v}, _field(reader, "tokenizer.chat_template"))
+
+
+def _float(t, dtype: torch.dtype) -> torch.Tensor:
+    """A float tensor from the file: a view of the memory map when dtype is what is stored."""
+    if t.tensor_type in (QT.F32, QT.F16):
+        x = torch.from_numpy(t.data)
+    elif t.tensor_type == QT.BF16:
+        x = torch.from_numpy(t.data.view(np.int16)).view(torch.bfloat16)
+    else:
+        x = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | None = None, mtp: bool = True,
+              progress: bool = False):
+    """A GGUF file (mimo export gguf, or any qwen2 GGUF in F32/F16/BF16/Q8_0/Q4_0) -> (model, tokenizer).
+
+    dtype: auto / None as stored (fp16 becomes fp32 on a CPU; quantized files run in fp32); quantize: int8 /
+    int4 quantizes the float linears as they are read (a Q8_0 file's blocks are mimo's int8 as they are, a
+    Q4_0 file's mimo's int4). FILE.mtp.gguf beside the file brings the MTP layers (mtp=False: ignored)."""
+    from mimo.checkpoint import parse_dtype, weights_state_dict
+    from mimo.model import MiMoForCausalLM
+
+    del progress  # loading is a few memory maps: nothing to show
+    path = Path(path)
+    reader = _open(path)
+    _architecture(reader, path)
+    if _field(reader, KEY_COMPANION) is not None:
+        raise MimoError(f"{path}: this is the MTP companion of {_field(reader, KEY_COMPANION)}; load that file")
+    tensors = {t.name: t for t in reader.tensors}
+    sources = {name: path for name in tensors}
+    n_mtp, companion = 0, companion_path(path)
+    if mtp and companion.is_file():
+        creader = _open(companion)
+        _architecture(creader, companion)
+        if _field(creader, KEY_EXPORT_ID) != _field(reader, KEY_EXPORT_ID):
+            raise MimoError(f"{companion}: does not belong to {path.name} (written by another export); "
+                            f"remove it or export again")
+        n_mtp = _field(creader, f"{ARCH}.nextn_predict_layers", 0)
+        for t in creader.tensors:
+            tensors[t.name], sources[t.name] = t, companion
+    elif mtp and _field(reader, KEY_MTP, 0):
+        print(f"mimo: {companion.name} is not beside {path.name}: loading without the MTP layers", file=sys.stderr)
+    for name, t in tensors.items():
+        if t.tensor_type not in LOADABLE:
+            raise MimoError(f"{sources[name]}: tensor {name} has type {t.tensor_type.name}, which mimo does not load "
+                            f"(supported: {', '.join(q.name for q in LOADABLE)})")
+    if "token_embd.weight" not in tensors:
+        raise MimoError(f"{path}: missing tensor(s) token_embd.weight")
+    vocab_size = int(tensors["token_embd.weight"].shape[1])  # ggml order: [hidden, vocab]
+    cfg = _config(reader, path, vocab_size, n_mtp)
+    tokenizer = load_tokenizer(reader, path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise MimoError(f"{path}: {tokenizer.vocab_size} tokens do not fit the embedding of {cfg.vocab_size}")
+
+    embed_type = tensors["token_embd.weight"].tensor_type
+    quantized_file = embed_type in QUANT_METHOD or any(t.tensor_type in QUANT_METHOD for t in tensors.values())
+    dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
+    if dtype is None:
+        dtype = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}.get(embed_type, torch.float32)
+        if quantized_file or quantize or (dtype == torch.float16 and not torch.cuda.is_available()):
+            dtype = torch.float32
+    from mimo.quantize import QUANTIZED_LINEAR
+    if quantize is not None and quantize not in QUANTIZED_LINEAR:
+        raise MimoError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+
+    with torch.device("meta"):
+        model = MiMoForCausalLM(cfg)
+    expected = {k: tuple(v.shape) for k, v in weights_state_dict(model).items()}
+    if cfg.tie_word_embeddings:
+        expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
+    names = {n: ("token_embd.weight" if n == "lm_head.weight" and cfg.tie_word_embeddings
+                 else gguf_name(n, cfg.num_hidden_layers)) for n in expected}
+    if missing := sorted(g for g in names.values() if g not in tensors):
+        raise MimoError(f"{path}: missing tensor(s) {', '.join(missing[:4])}"
+                        + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""))
+    if extra := sorted(set(tensors) - set(names.values())):
+        raise MimoError(f"{sources[extra[0]]}: unexpected tensor(s) {', '.join(extra[:4])}")
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    state, modules = {}, {}
+    for name, shape in expected.items():
+        t = tensors[names[name]]
+        if tuple(int(d) for d in reversed(t.shape)) != shape:
+            raise MimoError(f"{sources[names[name]]}: tensor {names[name]} has shape "
+                            f"{list(reversed(t.shape.tolist()))}, expected {list(shape)}")
+        prefix, leaf = name.rsplit(".", 1)
+        if prefix in linears and leaf == "bias" and prefix in modules:
+            continue
+        if prefix in linears and leaf == "weight":
+            bias = None
+            if prefix + ".bias" in expected:
+                bias = _float(tensors[names[prefix + ".bias"]], dtype)
+            method = QUANT_METHOD.get(t.tensor_type)
+            cls = QUANTIZED_LINEAR.get(method) if method and quantize in (None, method) else None
+            aligned = not name.endswith("input_proj.weight") or (shape[1] // 2) % 32 == 0
+            if cls is not None and hasattr(cls, "from_blocks") and aligned:
+                blocks = torch.from_numpy(t.data).view(shape[0], shape[1] // 32, -1)
+                if name.endswith("input_proj.weight"):  # the file's [embedding, hidden] order -> mimo's
+                    blocks = blocks.view(shape[0], 2, -1, blocks.shape[-1]).flip(1).reshape(blocks.shape)
+                modules[prefix] = cls.from_blocks(blocks, shape[1], bias)
+                continue
+            w = _float(t, dtype)
+            w = _swap_halves(w) if name.endswith("input_proj.weight") else w
+            if quantize and hasattr(QUANTIZED_LINEAR[quantize], "from_weight"):
+                modules[prefix] = QUANTIZED_LINEAR[quantize].from_weight(w, bias)
+                continue
+            state[name] = w
+            if bias is not None:
+                state[prefix + ".bias"] = bias
+            continue
+        if name not in state:
+            state[name] = _float(t, dtype)
+    for prefix, module in modules.items():
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    tie = cfg.tie_word_embeddings and "lm_head" not in modules
+    if tie:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=False)
+    if tie:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if meta := [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]:
+        raise MimoError(f"{path}: could not place tensor(s) {', '.join(meta[:4])}")
+    model.eval()
+    if quantize and any(isinstance(m, torch.nn.Linear) for m in model.modules()):
+        from mimo.quantize import quantize_model
+        model = quantize_model(model, quantize)
+    return model, tokenizer
+
+
+# ---- the command line: mimo export gguf ------------------------------------------------------------
+
+def add_arguments(s):
+    """`mimo export` -> its formats (gguf)."""
+    sub = s.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    g = sub.add_parser("gguf", help="a GGUF file for llama.cpp and other on-device runtimes (mimo loads it too)")
+    g.add_argument("model", metavar="MODEL_DIR")
+    g.add_argument("--out", required=True, metavar="FILE.gguf",
+                   help="the main model (llama.cpp qwen2); the MTP layers go to FILE.mtp.gguf beside it")
+    g.add_argument("--type", default="auto", choices=["auto", *TYPES],
+                   help="weights' type (auto: as stored); norms and biases stay f32")
+    g.add_argument("--no-mtp", dest="mtp", action="store_false", help="write no MTP companion file")
+    g.add_argument("--name", default=None, help="general.name (default: the directory's name)")
+    g.set_defaults(func=run)
+
+
+def run(args):
+    import time
+
+    t0 = time.perf_counter()
+    written = export_gguf(args.model, args.out, args.type, mtp=args.mtp, name=args.name,
+                          progress=sys.stderr.isatty())
+    sizes = ", ".join(f"{p} ({p.stat().st_size / 2**20:.1f} MiB)" for p in written)
+    print(f"wrote {sizes} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
