@@ -173,6 +173,14 @@ class MappedSafetensors:
             return raw.view(dtype).view(shape)
         return torch.frombuffer(self.mm, dtype=dtype, count=count, offset=offset).view(shape)
 
+    def prefault(self, name: str):
+        """Read a tensor's pages in now (one touch per page), so that the first request does not wait for the
+        disk."""
+        _, _, begin, end = self.entries[name]
+        if end - begin >= PAGE:
+            raw = torch.frombuffer(self.mm, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
+            raw[::PAGE].sum()
+
     def release(self, name: str):
         """Drop the pages of a tensor that was copied out (they are read back from the file if touched again)."""
         _, _, begin, end = self.entries[name]
@@ -327,6 +335,8 @@ def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
                     f.release(name)
                 else:
                     state[name] = t  # a view of the mapped file
+                    if name != "model.embed_tokens.weight" or cfg.tie_word_embeddings:
+                        f.prefault(name)  # (the embedding is read a row per token: its pages come as used)
             bar.update(t.numel())
         if quantize and cfg.tie_word_embeddings:
             quantized["lm_head"] = QUANTIZED_LINEAR[quantize].from_weight(state["model.embed_tokens.weight"], None)
