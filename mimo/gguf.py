@@ -542,7 +542,7 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
                 continue
             w = _float(t, dtype)
             w = _swap_halves(w) if name.endswith("input_proj.weight") else w
-            if quantize and hasattr(QUANTIZED_LINEAR[quantize], "from_weight"):
+            if quantize and hasattr(QUANTIZED_LINEAR[quantize], "from_weight") and shape[1] % 32 == 0:
                 modules[prefix] = QUANTIZED_LINEAR[quantize].from_weight(w, bias)
                 continue
             state[name] = w
