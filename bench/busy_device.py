@@ -5,9 +5,9 @@
 
 Each measurement is a fresh `mimo bench decode --json` process (batch 1, no MTP) with the setting's environment;
 "busy" runs it while a pure-Python spin loop (`while True: pass`) holds one core, as another program on a laptop
-would. Settings: `default` is what mimo does when the user sets nothing; `spin` is OpenMP's own default
-(OMP_WAIT_POLICY unset: threads spin-wait between parallel regions); `passive` sleeps at once; `threads1` runs one
-thread. Prints a markdown table: median tokens/s of --repeats runs (min-max), and busy / idle.
+would. Settings: `default` is what mimo does when the user sets nothing (OMP_WAIT_POLICY=PASSIVE, set in
+mimo/__init__.py); `spin` is OpenMP's own default (threads spin-wait between parallel regions); `passive` says
+PASSIVE explicitly; `threads1` runs one thread. Prints a markdown table: median tokens/s of --repeats runs (min-max), and busy / idle.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SETTINGS = {
     "default": {},
     "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "threads1": {"OMP_NUM_THREADS": "1"},
+    "threads1": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
 }
 
 
