@@ -3,7 +3,7 @@
     mimo bench train PRESET_OR_MODEL_DIR [--dtype fp32|bf16] [--batch B] [--seq T] [--steps N] [--json]
     mimo bench decode PRESET_OR_MODEL_DIR [--batch B] [--new-tokens N] [--prompt-tokens P] [--mtp/--no-mtp]
                       [--num-draft K] [--quantize int8|int4] [--draft-quantize int8|int4]
-                      [--compile] [--dtype auto|float32|bfloat16] [--prefill-tokens N] [--json]
+                      [--compile] [--dtype auto|float32|bfloat16] [--prefill-tokens N] [--mtp-cost] [--json]
 
 Training throughput is timed after warm-up on synthetic tokens; MFU is model FLOPs (6 x parameters x tokens
 plus attention) per second against this machine's measured matmul peak in the same precision.
@@ -122,11 +122,12 @@ def decode_step_bytes(model, num_draft: int = 0, drafter=None) -> int:
 def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens: int = 32, mtp: bool = False,
                  num_draft: int = 1, quantize: str | None = None, device: str = "cpu", seed: int = 0,
                  compile: bool = False, draft_quantize: str | None = None, dtype: str | None = None,
-                 prefill_tokens: int = 0) -> dict:
+                 prefill_tokens: int = 0, mtp_cost: bool = False) -> dict:
     """Greedy decoding of random prompts (no stop tokens: every row makes exactly new_tokens tokens), timed
     after a warm-up run (which also compiles, with compile=True). A model directory loads as stored (dtype None)
     with quantize applied as each tensor is read; a preset builds random fp32 weights. prefill_tokens: also time
-    one prompt of that many tokens to its first token (prefill tokens/s)."""
+    one prompt of that many tokens to its first token (prefill tokens/s). mtp_cost: also decode the same prompts
+    with MTP (num_draft drafts a step) and report a draft-and-verify step's time against a plain step's."""
     from pathlib import Path
 
     from mimo.checkpoint import load_model
@@ -158,6 +159,16 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
     stats = SpecStats.merge(o.spec for o in outs) if mtp else None
     steps = max(o.spec.verify_steps for o in outs) if mtp else new_tokens - 1
     step_bytes = decode_step_bytes(model, num_draft if mtp else 0, engine.drafter)
+    cost = {}
+    if mtp_cost and not mtp and model.config.num_nextn_predict_layers:
+        engine.warm_up(prompts, params, mtp=True, num_draft=num_draft, tokens=4)
+        spec_outs = engine.generate(prompts, params, mtp=True, num_draft=num_draft)
+        spec_s = max(o.decode_time_s for o in spec_outs) / max(o.spec.verify_steps for o in spec_outs)
+        merged = SpecStats.merge(o.spec for o in spec_outs)
+        cost = {"mtp_step_s": spec_s, "mtp_step_cost": spec_s / (decode_s / steps),
+                "mtp_tokens_per_step": merged.mean_accepted_length,
+                "mtp_decode_tokens_per_s": sum(len(o.tokens) - 1 for o in spec_outs) /
+                max(o.decode_time_s for o in spec_outs)}
     prefill_tps = None
     if prefill_tokens:
         long = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=g).tolist()
@@ -179,23 +190,26 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
             "acceptance_rate": stats.acceptance_rate if stats else None,
             "first_acceptance_rate": stats.first_acceptance_rate if stats else None,
             "mean_accepted_length": stats.mean_accepted_length if stats else None,
-            "peak_resident_bytes": peak_resident_bytes(), "threads": torch.get_num_threads()}
+            "peak_resident_bytes": peak_resident_bytes(), "threads": torch.get_num_threads(), **cost}
 
 
 def cmd_bench_decode(args):
     r = bench_decode(args.model, args.batch, args.new_tokens, args.prompt_tokens, args.mtp, args.num_draft,
                      args.quantize, args.device, compile=args.compile, draft_quantize=args.draft_quantize,
-                     dtype=None if args.dtype == "auto" else args.dtype, prefill_tokens=args.prefill_tokens)
+                     dtype=None if args.dtype == "auto" else args.dtype, prefill_tokens=args.prefill_tokens,
+                     mtp_cost=args.mtp_cost)
     drafts = f"{r['num_draft']} {r['draft_quantize']}" if r["draft_quantize"] else str(r["num_draft"])
     mtp = (f", MTP {drafts} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
            f"{r['first_acceptance_rate']:.2f}), {r['mean_accepted_length']:.2f} tokens/step") if r["mtp"] else ""
+    cost = (f", a draft-and-verify step costs {r['mtp_step_cost']:.2f} plain steps ({r['mtp_tokens_per_step']:.2f} "
+            "tokens a step)") if "mtp_step_cost" in r else ""
     prefill = (f", prefill of {r['prefill_tokens']} tokens {r['prefill_tokens_per_s']:.1f} tokens/s"
                if r["prefill_tokens"] else "")
     print(f"{r['model']} {r['quantize'] or r['dtype']} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
           f"first token {1000 * r['time_to_first_token_s']:.1f} ms, {r['weight_bytes_per_step'] / 2**20:.0f} MiB "
           f"of weights per step x {r['decode_steps_per_s']:.1f} steps/s = {r['bandwidth_used_bytes_per_s'] / 1e9:.1f} "
           f"GB/s, {100 * r['bandwidth_fraction']:.0f}% of the measured {r['measured_bandwidth_bytes_per_s'] / 1e9:.1f} "
-          f"GB/s{mtp}{prefill}; loaded in {r['load_s']:.1f} s, peak memory {r['peak_resident_bytes'] / 1e9:.2f} GB")
+          f"GB/s{mtp}{prefill}{cost}; loaded in {r['load_s']:.1f} s, peak memory {r['peak_resident_bytes'] / 1e9:.2f} GB")
     if args.json:
         print(json.dumps(r))
 
@@ -226,6 +240,8 @@ def add_arguments(sub):
     d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: a directory as stored, a preset in float32")
     d.add_argument("--prefill-tokens", type=int, default=0, help="also time the first token of a prompt this long")
+    d.add_argument("--mtp-cost", action="store_true",
+                   help="with --no-mtp: also decode with MTP and report a draft-and-verify step against a plain one")
     d.add_argument("--device", default="cpu")
     d.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     d.set_defaults(func=cmd_bench_decode)
