@@ -137,7 +137,11 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
 
     dev = torch.device(device)
     t0 = time.perf_counter()
-    if Path(spec).exists():
+    if Path(spec).is_file() and spec.endswith(".gguf"):
+        from mimo.gguf import load_gguf
+
+        model = load_gguf(spec, dtype or "auto", quantize)[0].to(dev)
+    elif Path(spec).exists():
         model = load_model(spec, dtype=dtype, device=dev, quantize=quantize)
     else:
         model = build_model(spec, dtype=dtype or "float32", device=dev, seed=seed)

@@ -371,14 +371,18 @@ def build_model(spec: str, *, meta: bool = False, seed: int = 0, dtype=None, dev
 
 def load_model_and_tokenizer(model_dir, dtype: str | None = "auto", quantize: str | None = None,
                              progress: bool = False):
-    """A model directory -> (model, tokenizer), checking that the tokenizer fits the embedding.
+    """A model directory or GGUF file -> (model, tokenizer), checking that the tokenizer fits the embedding.
     dtype 'auto': as stored, except fp16 becomes fp32 on the CPU (fp16 matmuls are slow there).
     quantize, progress: as load_model's."""
     from mimo.tokenizer import Tokenizer
 
     path = Path(model_dir)
+    if path.is_file() and path.suffix == ".gguf":
+        from mimo.gguf import load_gguf
+
+        return load_gguf(path, dtype, quantize, progress=progress)
     if not path.is_dir():
-        raise MimoError(f"{model_dir}: no such model directory")
+        raise MimoError(f"{model_dir}: no such model directory or GGUF file")
     tokenizer = Tokenizer.load(path)
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     if dtype is None and not torch.cuda.is_available() and stored_dtype(path) == torch.float16:
