@@ -130,21 +130,16 @@ def _encode(t: torch.Tensor, qt: QT) -> np.ndarray:
 
 # ---- export ----------------------------------------------------------------------------------------
 
-def _pre_tokenizer_name(tokenizer, source) -> str:
+def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int, source):
     from mimo.tokenizer import QWEN2_SPLIT
 
-    pre = json.dumps(json.loads(tokenizer.tk.to_str()).get("pre_tokenizer"))
-    if json.dumps(QWEN2_SPLIT)[1:-1] not in pre:
-        raise MimoError(f"{source}: the tokenizer's pre-tokenizer is not Qwen2's, and llama.cpp has no pre-tokenizer "
-                        f"name for it (mimo exports Qwen2-style byte-level BPE tokenizers)")
-    return "qwen2"
-
-
-def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int, source):
     tk = tokenizer.tk
     data = json.loads(tk.to_str())
     if data["model"].get("type") != "BPE":
         raise MimoError(f"{source}: a {data['model'].get('type')} tokenizer cannot be exported (BPE only)")
+    if json.dumps(QWEN2_SPLIT)[1:-1] not in json.dumps(data.get("pre_tokenizer")):
+        raise MimoError(f"{source}: the tokenizer's pre-tokenizer is not Qwen2's, and llama.cpp has no pre-tokenizer "
+                        f"name for it (mimo exports Qwen2-style byte-level BPE tokenizers)")
     reverse = {i: t for t, i in tk.get_vocab(with_added_tokens=True).items()}
     if max(reverse) >= vocab_size:
         raise MimoError(f"{source}: token id {max(reverse)} does not fit the embedding of {vocab_size} rows")
@@ -166,7 +161,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int, source):
     merges = [m if isinstance(m, str) else " ".join(p.replace(" ", chr(ord(" ") + 256)) for p in m)
               for m in data["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer_name(tokenizer, source))
+    w.add_tokenizer_pre("qwen2")  # llama.cpp's regex for it is QWEN2_SPLIT (case-insensitivity spelled out)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -185,9 +180,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int, source):
     w.add_add_eos_token(False)
     w.add_chat_template(tokenizer.chat_template)
     # what rebuilds the identical Hugging Face tokenizer (the vocabulary and merges are the keys above)
-    pipeline = {k: data.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")}
-    pipeline["model"] = {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")}
-    w.add_string(KEY_TOKENIZER, json.dumps(pipeline))
+    w.add_string(KEY_TOKENIZER, json.dumps(_pipeline(data)))
 
 
 def _add_hparams(w: gguf.GGUFWriter, cfg: MiMoConfig, n_blocks: int, kind: str, export_id: str, name: str):
@@ -278,7 +271,6 @@ def export_gguf(model_dir, out_path, type: str = "auto", *, mtp: bool = True, na
             type = {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(stored, "f16")
         L, K = cfg.num_hidden_layers, cfg.num_nextn_predict_layers if mtp else 0
         main = [n for n in expected if ".mtp_layers." not in n]
-        main = [n for n in main if n != "lm_head.weight"] + (["lm_head.weight"] if "lm_head.weight" in main else [])
         tied = cfg.tie_word_embeddings
 
         def plan(names):
@@ -318,36 +310,40 @@ def export_gguf(model_dir, out_path, type: str = "auto", *, mtp: bool = True, na
 
 # ---- load ------------------------------------------------------------------------------------------
 
-class _Tensor(NamedTuple):
-    name: str
-    tensor_type: QT
-    shape: tuple  # ggml's order (ne): the innermost dimension first
-    n_bytes: int
-    data_offset: int
-    data: np.ndarray | None  # numpy's order over the memory map: float arrays, or uint8 [rows, bytes per row]
-
-
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
 _NUMPY = {QT.F32: np.float32, QT.F16: np.float16}
 
 
-class GGUFFile:
-    """A GGUF file's metadata and tensors over a copy-on-write memory map (tensor data is never copied).
-    gguf.GGUFReader builds numpy views item by item (about 20 s for a 151k vocabulary and its merges); this
-    parses the header with struct in well under a second."""
+class _Tensor(NamedTuple):
+    type: QT
+    ne: tuple  # ggml's shape: the innermost dimension first
+    data: np.ndarray | None  # over the memory map: float [*reversed(ne)], or uint8 [..., bytes per row]
 
-    def __init__(self, path: Path):
-        self.path = path
+
+class GGUFFile:
+    """A qwen2 GGUF file's metadata and tensors over a copy-on-write memory map (tensor data is never copied).
+    gguf.GGUFReader builds numpy views item by item (19 s for a 151k vocabulary and its merges); struct, 0.4 s."""
+
+    def __init__(self, path):
+        self.path = path = Path(path)
+        if not path.is_file():
+            raise MimoError(f"{path}: no such file")
         with open(path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise MimoError(f"{path}: not a GGUF file")
-            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable views for torch, no copy
-        self.size = len(self.mm)
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, nothing copied
         try:
             self._parse()
         except (struct.error, UnicodeDecodeError, ValueError, IndexError) as e:
             raise MimoError(f"{path}: truncated or malformed GGUF file ({e})") from None
+        if (arch := self.get("general.architecture")) != ARCH:
+            raise MimoError(f"{path}: architecture {arch} is not supported (mimo loads {ARCH} exported by "
+                            f"mimo export gguf)")
+
+    def get(self, key: str, default=None, required: bool = False):
+        if required and key not in self.fields:
+            raise MimoError(f"{self.path}: missing metadata key {key}")
+        return self.fields.get(key, default)
 
     def _take(self, fmt: str):
         (v,) = struct.unpack_from(fmt, self.mm, self.off)
@@ -356,28 +352,26 @@ class GGUFFile:
 
     def _str(self) -> str:
         n = self._take("<Q")
-        if self.off + n > self.size:
+        if self.off + n > len(self.mm):
             raise ValueError("a string runs past the end of the file")
-        v = self.mm[self.off: self.off + n].decode("utf-8")
         self.off += n
-        return v
+        return self.mm[self.off - n: self.off].decode("utf-8")
 
     def _value(self, vtype: int):
-        if vtype == _STRING:
+        if vtype == 8:
             return self._str()
         if vtype in _SCALARS:
             return self._take(_SCALARS[vtype])
-        if vtype != _ARRAY:
+        if vtype != 9:
             raise ValueError(f"unknown metadata type {vtype}")
         sub, n = self._take("<I"), self._take("<Q")
-        if sub in _SCALARS and sub != 7:
-            dt = np.dtype(_SCALARS[sub])
-            if self.off + n * dt.itemsize > self.size:
-                raise ValueError("an array runs past the end of the file")
-            v = np.frombuffer(self.mm, dt, n, self.off).tolist()
-            self.off += n * dt.itemsize
-            return v
-        return [self._value(sub) for _ in range(n)]
+        if sub not in _SCALARS:  # strings (or nested arrays) one by one
+            return [self._value(sub) for _ in range(n)]
+        dt = np.dtype(_SCALARS[sub])
+        if self.off + n * dt.itemsize > len(self.mm):
+            raise ValueError("an array runs past the end of the file")
+        self.off += n * dt.itemsize
+        return np.frombuffer(self.mm, dt, n, self.off - n * dt.itemsize).tolist()
 
     def _parse(self):
         self.off = 4
@@ -395,82 +389,85 @@ class GGUFFile:
             infos.append((name, self._take("<I"), ne, self._take("<Q")))
         align = self.fields.get("general.alignment", 32)
         start = -(-self.off // align) * align
-        self.tensors = []
+        self.tensors = {}
         for name, raw, ne, offset in infos:
-            try:
-                qt = QT(raw)
-            except ValueError:
-                raise ValueError(f"tensor {name} has unknown type {raw}") from None
-            block, size = gguf.GGML_QUANT_SIZES[qt]
-            n_bytes = int(np.prod(ne)) // block * size
-            begin = start + offset
-            if begin + n_bytes > self.size:
+            qt = QT(raw)
+            n = int(np.prod(ne))
+            nbytes = n // gguf.GGML_QUANT_SIZES[qt][0] * gguf.GGML_QUANT_SIZES[qt][1]
+            if start + offset + nbytes > len(self.mm):
                 raise MimoError(f"{self.path}: truncated (tensor {name} ends past the end of the file)")
             data = None
             if qt in _NUMPY:
-                data = np.frombuffer(self.mm, _NUMPY[qt], int(np.prod(ne)), begin).reshape(ne[::-1])
-            elif qt in LOADABLE:  # BF16, Q8_0, Q4_0: bytes, a row of the innermost dimension per row
-                rows = int(np.prod(ne[1:]))
-                data = np.frombuffer(self.mm, np.uint8, n_bytes, begin).reshape(*ne[:0:-1], n_bytes // max(rows, 1))
-            self.tensors.append(_Tensor(name, qt, ne, n_bytes, begin, data))
+                data = np.frombuffer(self.mm, _NUMPY[qt], n, start + offset).reshape(ne[::-1])
+            elif qt in LOADABLE:  # BF16, Q8_0, Q4_0 as bytes: a row of the innermost dimension per row
+                data = np.frombuffer(self.mm, np.uint8, nbytes, start + offset).reshape(*ne[:0:-1], -1)
+            self.tensors[name] = _Tensor(qt, ne, data)
 
 
-def _open(path: Path) -> GGUFFile:
-    if not path.is_file():
-        raise MimoError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise MimoError(f"{path}: not a GGUF file")
-    return GGUFFile(path)
-
-
-def _field(reader, key: str, default=None, required_by: Path | None = None):
-    if key not in reader.fields:
-        if required_by is not None:
-            raise MimoError(f"{required_by}: missing metadata key {key}")
-        return default
-    return reader.fields[key]
-
-
-def _architecture(reader, path: Path):
-    arch = _field(reader, "general.architecture", required_by=path)
-    if arch != ARCH:
-        raise MimoError(f"{path}: architecture {arch} is not supported (mimo loads {ARCH} exported by "
-                        f"mimo export gguf)")
-
-
-def _config(reader, path: Path, vocab_size: int, n_mtp: int) -> MiMoConfig:
+def _config(f: GGUFFile, n_mtp: int) -> MiMoConfig:
     def key(k, default=None, required=False):
-        v = _field(reader, f"{ARCH}.{k}", default, path if required else None)
-        if isinstance(v, list):
-            if len(set(v)) != 1:
-                raise MimoError(f"{path}: per-layer {ARCH}.{k} is not supported")
-            v = v[0]
-        return v
+        v = f.get(f"{ARCH}.{k}", default, required)
+        if isinstance(v, list) and len(set(v)) != 1:
+            raise MimoError(f"{f.path}: per-layer {ARCH}.{k} is not supported")
+        return v[0] if isinstance(v, list) else v
 
     if (scaling := key("rope.scaling.type", "none")) != "none":
-        raise MimoError(f"{path}: rope scaling {scaling!r} is not supported")
-    extra = json.loads(_field(reader, KEY_CONFIG, "{}"))
-    hidden, heads = key("embedding_length", required=True), key("attention.head_count", required=True)
-    eps, theta = key("attention.layer_norm_rms_epsilon", required=True), key("rope.freq_base", 10000.0)
-    # float32 in the file: the exact values mimo wrote beside them when they agree
-    eps = extra["rms_norm_eps"] if np.float32(extra.get("rms_norm_eps", -1)) == np.float32(eps) else eps
-    theta = extra["rope_theta"] if np.float32(extra.get("rope_theta", -1)) == np.float32(theta) else theta
-    tensors = {t.name for t in reader.tensors}
+        raise MimoError(f"{f.path}: rope scaling {scaling!r} is not supported")
+    if "token_embd.weight" not in f.tensors:
+        raise MimoError(f"{f.path}: missing tensor(s) token_embd.weight")
+    mimo = json.loads(f.get(KEY_CONFIG, "{}"))  # what mimo wrote beside llama.cpp's keys
+
+    def exact(k, v):  # llama.cpp's keys are float32: mimo's value when it is the same float32
+        return mimo[k] if k in mimo and np.float32(mimo[k]) == np.float32(v) else float(v)
+
+    heads = key("attention.head_count", required=True)
     try:
         return MiMoConfig(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=key("feed_forward_length", required=True),
+            vocab_size=int(f.tensors["token_embd.weight"].ne[1]), hidden_size=key("embedding_length", required=True),
+            intermediate_size=key("feed_forward_length", required=True),
             num_hidden_layers=key("block_count", required=True), num_attention_heads=heads,
             num_key_value_heads=key("attention.head_count_kv", heads), head_dim=key("attention.key_length", 0),
             num_nextn_predict_layers=n_mtp, max_position_embeddings=key("context_length", 32768),
-            rms_norm_eps=float(eps), rope_theta=float(theta), tie_word_embeddings="output.weight" not in tensors,
-            attention_bias="blk.0.attn_q.bias" in tensors, initializer_range=extra.get("initializer_range", 0.02),
-            bos_token_id=extra.get("bos_token_id"), eos_token_id=extra.get("eos_token_id"),
-            torch_dtype=extra.get("torch_dtype", "float32"))
+            rms_norm_eps=exact("rms_norm_eps", key("attention.layer_norm_rms_epsilon", required=True)),
+            rope_theta=exact("rope_theta", key("rope.freq_base", 10000.0)),
+            tie_word_embeddings="output.weight" not in f.tensors, attention_bias="blk.0.attn_q.bias" in f.tensors,
+            **{k: mimo[k] for k in ("initializer_range", "bos_token_id", "eos_token_id", "torch_dtype") if k in mimo})
     except (MimoError, TypeError) as e:
-        raise MimoError(f"{path}: {e}") from None
+        raise MimoError(f"{f.path}: {e}") from None
+
+
+def read_gguf(path, mtp: bool = True) -> tuple[MiMoConfig, GGUFFile, dict, dict]:
+    """(config, the main file, GGUF name -> tensor, GGUF name -> its file) for FILE.gguf and, when mtp and it
+    is beside it, FILE.mtp.gguf."""
+    f = GGUFFile(path)
+    if (main := f.get(KEY_COMPANION)) is not None:
+        raise MimoError(f"{f.path}: this is the MTP companion of {main}; load that file")
+    tensors, sources = dict(f.tensors), dict.fromkeys(f.tensors, f.path)
+    n_mtp, companion = 0, companion_path(f.path)
+    if mtp and companion.is_file():
+        c = GGUFFile(companion)
+        if c.get(KEY_EXPORT_ID) != f.get(KEY_EXPORT_ID):
+            raise MimoError(f"{companion}: does not belong to {f.path.name} (written by another export); "
+                            f"remove it or export again")
+        n_mtp = c.get(f"{ARCH}.nextn_predict_layers", 0)
+        tensors |= c.tensors
+        sources |= dict.fromkeys(c.tensors, companion)
+    elif mtp and f.get(KEY_MTP, 0):
+        print(f"mimo: {companion.name} is not beside {f.path.name}: loading without the MTP layers", file=sys.stderr)
+    for name, t in tensors.items():
+        if t.type not in LOADABLE:
+            raise MimoError(f"{sources[name]}: tensor {name} has type {t.type.name}, which mimo does not load "
+                            f"(supported: {', '.join(q.name for q in LOADABLE)})")
+    return _config(f, n_mtp), f, tensors, sources
+
+
+def gguf_config(path) -> MiMoConfig:
+    """The model's config from FILE.gguf (and its companion's MTP layers), e.g. for `mimo info`."""
+    return read_gguf(path)[0]
 
 
 def _default_pipeline() -> dict:
+    """mimo's tokenizer pipeline (Qwen2's split, byte-level), for qwen2 GGUF files mimo did not write."""
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -480,65 +477,54 @@ def _default_pipeline() -> dict:
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    data = json.loads(tk.to_str())
+    return _pipeline(json.loads(tk.to_str()))
+
+
+def _pipeline(data: dict) -> dict:
     pipeline = {k: data.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")}
-    pipeline["model"] = {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")}
-    return pipeline
+    return pipeline | {"model": {k: v for k, v in data["model"].items() if k not in ("vocab", "merges")}}
 
 
-def load_tokenizer(reader, path: Path):
+def load_tokenizer(f: GGUFFile):
     """The tokenizer a GGUF file's metadata describes (tokens + merges -> a byte-level BPE), as mimo's Tokenizer."""
     from tokenizers import Tokenizer as HFTokenizer
 
     from mimo.tokenizer import Tokenizer
 
-    model = _field(reader, "tokenizer.ggml.model", required_by=path)
-    if model != "gpt2":
-        raise MimoError(f"{path}: tokenizer model {model!r} is not supported (mimo loads gpt2-style BPE)")
-    tokens = _field(reader, "tokenizer.ggml.tokens", required_by=path)
-    types = _field(reader, "tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
-    merges = _field(reader, "tokenizer.ggml.merges", [])
-    if (pipeline := _field(reader, KEY_TOKENIZER)) is not None:
-        pipeline = json.loads(pipeline)
-    else:
-        pre = _field(reader, "tokenizer.ggml.pre", "default")
-        if pre not in QWEN2_PRE_NAMES:
-            raise MimoError(f"{path}: pre-tokenizer {pre!r} is not supported (mimo loads Qwen2's: "
-                            f"{', '.join(QWEN2_PRE_NAMES)})")
-        pipeline = _default_pipeline()
+    if (model := f.get("tokenizer.ggml.model", required=True)) != "gpt2":
+        raise MimoError(f"{f.path}: tokenizer model {model!r} is not supported (mimo loads gpt2-style BPE)")
+    tokens = f.get("tokenizer.ggml.tokens", required=True)
+    types = f.get("tokenizer.ggml.token_type", [gguf.TokenType.NORMAL] * len(tokens))
+    if (pipeline := f.get(KEY_TOKENIZER)) is None and (pre := f.get("tokenizer.ggml.pre")) not in QWEN2_PRE_NAMES:
+        raise MimoError(f"{f.path}: pre-tokenizer {pre!r} is not supported (mimo loads Qwen2's: "
+                        f"{', '.join(QWEN2_PRE_NAMES)})")
+    pipeline = json.loads(pipeline) if pipeline else _default_pipeline()
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types))
              if not (ty == gguf.TokenType.UNUSED and PAD_TOKEN.fullmatch(t))}
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": ty == gguf.TokenType.CONTROL}
              for i, ty in enumerate(types) if ty in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
-    pairs = []
-    for m in merges:
-        cut = m.find(" ", 1)  # as llama.cpp splits them
-        pairs.append([m[:cut], m[cut + 1:]])
-    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-            **{k: v for k, v in pipeline.items() if k != "model"},
-            "model": {**pipeline["model"], "type": "BPE", "vocab": vocab, "merges": pairs}}
+    cuts = [(m, m.find(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]  # split as llama.cpp does
+    data = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, **pipeline,
+            "model": {**pipeline["model"], "type": "BPE", "vocab": vocab,
+                      "merges": [[m[:c], m[c + 1:]] for m, c in cuts]}}
     try:
         tk = HFTokenizer.from_str(json.dumps(data))
     except Exception as e:  # noqa: BLE001 (the Rust library raises plain Exception subclasses)
-        raise MimoError(f"{path}: the tokenizer in its metadata is invalid ({str(e).splitlines()[0]})") from None
-
-    def token(key):
-        i = _field(reader, key)
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
-
-    config = {"eos_token": token("tokenizer.ggml.eos_token_id"), "pad_token": token("tokenizer.ggml.padding_token_id")}
-    return Tokenizer(tk, {k: v for k, v in config.items() if v}, _field(reader, "tokenizer.chat_template"))
+        raise MimoError(f"{f.path}: the tokenizer in its metadata is invalid ({str(e).splitlines()[0]})") from None
+    ids = {k: f.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "padding")}
+    config = {f"{k[:3]}_token": tokens[i] for k, i in ids.items() if isinstance(i, int) and 0 <= i < len(tokens)}
+    return Tokenizer(tk, config, f.get("tokenizer.chat_template"))
 
 
-def _float(t, dtype: torch.dtype) -> torch.Tensor:
+def _float(t: _Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A float tensor from the file: a view of the memory map when dtype is what is stored."""
-    if t.tensor_type in (QT.F32, QT.F16):
+    if t.type in _NUMPY:
         x = torch.from_numpy(t.data)
-    elif t.tensor_type == QT.BF16:
+    elif t.type == QT.BF16:
         x = torch.from_numpy(t.data.view(np.int16)).view(torch.bfloat16)
     else:
-        x = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))
+        x = torch.from_numpy(gguf.quants.dequantize(t.data, t.type))
     return x if x.dtype == dtype else x.to(dtype)
 
 
@@ -551,99 +537,68 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
     Q4_0 file's mimo's int4). FILE.mtp.gguf beside the file brings the MTP layers (mtp=False: ignored)."""
     from mimo.checkpoint import parse_dtype, weights_state_dict
     from mimo.model import MiMoForCausalLM
-
-    del progress  # loading is a few memory maps: nothing to show
-    path = Path(path)
-    reader = _open(path)
-    _architecture(reader, path)
-    if _field(reader, KEY_COMPANION) is not None:
-        raise MimoError(f"{path}: this is the MTP companion of {_field(reader, KEY_COMPANION)}; load that file")
-    tensors = {t.name: t for t in reader.tensors}
-    sources = {name: path for name in tensors}
-    n_mtp, companion = 0, companion_path(path)
-    if mtp and companion.is_file():
-        creader = _open(companion)
-        _architecture(creader, companion)
-        if _field(creader, KEY_EXPORT_ID) != _field(reader, KEY_EXPORT_ID):
-            raise MimoError(f"{companion}: does not belong to {path.name} (written by another export); "
-                            f"remove it or export again")
-        n_mtp = _field(creader, f"{ARCH}.nextn_predict_layers", 0)
-        for t in creader.tensors:
-            tensors[t.name], sources[t.name] = t, companion
-    elif mtp and _field(reader, KEY_MTP, 0):
-        print(f"mimo: {companion.name} is not beside {path.name}: loading without the MTP layers", file=sys.stderr)
-    for name, t in tensors.items():
-        if t.tensor_type not in LOADABLE:
-            raise MimoError(f"{sources[name]}: tensor {name} has type {t.tensor_type.name}, which mimo does not load "
-                            f"(supported: {', '.join(q.name for q in LOADABLE)})")
-    if "token_embd.weight" not in tensors:
-        raise MimoError(f"{path}: missing tensor(s) token_embd.weight")
-    vocab_size = int(tensors["token_embd.weight"].shape[1])  # ggml order: [hidden, vocab]
-    cfg = _config(reader, path, vocab_size, n_mtp)
-    tokenizer = load_tokenizer(reader, path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise MimoError(f"{path}: {tokenizer.vocab_size} tokens do not fit the embedding of {cfg.vocab_size}")
-
-    embed_type = tensors["token_embd.weight"].tensor_type
-    quantized_file = embed_type in QUANT_METHOD or any(t.tensor_type in QUANT_METHOD for t in tensors.values())
-    dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
-    if dtype is None:
-        dtype = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}.get(embed_type, torch.float32)
-        if quantized_file or quantize or (dtype == torch.float16 and not torch.cuda.is_available()):
-            dtype = torch.float32
     from mimo.quantize import QUANTIZED_LINEAR
+
+    del progress  # memory maps: nothing to show
+    cfg, f, tensors, sources = read_gguf(path, mtp)
+    tokenizer = load_tokenizer(f)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise MimoError(f"{f.path}: {tokenizer.vocab_size} tokens do not fit the embedding of {cfg.vocab_size}")
     if quantize is not None and quantize not in QUANTIZED_LINEAR:
         raise MimoError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+    dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
+    if dtype is None:
+        dtype = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}.get(tensors["token_embd.weight"].type, torch.float32)
+        if quantize or any(t.type in QUANT_METHOD for t in tensors.values()) or \
+                (dtype == torch.float16 and not torch.cuda.is_available()):
+            dtype = torch.float32
 
     with torch.device("meta"):
         model = MiMoForCausalLM(cfg)
     expected = {k: tuple(v.shape) for k, v in weights_state_dict(model).items()}
     if cfg.tie_word_embeddings:
         expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
-    names = {n: ("token_embd.weight" if n == "lm_head.weight" and cfg.tie_word_embeddings
-                 else gguf_name(n, cfg.num_hidden_layers)) for n in expected}
+    names = {n: "token_embd.weight" if n == "lm_head.weight" and cfg.tie_word_embeddings
+             else gguf_name(n, cfg.num_hidden_layers) for n in expected}
     if missing := sorted(g for g in names.values() if g not in tensors):
-        raise MimoError(f"{path}: missing tensor(s) {', '.join(missing[:4])}"
+        raise MimoError(f"{f.path}: missing tensor(s) {', '.join(missing[:4])}"
                         + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""))
     if extra := sorted(set(tensors) - set(names.values())):
         raise MimoError(f"{sources[extra[0]]}: unexpected tensor(s) {', '.join(extra[:4])}")
+    for name, shape in expected.items():
+        if (ne := tensors[names[name]].ne)[::-1] != shape:
+            raise MimoError(f"{sources[names[name]]}: tensor {names[name]} has shape {list(ne[::-1])}, "
+                            f"expected {list(shape)}")
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     state, modules = {}, {}
     for name, shape in expected.items():
-        t = tensors[names[name]]
-        if tuple(int(d) for d in reversed(t.shape)) != shape:
-            raise MimoError(f"{sources[names[name]]}: tensor {names[name]} has shape "
-                            f"{list(reversed(t.shape))}, expected {list(shape)}")
         prefix, leaf = name.rsplit(".", 1)
-        if prefix in linears and leaf == "bias" and prefix in modules:
+        t = tensors[names[name]]
+        if prefix not in linears or leaf != "weight":
+            state.setdefault(name, _float(t, dtype))  # a linear's bias may come with its weight below
             continue
-        if prefix in linears and leaf == "weight":
-            bias = None
-            if prefix + ".bias" in expected:
-                bias = _float(tensors[names[prefix + ".bias"]], dtype)
-            method = QUANT_METHOD.get(t.tensor_type)
-            cls = QUANTIZED_LINEAR.get(method) if method and quantize in (None, method) else None
-            aligned = not name.endswith("input_proj.weight") or (shape[1] // 2) % 32 == 0
-            if cls is not None and hasattr(cls, "from_blocks") and aligned:
-                blocks = torch.from_numpy(t.data).view(shape[0], shape[1] // 32, -1)
-                if name.endswith("input_proj.weight"):  # the file's [embedding, hidden] order -> mimo's
-                    blocks = blocks.view(shape[0], 2, -1, blocks.shape[-1]).flip(1).reshape(blocks.shape)
-                modules[prefix] = cls.from_blocks(blocks, shape[1], bias)
-                continue
-            w = _float(t, dtype)
-            w = _swap_halves(w) if name.endswith("input_proj.weight") else w
-            if quantize and hasattr(QUANTIZED_LINEAR[quantize], "from_weight") and shape[1] % 32 == 0:
-                modules[prefix] = QUANTIZED_LINEAR[quantize].from_weight(w, bias)
-                continue
-            state[name] = w
-            if bias is not None:
-                state[prefix + ".bias"] = bias
+        bias = _float(tensors[names[prefix + ".bias"]], dtype) if prefix + ".bias" in expected else None
+        swap = name.endswith("input_proj.weight")  # the file's [embedding, hidden] -> mimo's [hidden, embedding]
+        cls = QUANTIZED_LINEAR.get(QUANT_METHOD.get(t.type))
+        if cls and quantize in (None, QUANT_METHOD[t.type]) and hasattr(cls, "from_blocks") and \
+                not (swap and shape[1] // 2 % 32):
+            blocks = torch.from_numpy(t.data).view(shape[0], shape[1] // 32, -1)
+            if swap:
+                blocks = blocks.view(shape[0], 2, -1, blocks.shape[-1]).flip(1).reshape(blocks.shape)
+            modules[prefix] = cls.from_blocks(blocks, shape[1], bias)
             continue
-        if name not in state:
-            state[name] = _float(t, dtype)
+        w = _swap_halves(_float(t, dtype)) if swap else _float(t, dtype)
+        if quantize and hasattr(QUANTIZED_LINEAR[quantize], "from_weight") and shape[1] % 32 == 0:
+            modules[prefix] = QUANTIZED_LINEAR[quantize].from_weight(w, bias)
+            continue
+        state[name] = w
+        if bias is not None:
+            state[prefix + ".bias"] = bias
     for prefix, module in modules.items():
         parent, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
+    for prefix in modules:
+        state.pop(prefix + ".bias", None)
     tie = cfg.tie_word_embeddings and "lm_head" not in modules
     if tie:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -651,7 +606,7 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
     if tie:
         model.lm_head.weight = model.model.embed_tokens.weight
     if meta := [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]:
-        raise MimoError(f"{path}: could not place tensor(s) {', '.join(meta[:4])}")
+        raise MimoError(f"{f.path}: could not place tensor(s) {', '.join(meta[:4])}")
     model.eval()
     if quantize and any(isinstance(m, torch.nn.Linear) for m in model.modules()):
         from mimo.quantize import quantize_model
