@@ -348,3 +348,33 @@ def test_cli_export(source, tmp_path, capsys):
     assert field(read(out), "general.file_type") == 2
     assert main(["export", "gguf", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "mimo: error:" in capsys.readouterr().err
+
+
+def test_qwen2_style_tokenizer_round_trip(tmp_path):
+    """Added tokens after the BPE vocabulary (as Qwen2's), one of them not special, and an NFC normalizer."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from mimo.tokenizer import QWEN2_SPLIT, Tokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(SAMPLE_TEXT, trainers.BpeTrainer(vocab_size=350, min_frequency=1, show_progress=False,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    hf.add_tokens([AddedToken("<think>", special=False, normalized=False)])
+    tokenizer = Tokenizer(hf, {"eos_token": "<|im_end|>"})
+    model = tiny_model(vocab_size=tokenizer.vocab_size + 3, num_mtp=0)
+    path = export_gguf(save_model(model, tmp_path / "q", tokenizer=tokenizer), tmp_path / "q.gguf", "q8_0")[0]
+    types = field(read(path), "tokenizer.ggml.token_type")
+    assert types[hf.token_to_id("<think>")] == gguf.TokenType.USER_DEFINED
+    assert types[hf.token_to_id("<|im_end|>")] == gguf.TokenType.CONTROL
+    assert field(read(path), "tokenizer.ggml.eos_token_id") == hf.token_to_id("<|im_end|>")
+    _, tok = load_gguf(path)
+    for text in [*TEXTS, "cafe\u0301 <think>"]:  # a decomposed é: NFC as in the source
+        assert tok.encode(text) == tokenizer.encode(text), text
+    assert tok.eos_token == "<|im_end|>" and tok.vocab_size == tokenizer.vocab_size
+    assert tok.decode(tok.encode("a<think>b<|im_end|>"), skip_special_tokens=True) == "a<think>b"
