@@ -1,130 +1,282 @@
-"""Weight-only int8 and int4 quantization for inference, and a perplexity helper to check what it costs.
+"""Weight-only quantization in llama.cpp's GGML block formats (Q8_0 for "int8", Q4_0 for "int4"), the CPU kernels
+that multiply with them (and with bf16 weights), and a perplexity helper to check what quantization costs.
 
 quantize_model(model, "int8" | "int4") swaps every nn.Linear (main layers, MTP layers, LM head; not the
-embedding) for a quantized module; activations stay in float. Decoding reads every weight once per token, so
-reading a quarter (int8) or an eighth (int4) of the fp32 bytes is most of the speed-up.
+embedding) for a quantized module; activations stay in the model's float dtype (fp32 or bf16). Decoding reads
+every weight once per token, so reading 34/128 (Q8_0) or 18/128 (Q4_0) of the fp32 bytes is most of the speed-up.
 
-- Int8Linear: symmetric int8 with one scale per output row. On CPU the matmul is torch._weight_int8pack_mm
-  (an AVX-512 kernel that reads the int8 weights directly) with bf16 activations; it needs
-  in_features % 16 == 0.
-- Int4Linear: asymmetric 4-bit in groups of 32 input features (a bf16 scale and zero point per group, as
-  gpt-fast and torchao's int4 weight-only), two weights per byte. On CPU the matmul is
-  torch.ops.aten._weight_int4pack_mm_for_cpu with bf16 activations; it needs out_features % 16 == 0 and
-  in_features % 32 == 0.
+Formats (ggml-common.h), in blocks of 32 weights along the input dimension:
+- Q8_0 (Int8Linear): fp16 scale d, then 32 int8 q; w = d * q (34 bytes a block).
+- Q4_0 (Int4Linear): fp16 scale d, then 16 bytes qs; element j < 16 is the low nibble of qs[j], element j + 16 its
+  high nibble; w = d * (q - 8) (18 bytes a block).
+The modules keep exactly ggml's bytes in the uint8 buffer `blocks` [out_features, in_features / 32, 34 or 18]
+(rows one after another: a GGUF tensor's data), quantized as ggml's quantize_row_q{8,4}_0_ref does, byte for byte
+(gguf.quants gives the same bytes), so GGUF files import and export by copying. in_features must be a multiple of
+32 (quantize_linears leaves other linears in float).
 
-Other shapes (and other devices) dequantize on the fly. Weights are quantized against the bf16-rounded
-scales (and zero points) the kernels use, so those are exact.
+Products (mimo/kernels/gemv.c, built on first use): up to GEMV_MAX_ROWS input rows, the llama.cpp way: each
+activation row is quantized to int8 blocks of 32 with an fp32 scale, every block is an integer dot product (AVX2),
+scaled and summed in fp32; every weight block is read once for all rows. More rows (prefill) dequantize the
+weight in row chunks to fp32 and multiply with torch's GEMM. bf16 weights (bf16_linear) get their own GEMV. Without
+the kernels (no C compiler, or MIMO_NO_KERNELS=1) a torch path computes the same products (activations rounded the
+same way), slowly. Each product is a torch custom op (mimo::q8_0_linear, mimo::q4_0_linear, mimo::bf16_linear), so
+torch.compile traces through it without a graph break.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimo import kernels
 from mimo.errors import MimoError
 from mimo.model import MiMoForCausalLM, cross_entropy
 
+QK = 32  # weights per block
+BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2}
+# input rows up to which products run through the GEMV kernel (each weight block read once for all rows); more
+# rows dequantize the weight in chunks and use torch's fp32 GEMM (bench/gemv_bandwidth.py measures the crossover)
+GEMV_MAX_ROWS = {"q8_0": 8, "q4_0": 8, "bf16": 8}
+CHUNK_ELEMS = 1 << 22  # weights per chunk when quantizing or dequantizing (16 MiB of fp32 at a time)
 
-class Int8Linear(nn.Module):
-    """y = x @ (scale[:, None] * w_int8).T + bias, with w_int8 [out, in] and one bf16 scale per output row."""
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+# ---- the formats: ggml's reference quantization, byte for byte ------------------------------------------------
+
+def _check_in_features(in_features: int):
+    if in_features % QK:
+        raise MimoError(f"GGML block quantization needs in_features divisible by {QK}, got {in_features}")
+
+
+def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
+    """d [..., 1] float32 -> [..., 2] uint8: the fp16 value's little-endian bytes."""
+    return d.to(torch.float16).view(torch.uint8)
+
+
+def _quantize_torch(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """w [rows, k] float32 -> blocks [rows, k / 32, bytes]: ggml's quantize_row_q{8,4}_0_ref in torch ops."""
+    rows, k = w.shape
+    b = w.reshape(rows, k // QK, QK)
+    if fmt == "q8_0":
+        d = b.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d == 0, torch.zeros_like(d), torch.reciprocal(d))
+        v = b * inv
+        a = v.abs()
+        fl = a.floor()
+        q = (torch.sign(v) * (fl + (2 * (a - fl)).floor())).to(torch.int8)  # roundf: half away from zero
+        return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], -1)
+    amax_at = b.abs().argmax(-1, keepdim=True)  # the first of equal magnitudes, as ggml's strict "<"
+    d = b.gather(-1, amax_at) / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), torch.reciprocal(d))
+    q = torch.trunc(b * inv + 8.5).clamp(0, 15).to(torch.uint8)
+    qs = q[..., : QK // 2] | (q[..., QK // 2:] << 4)
+    return torch.cat([_fp16_bytes(d), qs], -1)
+
+
+def quantize_blocks(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """weight [out, in] (any float dtype) -> uint8 blocks [out, in / 32, BLOCK_BYTES[fmt]], as ggml quantizes.
+    Rows go in chunks of about CHUNK_ELEMS weights, so only a chunk is ever held in fp32."""
+    if weight.dim() != 2:
+        raise MimoError(f"expected a 2-d weight, got shape {tuple(weight.shape)}")
+    rows, k = weight.shape
+    _check_in_features(k)
+    out = torch.empty(rows, k // QK, BLOCK_BYTES[fmt], dtype=torch.uint8, device=weight.device)
+    use_kernel = weight.device.type == "cpu" and kernels.available()
+    step = max(1, CHUNK_ELEMS // k)
+    with torch.no_grad():
+        for r0 in range(0, rows, step):
+            w = weight[r0: r0 + step].detach().to(torch.float32).contiguous()
+            if use_kernel:
+                kernels.quantize(fmt, w, out[r0: r0 + step])
+            else:
+                out[r0: r0 + step] = _quantize_torch(w, fmt)
+    return out
+
+
+def _dequantize_torch(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
+    """blocks [rows, nb, bytes] -> float32 [rows, nb * 32]."""
+    rows, nb, _ = blocks.shape
+    d = blocks[..., :2].contiguous().view(torch.float16).float()  # [rows, nb, 1]
+    if fmt == "q8_0":
+        q = blocks[..., 2:].contiguous().view(torch.int8).float()
+    else:
+        qs = blocks[..., 2:]
+        q = torch.cat([qs & 15, qs >> 4], -1).float() - 8
+    return (d * q).view(rows, nb * QK)
+
+
+def dequantize_blocks(blocks: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 blocks [out, in / 32, bytes] -> the weight [out, in] they stand for."""
+    rows, nb, _ = blocks.shape
+    if blocks.device.type == "cpu" and kernels.available():
+        w = kernels.dequantize(fmt, blocks, 0, rows, nb * QK, torch.empty(rows, nb * QK))
+    else:
+        w = _dequantize_torch(blocks, fmt)
+    return w.to(dtype)
+
+
+# ---- the products ------------------------------------------------------------------------------------------------
+
+def _round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [m, k] float32 -> the values the kernel multiplies with: each block of 32 quantized to int8 with the scale
+    amax / 127 (round half to even), as gemv.c's quantize_act_row."""
+    m, k = x.shape
+    b = x.reshape(m, k // QK, QK)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), torch.div(torch.full_like(amax, 127.0), amax))
+    return (torch.round(b * inv) * (amax / 127)).view(m, k)
+
+
+def _weight_rows(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, buf: torch.Tensor | None) -> torch.Tensor:
+    """Rows [r0, r1) of the weight in float32 (blocks or a bf16 [n, k] weight)."""
+    if buf is not None:
+        return kernels.dequantize(fmt, weight, r0, r1, k, buf[: r1 - r0])
+    if fmt == "bf16":
+        return weight[r0:r1].float()
+    return _dequantize_torch(weight[r0:r1], fmt)
+
+
+def _chunked_linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, n: int, k: int, use_kernel: bool) -> torch.Tensor:
+    """x [m, k] float32 @ W.T in float32, W dequantized CHUNK_ELEMS weights at a time (never all of a big one)."""
+    step = max(1, CHUNK_ELEMS // k)
+    buf = torch.empty(min(step, n), k) if use_kernel else None
+    if n <= step:
+        return torch.mm(x, _weight_rows(fmt, weight, 0, n, k, buf).t())
+    y = torch.empty(x.shape[0], n)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        torch.mm(x, _weight_rows(fmt, weight, r0, r1, k, buf).t(), out=y[:, r0:r1])
+    return y
+
+
+def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, bias: torch.Tensor | None):
+    """y = x @ W.T + bias for W in format fmt ("q8_0" / "q4_0" blocks [n, k / 32, bytes], or "bf16" [n, k]);
+    x [..., k] fp32 or bf16 (other float dtypes go through fp32); y in x's dtype."""
+    n, k = weight.shape[0], in_features
+    shape = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    use_kernel = x.device.type == "cpu" and weight.device.type == "cpu" and kernels.available()
+    if use_kernel and m <= GEMV_MAX_ROWS[fmt] and x.dtype in kernels.DTYPES:
+        out = torch.empty(m, n, dtype=x.dtype)
+        in_kernel = bias is not None and bias.dtype in kernels.DTYPES
+        kernels.gemv(fmt, weight, n, k, x2.contiguous(), out, bias.contiguous() if in_kernel else None)
+        if bias is not None and not in_kernel:
+            out += bias.to(out.dtype)
+        return out.view(*shape, n)
+    if fmt == "bf16" and not use_kernel:
+        return F.linear(x, weight, bias)
+    xf = x2.float()
+    if m <= GEMV_MAX_ROWS[fmt] and fmt != "bf16":
+        xf = _round_activations(xf)  # what the kernel computes
+    y = _chunked_linear(fmt, xf, weight, n, k, use_kernel)
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype).view(*shape, n)
+
+
+@torch.library.custom_op("mimo::q8_0_linear", mutates_args=())
+def q8_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear("q8_0", x, blocks, in_features, bias)
+
+
+@torch.library.custom_op("mimo::q4_0_linear", mutates_args=())
+def q4_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear("q4_0", x, blocks, in_features, bias)
+
+
+@torch.library.custom_op("mimo::bf16_linear", mutates_args=())
+def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear("bf16", x, weight, weight.shape[1], bias)
+
+
+def _fake(x, blocks, in_features, bias):
+    return x.new_empty(*x.shape[:-1], blocks.shape[0])
+
+
+q8_0_linear.register_fake(_fake)
+q4_0_linear.register_fake(_fake)
+_bf16_linear_op.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+
+_OPS = {"q8_0": q8_0_linear, "q4_0": q4_0_linear}
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a bf16 weight [n, k] on the CPU: few rows through the bf16 GEMV kernel (fp32
+    accumulation; x fp32 or bf16, y in x's dtype), many through fp32 GEMM on chunks converted to fp32 (oneDNN's bf16
+    GEMM is slow without AVX-512 BF16). Anything else is F.linear."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not weight.is_contiguous():
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _bf16_linear_op(x, weight, bias)
+    return _linear("bf16", x, weight, weight.shape[1], bias)
+
+
+# ---- the modules -------------------------------------------------------------------------------------------------
+
+class _BlockLinear(nn.Module):
+    """y = x @ W.T + bias with W in GGML blocks: buffer `blocks` uint8 [out_features, in_features / 32, bytes]."""
+
+    FORMAT = ""
+
+    def __init__(self, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
-        self.out_features, self.in_features = weight_int8.shape
-        self.register_buffer("weight_int8", weight_int8)  # [out, in] int8
-        self.register_buffer("scales", scales)  # [out] bf16
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        _check_in_features(in_features)
+        nb, nbytes = in_features // QK, BLOCK_BYTES[self.FORMAT]
+        if blocks.dtype != torch.uint8 or blocks.numel() % (nb * nbytes):
+            raise MimoError(f"{self.FORMAT} blocks for in_features={in_features} must be uint8 with a multiple of "
+                            f"{nb * nbytes} bytes, got {blocks.dtype} {tuple(blocks.shape)}")
+        blocks = blocks.reshape(-1, nb, nbytes).contiguous()
+        self.out_features, self.in_features = blocks.shape[0], in_features
+        if bias is not None and bias.shape != (self.out_features,):
+            raise MimoError(f"bias of shape {tuple(bias.shape)} for {self.out_features} outputs")
+        self.register_buffer("blocks", blocks)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None = None):
+        """The module for GGML bytes as they are (e.g. a GGUF tensor's data: any shape, rows one after another)."""
+        return cls(torch.as_tensor(blocks), in_features, bias)
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()  # [out, in]
-        # quantize against the bf16 scale the kernel uses (clamping the row maximum if rounding shrank it)
-        scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16)  # [out]
-        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(q, scales, bias)
-
-    def forward(self, x):
-        shape = x.shape[:-1]
-        if x.device.type == "cpu" and self.in_features % 16 == 0:
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight_int8,
-                                          self.scales).to(x.dtype).view(*shape, self.out_features)
-        else:
-            y = F.linear(x, self.weight_int8.to(x.dtype) * self.scales.to(x.dtype)[:, None])
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-class Int4Linear(nn.Module):
-    """y = x @ W.T + bias with W[o, i] = (q[o, i] - 8) * scale[g, o] + zero[g, o], g = i // group_size, q in 0..15.
-
-    Buffers: weight_int4, uint8 two weights per byte: [out, in/2] in the CPU kernel's own layout when it applies
-    (cpu_kernel), else [out, ceil(in/2)] with the even input feature in the low nibble; scales_zeros
-    [groups, out, 2] bf16 (the kernel's layout)."""
-
-    def __init__(self, weight_int4, scales_zeros, group_size: int, in_features: int, cpu_kernel: bool, bias):
-        super().__init__()
-        self.out_features, self.in_features, self.group_size = weight_int4.shape[0], in_features, group_size
-        self.cpu_kernel = cpu_kernel
-        self.register_buffer("weight_int4", weight_int4)
-        self.register_buffer("scales_zeros", scales_zeros)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """Quantize a weight [out, in] in any float dtype (e.g. bf16 as stored), a chunk of rows at a time."""
+        return cls(quantize_blocks(weight, cls.FORMAT), weight.shape[1],
+                   None if bias is None else bias.detach().clone())
 
     @classmethod
-    @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32, cpu_kernel: bool | None = None) -> Int4Linear:
-        """cpu_kernel None: the CPU kernel's layout wherever it applies; False: the portable layout."""
-        w = linear.weight.detach().float()  # [out, in]
-        out, n_in = w.shape
-        groups = math.ceil(n_in / group_size)
-        wg = F.pad(w, (0, groups * group_size - n_in)).view(out, groups, group_size)
-        lo, hi = wg.amin(-1), wg.amax(-1)  # [out, groups]
-        scale = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16)
-        zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # W = (q - 8) * scale + zero
-        q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
-        q = q.view(out, -1)[:, :n_in].to(torch.int32)  # [out, in]
-        scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # [groups, out, 2]
-        fits = w.device.type == "cpu" and out % 16 == 0 and n_in % group_size == 0 and group_size % 32 == 0
-        cpu_kernel = fits if cpu_kernel is None else cpu_kernel and fits
-        if cpu_kernel:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # [out, in/2] uint8
-        else:
-            q = F.pad(q, (0, n_in % 2))
-            packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)  # [out, ceil(in/2)]
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(packed, scales_zeros, group_size, n_in, cpu_kernel, bias)
+    def from_linear(cls, linear: nn.Linear):
+        return cls.from_weight(linear.weight, linear.bias)
 
-    def dequantized(self, dtype) -> torch.Tensor:
-        """The weight [out, in] the quantized values stand for (the fallback path; not for the kernel layout)."""
-        p = self.weight_int4.to(torch.int32)
-        q = torch.stack([p & 15, p >> 4], -1).view(self.out_features, -1)  # [out, 2 * ceil(in/2)]
-        sz = self.scales_zeros.float().transpose(0, 1)  # [out, groups, 2]
-        scale = sz[..., 0].repeat_interleave(self.group_size, 1)[:, : q.shape[1]]
-        zero = sz[..., 1].repeat_interleave(self.group_size, 1)[:, : q.shape[1]]
-        return ((q - 8) * scale + zero)[:, : self.in_features].to(dtype)
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [out, in] the blocks stand for."""
+        return dequantize_blocks(self.blocks, self.FORMAT, dtype)
 
     def forward(self, x):
-        shape = x.shape[:-1]
-        if self.cpu_kernel:
-            if x.device.type != "cpu":
-                raise MimoError("this int4 layer was packed for the CPU kernel; quantize on the device it runs on")
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                           self.weight_int4, self.group_size, self.scales_zeros)
-            y = y.to(x.dtype).view(*shape, self.out_features)
-        else:
-            y = F.linear(x, self.dequantized(x.dtype))
-        return y if self.bias is None else y + self.bias
+        if torch.compiler.is_compiling():
+            return _OPS[self.FORMAT](x, self.blocks, self.in_features, self.bias)
+        return _linear(self.FORMAT, x, self.blocks, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.FORMAT}, "
                 f"bias={self.bias is not None}")
+
+
+class Int8Linear(_BlockLinear):
+    """GGML Q8_0: blocks of 32 weights, an fp16 scale d and 32 int8 q (34 bytes); w = d * q."""
+
+    FORMAT = "q8_0"
+
+
+class Int4Linear(_BlockLinear):
+    """GGML Q4_0: blocks of 32 weights, an fp16 scale d and 16 bytes of nibbles (18 bytes); w = d * (q - 8)."""
+
+    FORMAT = "q4_0"
 
 
 QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear}
@@ -137,23 +289,30 @@ def _check_method(method: str):
 
 @torch.no_grad()
 def _swap_linears(module: nn.Module, method: str) -> nn.Module:
-    """Replace every nn.Linear in module (or module itself) by QUANTIZED_LINEAR[method]."""
+    """Replace every nn.Linear in module (or module itself) whose in_features is a multiple of 32 by
+    QUANTIZED_LINEAR[method]; others stay as they are (with a warning)."""
     cls = QUANTIZED_LINEAR[method]
+
+    def swap(linear):
+        if linear.in_features % QK:
+            warnings.warn(f"a linear with in_features={linear.in_features} (not a multiple of {QK}) stays unquantized",
+                          stacklevel=4)
+            return linear
+        return cls.from_linear(linear)
+
     if isinstance(module, nn.Linear):
-        return cls.from_linear(module)
+        return swap(module)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, cls.from_linear(child))
+                setattr(parent, name, swap(child))
     return module
 
 
 def quantize_linears(model: MiMoForCausalLM, method: str) -> MiMoForCausalLM:
-    """Swap every nn.Linear of the model for QUANTIZED_LINEAR[method], in place; returns the model (for
-    inference only)."""
+    """Swap every nn.Linear of the model for QUANTIZED_LINEAR[method], in place; returns the model (for inference
+    only). Everything else keeps its dtype (a bf16 model stays bf16: the kernels take bf16 activations)."""
     _check_method(method)
-    if model.model.embed_tokens.weight.dtype != torch.float32:
-        model.float()  # the kernels' bf16 activations are converted from and back to fp32
     return _swap_linears(model, method).eval()
 
 

@@ -1,0 +1,190 @@
+"""mimo's C kernels (gemv.c): built on first use with the system C compiler, loaded through ctypes.
+
+library() builds gemv.c into ~/.cache/mimo/kernels/<hash>.so (the hash covers the source, the compiler and its
+flags, and the CPU's feature flags, so a changed source or another machine gets its own build; written to a
+temporary name and renamed into place, so concurrent first uses are safe) and returns the loaded library, or
+None where there is no compiler, the build failed or MIMO_NO_KERNELS=1 is set: callers then take their torch
+path (correct, slower), and a warning says so once.
+
+The library is built with -fopenmp and needs libgomp.so.1; loaded into a process that already holds torch's
+libgomp (torch is imported first) it binds to that one (same soname), so the kernels' `omp parallel` regions run
+on torch's own OpenMP threads instead of a second runtime's spinning threads fighting them for the cores.
+ctypes drops the GIL for the duration of each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gemv.c")
+ABI = 1  # gemv.c's MIMO_ABI
+FORMATS = {"q8_0": 0, "q4_0": 1, "bf16": 2}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason: str | None = None
+
+
+def disabled() -> bool:
+    return os.environ.get("MIMO_NO_KERNELS", "") not in ("", "0")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MIMO_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mimo" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + " " + platform.processor()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc) or shutil.which("gcc") or shutil.which("clang")
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+# tried in order: the first that builds wins (-march=native may be unknown to a compiler, -fopenmp may lack libgomp)
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+COMMON_FLAGS = ["-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11"]
+
+
+def _build() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) found")
+    source = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags + COMMON_FLAGS).encode(),
+                                         _cpu_flags().encode()])).hexdigest()[:24]
+        path = out_dir / f"gemv-{key}.so"
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+            os.close(fd)
+            try:
+                r = subprocess.run([cc, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                                   text=True, timeout=300)
+                if r.returncode != 0:
+                    errors.append(f"{' '.join(flags)}: {r.stderr.strip()[-500:]}")
+                    continue
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            errors.append(f"{' '.join(flags)}: {e}")
+            continue
+        if lib.mimo_abi_version() != ABI:
+            errors.append(f"{path}: ABI {lib.mimo_abi_version()} != {ABI}")
+            continue
+        _declare(lib)
+        return lib
+    raise RuntimeError("building mimo/kernels/gemv.c failed: " + " | ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL):
+    i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.mimo_gemv.argtypes = [i32, vp, i64, i64, vp, i32, i64, vp, i32, vp, i32, i32]
+    lib.mimo_gemv.restype = i32
+    lib.mimo_quantize.argtypes = [i32, vp, vp, i64, i64, i32]
+    lib.mimo_quantize.restype = None
+    lib.mimo_dequantize.argtypes = [i32, vp, vp, i64, i64, i64, i32]
+    lib.mimo_dequantize.restype = None
+    for name in ("mimo_simd", "mimo_openmp", "mimo_abi_version"):
+        getattr(lib, name).restype = i32
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels, built and loaded on first call; None when unavailable (see the module docstring)."""
+    global _lib, _tried, _reason
+    if disabled():
+        return None
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _build()
+                if not _lib.mimo_openmp():
+                    warnings.warn("mimo kernels built without OpenMP: they run on one thread", stacklevel=3)
+            except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
+                _lib, _reason = None, str(e)
+                warnings.warn(f"mimo's C kernels are unavailable ({e}); quantized and bf16 linears use a slower "
+                              "torch path", stacklevel=3)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def threads() -> int:
+    return torch.get_num_threads()
+
+
+# ---- thin wrappers (contiguous CPU tensors; the caller checks) -----------------------------------------------
+
+def gemv(fmt: str, weight: torch.Tensor, n: int, k: int, x: torch.Tensor, out: torch.Tensor,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out [m, n] = x [m, k] @ W.T (+ bias); weight: blocks (q8_0 / q4_0) or bf16 [n, k]."""
+    lib = _lib if _tried else library()
+    rc = lib.mimo_gemv(FORMATS[fmt], weight.data_ptr(), n, k, x.data_ptr(), DTYPES[x.dtype], x.shape[0],
+                       out.data_ptr(), DTYPES[out.dtype], None if bias is None else bias.data_ptr(),
+                       0 if bias is None else DTYPES[bias.dtype], torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"mimo_gemv failed ({rc})")
+    return out
+
+
+def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [rows, k / 32, bytes] = ggml's reference quantization of w [rows, k] fp32 (contiguous)."""
+    library().mimo_quantize(FORMATS[fmt], w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
+                            torch.get_num_threads())
+    return out
+
+
+def dequantize(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, out: torch.Tensor) -> torch.Tensor:
+    """out [r1 - r0, k] fp32 = rows [r0, r1) of the weight (blocks or bf16)."""
+    library().mimo_dequantize(FORMATS[fmt], weight.data_ptr(), out.data_ptr(), r0, r1, k, torch.get_num_threads())
+    return out

@@ -1,0 +1,516 @@
+/* mimo's CPU kernels for weight-only quantized (GGML Q4_0 / Q8_0 blocks) and bf16 linears.
+ *
+ * Built on first use by mimo/kernels/__init__.py (cc -O3 -march=native -shared -fPIC -fopenmp -ffp-contract=off)
+ * and called through ctypes. Threads come from OpenMP: the library is loaded into a process that already holds
+ * torch's libgomp (same soname), so `#pragma omp parallel` runs on torch's own thread team: no second runtime,
+ * no extra spinning threads. Rows are handed out in chunks from a shared counter (dynamic schedule), so a
+ * thread that shares its core with another process just takes fewer chunks.
+ *
+ * Formats (exactly ggml's, ggml-common.h):
+ *   Q8_0: blocks of 32 weights along the input dim: fp16 d, int8 qs[32]            (34 bytes), w = d * q
+ *   Q4_0: blocks of 32: fp16 d, uint8 qs[16]; element j < 16 is the low nibble of qs[j], element j + 16 the high
+ *         nibble                                                                   (18 bytes), w = d * (q - 8)
+ * A weight [n, k] is n rows of k / 32 blocks, rows one after another (a GGUF tensor's bytes).
+ *
+ * Products (mimo_gemv): the activations x [m, k] (fp32 or bf16) are quantized once per call to int8 blocks of 32
+ * with one fp32 scale each (as llama.cpp's Q8_0 activations, with an fp32 rather than fp16 scale), then every
+ * block is an integer dot product (AVX2 maddubs/madd) scaled by the two scales and accumulated in fp32. Each
+ * weight block is read once for all m rows. bf16 weights multiply fp32 activations (bf16 -> fp32 by a shift).
+ * The quantizers (mimo_quantize_*) reproduce ggml's quantize_row_q{4,8}_0_ref bit for bit (needs
+ * -ffp-contract=off: x * id + 8.5f must not become an FMA).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MIMO_AVX2 1
+#endif
+
+#define QK 32
+#define MIMO_ABI 1
+
+#pragma pack(push, 1)
+typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;
+typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
+#pragma pack(pop)
+
+enum { FMT_Q8_0 = 0, FMT_Q4_0 = 1, FMT_BF16 = 2 };
+enum { DT_F32 = 0, DT_BF16 = 1 };
+
+int mimo_abi_version(void) { return MIMO_ABI; }
+
+int mimo_simd(void) {
+#ifdef MIMO_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int mimo_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---- scalar conversions ------------------------------------------------------------------------------- */
+
+static inline float f32_from_bits(uint32_t w) { float f; memcpy(&f, &w, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t w; memcpy(&w, &f, 4); return w; }
+
+static inline float fp16_to_fp32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else  /* ggml_compute_fp16_to_fp32 (the FP16 library's) */
+    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    return f32_from_bits(sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized)));
+#endif
+}
+
+static inline uint16_t fp32_to_fp16(float f) {  /* round to nearest even, as numpy's astype(float16) */
+#ifdef __F16C__
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else  /* ggml_compute_fp32_to_fp16 */
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f32_to_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_to_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
+}
+
+static inline float bf16_to_fp32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+
+static inline uint16_t fp32_to_bf16(float f) {  /* round to nearest even, NaN stays NaN (torch's) */
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+/* ---- the reference quantizers (ggml-quants.c quantize_row_q{4,8}_0_ref), bit for bit ------------------- */
+
+static void quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t k) {
+    for (int64_t i = 0; i < k / QK; i++) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[i * QK + j]));
+        const float d = amax / ((1 << 7) - 1);
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16(d);
+        for (int j = 0; j < QK; j++) y[i].qs[j] = (int8_t)roundf(x[i * QK + j] * id);
+    }
+}
+
+static void quantize_row_q4_0_ref(const float *x, block_q4_0 *y, int64_t k) {
+    for (int64_t i = 0; i < k / QK; i++) {
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            const float v = x[i * QK + j];
+            if (amax < fabsf(v)) { amax = fabsf(v); max = v; }
+        }
+        const float d = max / -8;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = fp32_to_fp16(d);
+        for (int j = 0; j < QK / 2; j++) {
+            const float x0 = x[i * QK + j] * id, x1 = x[i * QK + QK / 2 + j] * id;
+            const int8_t a = (int8_t)(x0 + 8.5f), b = (int8_t)(x1 + 8.5f);
+            const uint8_t xi0 = a < 15 ? a : 15, xi1 = b < 15 ? b : 15;
+            y[i].qs[j] = xi0 | (uint8_t)(xi1 << 4);
+        }
+    }
+}
+
+/* x [rows, k] fp32 -> blocks [rows, k / 32] */
+void mimo_quantize(int fmt, const float *x, void *y, int64_t rows, int64_t k, int nth) {
+    const int64_t row_bytes = (k / QK) * (fmt == FMT_Q8_0 ? (int64_t)sizeof(block_q8_0) : (int64_t)sizeof(block_q4_0));
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 16) if (nth > 1 && rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        if (fmt == FMT_Q8_0)
+            quantize_row_q8_0_ref(x + r * k, (block_q8_0 *)((uint8_t *)y + r * row_bytes), k);
+        else
+            quantize_row_q4_0_ref(x + r * k, (block_q4_0 *)((uint8_t *)y + r * row_bytes), k);
+    }
+}
+
+/* ---- dequantization: weight rows [r0, r1) -> y [(r1 - r0), k] in fp32 ---------------------------------- */
+
+static void dequantize_row(int fmt, const uint8_t *w, float *y, int64_t k) {
+    const int64_t nb = k / QK;
+    if (fmt == FMT_BF16) {
+        const uint16_t *h = (const uint16_t *)w;
+        int64_t j = 0;
+#ifdef MIMO_AVX2
+        for (; j + 8 <= k; j += 8) {
+            __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + j)));
+            _mm256_storeu_ps(y + j, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+        }
+#endif
+        for (; j < k; j++) y[j] = bf16_to_fp32(h[j]);
+    } else if (fmt == FMT_Q8_0) {
+        const block_q8_0 *b = (const block_q8_0 *)w;
+        for (int64_t i = 0; i < nb; i++) {
+            const float d = fp16_to_fp32(b[i].d);
+#ifdef MIMO_AVX2
+            const __m256 vd = _mm256_set1_ps(d);
+            for (int j = 0; j < QK; j += 8) {
+                __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b[i].qs + j)));
+                _mm256_storeu_ps(y + i * QK + j, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(q)));
+            }
+#else
+            for (int j = 0; j < QK; j++) y[i * QK + j] = d * b[i].qs[j];
+#endif
+        }
+    } else {
+        const block_q4_0 *b = (const block_q4_0 *)w;
+        for (int64_t i = 0; i < nb; i++) {
+            const float d = fp16_to_fp32(b[i].d);
+#ifdef MIMO_AVX2
+            const __m256 vd = _mm256_set1_ps(d);
+            const __m128i t = _mm_loadu_si128((const __m128i *)b[i].qs), m4 = _mm_set1_epi8(0x0F), e8 = _mm_set1_epi8(8);
+            const __m128i lo = _mm_sub_epi8(_mm_and_si128(t, m4), e8);
+            const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(t, 4), m4), e8);
+            _mm256_storeu_ps(y + i * QK + 0, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+            _mm256_storeu_ps(y + i * QK + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+            _mm256_storeu_ps(y + i * QK + 16, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+            _mm256_storeu_ps(y + i * QK + 24, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+#else
+            for (int j = 0; j < QK / 2; j++) {
+                y[i * QK + j] = d * ((b[i].qs[j] & 0x0F) - 8);
+                y[i * QK + QK / 2 + j] = d * ((b[i].qs[j] >> 4) - 8);
+            }
+#endif
+        }
+    }
+}
+
+static int64_t row_bytes_of(int fmt, int64_t k) {
+    if (fmt == FMT_BF16) return 2 * k;
+    return (k / QK) * (fmt == FMT_Q8_0 ? (int64_t)sizeof(block_q8_0) : (int64_t)sizeof(block_q4_0));
+}
+
+void mimo_dequantize(int fmt, const void *w, float *y, int64_t r0, int64_t r1, int64_t k, int nth) {
+    const int64_t rb = row_bytes_of(fmt, k);
+#pragma omp parallel for num_threads(nth) schedule(static) if (nth > 1 && (r1 - r0) * k >= (1 << 16))
+    for (int64_t r = r0; r < r1; r++) dequantize_row(fmt, (const uint8_t *)w + r * rb, y + (r - r0) * k, k);
+}
+
+/* ---- activations ---------------------------------------------------------------------------------------
+ * Quantized activation rows: qs [m][k] int8, d [m][nb] fp32 scale, s [m][nb] int32 = -(sum of the block's qs)
+ * (Q4_0's "- 8": sum((q - 8) * a) = sum(q * a) - 8 * sum(a), and -sum(a) added to each of 8 lanes is -8 * sum(a)).
+ * Scale: d = amax / 127, q = round-half-even(x * (127 / amax)), as llama.cpp's AVX2 quantize_row_q8_0. */
+
+typedef struct { int8_t *qs; float *d; int32_t *s; int64_t k, nb; } qact;
+
+static __thread void *ws_ptr = NULL;
+static __thread size_t ws_size = 0;
+
+static void *workspace(size_t bytes) {
+    if (bytes > ws_size) {
+        free(ws_ptr);
+        ws_size = (bytes + 4095) & ~(size_t)4095;
+        if (posix_memalign(&ws_ptr, 64, ws_size) != 0) { ws_ptr = NULL; ws_size = 0; }
+    }
+    return ws_ptr;
+}
+
+static inline void load_row_f32(const void *x, int xdt, int64_t k, float *tmp) {
+    if (xdt == DT_F32) { memcpy(tmp, x, k * sizeof(float)); return; }
+    dequantize_row(FMT_BF16, (const uint8_t *)x, tmp, k);
+}
+
+static void quantize_act_row(const float *x, int8_t *qs, float *dd, int32_t *ss, int64_t k) {
+    for (int64_t i = 0; i < k / QK; i++) {
+        const float *v = x + i * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
+        const float d = amax / 127.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int32_t sum = 0;
+        for (int j = 0; j < QK; j++) {
+            const int q = (int)nearbyintf(v[j] * id);
+            qs[i * QK + j] = (int8_t)q;
+            sum += q;
+        }
+        dd[i] = d;
+        ss[i] = -sum;
+    }
+}
+
+/* ---- Q4_0 / Q8_0 tiles: R weight rows x M activation rows ------------------------------------------- */
+
+#ifdef MIMO_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256i unpack_q4(const uint8_t *qs) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+#define TILE_FN(NAME, FMT, R, M)                                                                                 \
+    static void NAME(const uint8_t *w, int64_t rb, const qact *a, int64_t m0, float *out /* [R][M] */) {         \
+        __m256 acc[R][M];                                                                                        \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_ps();                                         \
+        const __m256i ones = _mm256_set1_epi16(1);                                                               \
+        const int64_t nb = a->nb, k = a->k;                                                                      \
+        for (int64_t b = 0; b < nb; b++) {                                                                       \
+            __m256i wv[R];                                                                                       \
+            float wd[R];                                                                                         \
+            for (int r = 0; r < R; r++) {                                                                        \
+                if (FMT == FMT_Q4_0) {                                                                           \
+                    const block_q4_0 *blk = (const block_q4_0 *)(w + r * rb) + b;                                \
+                    wv[r] = unpack_q4(blk->qs);                                                                  \
+                    wd[r] = fp16_to_fp32(blk->d);                                                                \
+                } else {                                                                                         \
+                    const block_q8_0 *blk = (const block_q8_0 *)(w + r * rb) + b;                                \
+                    wv[r] = _mm256_loadu_si256((const __m256i *)blk->qs);                                        \
+                    wd[r] = fp16_to_fp32(blk->d);                                                                \
+                }                                                                                                \
+            }                                                                                                    \
+            for (int j = 0; j < M; j++) {                                                                        \
+                const __m256i av = _mm256_load_si256((const __m256i *)(a->qs + (m0 + j) * k + b * QK));          \
+                const float ad = a->d[(m0 + j) * nb + b];                                                        \
+                for (int r = 0; r < R; r++) {                                                                    \
+                    __m256i s;                                                                                   \
+                    if (FMT == FMT_Q4_0) {                                                                       \
+                        s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], av), ones);                            \
+                        s = _mm256_add_epi32(s, _mm256_set1_epi32(a->s[(m0 + j) * nb + b]));                     \
+                    } else {                                                                                     \
+                        s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv[r], wv[r]),               \
+                                                                   _mm256_sign_epi8(av, wv[r])), ones);          \
+                    }                                                                                            \
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * ad), _mm256_cvtepi32_ps(s), acc[r][j]);   \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < M; j++) out[r * M + j] = hsum8(acc[r][j]);                                       \
+    }
+#else
+#define TILE_FN(NAME, FMT, R, M)                                                                                 \
+    static void NAME(const uint8_t *w, int64_t rb, const qact *a, int64_t m0, float *out) {                      \
+        const int64_t nb = a->nb, k = a->k;                                                                      \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < M; j++) {                                                                        \
+                float acc = 0.0f;                                                                                \
+                const int8_t *aq = a->qs + (m0 + j) * k;                                                         \
+                for (int64_t b = 0; b < nb; b++) {                                                               \
+                    int32_t s = 0;                                                                               \
+                    float wd;                                                                                    \
+                    if (FMT == FMT_Q4_0) {                                                                       \
+                        const block_q4_0 *blk = (const block_q4_0 *)(w + r * rb) + b;                            \
+                        for (int t = 0; t < QK / 2; t++)                                                         \
+                            s += (blk->qs[t] & 0x0F) * aq[b * QK + t] + (blk->qs[t] >> 4) * aq[b * QK + QK / 2 + t]; \
+                        s += 8 * a->s[(m0 + j) * nb + b];                                                        \
+                        wd = fp16_to_fp32(blk->d);                                                               \
+                    } else {                                                                                     \
+                        const block_q8_0 *blk = (const block_q8_0 *)(w + r * rb) + b;                            \
+                        for (int t = 0; t < QK; t++) s += blk->qs[t] * aq[b * QK + t];                           \
+                        wd = fp16_to_fp32(blk->d);                                                               \
+                    }                                                                                            \
+                    acc += (wd * a->d[(m0 + j) * nb + b]) * (float)s;                                            \
+                }                                                                                                \
+                out[r * M + j] = acc;                                                                            \
+            }                                                                                                    \
+    }
+#endif
+
+TILE_FN(q4_r4m1, FMT_Q4_0, 4, 1)
+TILE_FN(q4_r1m1, FMT_Q4_0, 1, 1)
+TILE_FN(q4_r2m2, FMT_Q4_0, 2, 2)
+TILE_FN(q4_r1m2, FMT_Q4_0, 1, 2)
+TILE_FN(q4_r2m3, FMT_Q4_0, 2, 3)
+TILE_FN(q4_r1m3, FMT_Q4_0, 1, 3)
+TILE_FN(q4_r2m4, FMT_Q4_0, 2, 4)
+TILE_FN(q4_r1m4, FMT_Q4_0, 1, 4)
+TILE_FN(q8_r4m1, FMT_Q8_0, 4, 1)
+TILE_FN(q8_r1m1, FMT_Q8_0, 1, 1)
+TILE_FN(q8_r2m2, FMT_Q8_0, 2, 2)
+TILE_FN(q8_r1m2, FMT_Q8_0, 1, 2)
+TILE_FN(q8_r2m3, FMT_Q8_0, 2, 3)
+TILE_FN(q8_r1m3, FMT_Q8_0, 1, 3)
+TILE_FN(q8_r2m4, FMT_Q8_0, 2, 4)
+TILE_FN(q8_r1m4, FMT_Q8_0, 1, 4)
+
+typedef void (*tile_fn)(const uint8_t *, int64_t, const qact *, int64_t, float *);
+/* [fmt][M - 1]: the tile for R rows (R = 4 for M = 1, else 2) and for 1 row (the last rows of a chunk) */
+static const tile_fn tiles_r[2][4] = {{q8_r4m1, q8_r2m2, q8_r2m3, q8_r2m4}, {q4_r4m1, q4_r2m2, q4_r2m3, q4_r2m4}};
+static const tile_fn tiles_1[2][4] = {{q8_r1m1, q8_r1m2, q8_r1m3, q8_r1m4}, {q4_r1m1, q4_r1m2, q4_r1m3, q4_r1m4}};
+
+/* ---- bf16 tiles: R weight rows x M fp32 activation rows ----------------------------------------------
+ * Activations are stored permuted per 16: [x0 x2 .. x14 | x1 x3 .. x15], so that the 8 dwords of 16 bf16
+ * weights give the even weights by a shift and the odd ones by a mask. */
+
+#ifdef MIMO_AVX2
+#define BF16_TILE_FN(NAME, R, M)                                                                                 \
+    static void NAME(const uint8_t *w, int64_t rb, const float *xp, int64_t k, int64_t m0, float *out) {          \
+        __m256 acc[R][M], acc2[R][M];                                                                            \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < M; j++) acc[r][j] = acc2[r][j] = _mm256_setzero_ps();                            \
+        const __m256i hi = _mm256_set1_epi32((int)0xFFFF0000u);                                                  \
+        const int64_t k16 = k & ~(int64_t)15;                                                                    \
+        for (int64_t i = 0; i < k16; i += 16) {                                                                  \
+            __m256 we[R], wo[R];                                                                                 \
+            for (int r = 0; r < R; r++) {                                                                        \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * rb + 2 * i));                     \
+                we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                                           \
+                wo[r] = _mm256_castsi256_ps(_mm256_and_si256(v, hi));                                            \
+            }                                                                                                    \
+            for (int j = 0; j < M; j++) {                                                                        \
+                const __m256 xe = _mm256_load_ps(xp + (m0 + j) * k + i);                                         \
+                const __m256 xo = _mm256_load_ps(xp + (m0 + j) * k + i + 8);                                     \
+                for (int r = 0; r < R; r++) {                                                                    \
+                    acc[r][j] = _mm256_fmadd_ps(we[r], xe, acc[r][j]);                                           \
+                    acc2[r][j] = _mm256_fmadd_ps(wo[r], xo, acc2[r][j]);                                         \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < M; j++) {                                                                        \
+                float s = hsum8(_mm256_add_ps(acc[r][j], acc2[r][j]));                                           \
+                const uint16_t *h = (const uint16_t *)(w + r * rb);                                              \
+                for (int64_t i = k16; i < k; i++) s += bf16_to_fp32(h[i]) * xp[(m0 + j) * k + i];                \
+                out[r * M + j] = s;                                                                              \
+            }                                                                                                    \
+    }
+#else
+#define BF16_TILE_FN(NAME, R, M)                                                                                 \
+    static void NAME(const uint8_t *w, int64_t rb, const float *xp, int64_t k, int64_t m0, float *out) {          \
+        for (int r = 0; r < R; r++)                                                                              \
+            for (int j = 0; j < M; j++) {                                                                        \
+                const uint16_t *h = (const uint16_t *)(w + r * rb);                                              \
+                float s = 0.0f;                                                                                  \
+                for (int64_t i = 0; i < k; i++) s += bf16_to_fp32(h[i]) * xp[(m0 + j) * k + i];                  \
+                out[r * M + j] = s;                                                                              \
+            }                                                                                                    \
+    }
+#endif
+
+BF16_TILE_FN(bf_r4m1, 4, 1)
+BF16_TILE_FN(bf_r1m1, 1, 1)
+BF16_TILE_FN(bf_r2m2, 2, 2)
+BF16_TILE_FN(bf_r1m2, 1, 2)
+BF16_TILE_FN(bf_r2m3, 2, 3)
+BF16_TILE_FN(bf_r1m3, 1, 3)
+BF16_TILE_FN(bf_r2m4, 2, 4)
+BF16_TILE_FN(bf_r1m4, 1, 4)
+
+typedef void (*bf_tile_fn)(const uint8_t *, int64_t, const float *, int64_t, int64_t, float *);
+static const bf_tile_fn bf_tiles_r[4] = {bf_r4m1, bf_r2m2, bf_r2m3, bf_r2m4};
+static const bf_tile_fn bf_tiles_1[4] = {bf_r1m1, bf_r1m2, bf_r1m3, bf_r1m4};
+
+static void permute_bf16_act(const float *x, float *xp, int64_t k) {
+    const int64_t k16 = k & ~(int64_t)15;
+#ifdef MIMO_AVX2
+    for (int64_t i = 0; i < k16; i += 16) {
+        for (int t = 0; t < 8; t++) {
+            xp[i + t] = x[i + 2 * t];
+            xp[i + 8 + t] = x[i + 2 * t + 1];
+        }
+    }
+    for (int64_t i = k16; i < k; i++) xp[i] = x[i];
+#else
+    (void)k16;
+    memcpy(xp, x, k * sizeof(float));
+#endif
+}
+
+/* ---- the product ----------------------------------------------------------------------------------------
+ * y [m, n] = x [m, k] @ W[n, k]^T (+ bias [n]); x fp32 or bf16 (xdt), y fp32 or bf16 (ydt), bias NULL or of
+ * dtype bdt. Any m: activation rows go in groups of up to 4 through each chunk of weight rows, so a chunk
+ * (L1/L2-resident) is read from memory once for all m rows. */
+
+#define CHUNK_BYTES (48 * 1024)
+
+static inline void store_out(void *y, int ydt, int64_t idx, float v) {
+    if (ydt == DT_F32) ((float *)y)[idx] = v;
+    else ((uint16_t *)y)[idx] = fp32_to_bf16(v);
+}
+
+static inline float bias_at(const void *bias, int bdt, int64_t i) {
+    if (!bias) return 0.0f;
+    return bdt == DT_F32 ? ((const float *)bias)[i] : bf16_to_fp32(((const uint16_t *)bias)[i]);
+}
+
+int mimo_gemv(int fmt, const void *w, int64_t n, int64_t k, const void *x, int xdt, int64_t m, void *y, int ydt,
+              const void *bias, int bdt, int nth) {
+    if (fmt != FMT_BF16 && k % QK) return -1;
+    const int64_t nb = k / QK, rb = row_bytes_of(fmt, k);
+    const int64_t xrow = xdt == DT_F32 ? 4 * k : 2 * k;
+    qact a = {0};
+    float *xp = NULL;
+    if (fmt == FMT_BF16) {
+        xp = (float *)workspace((size_t)(m * k + k) * sizeof(float) + 64);
+        if (!xp) return -2;
+        float *tmp = xp + m * k;
+        for (int64_t j = 0; j < m; j++) {
+            load_row_f32((const uint8_t *)x + j * xrow, xdt, k, tmp);
+            permute_bf16_act(tmp, xp + j * k, k);
+        }
+    } else {
+        const size_t qbytes = ((size_t)(m * k) + 63) & ~(size_t)63;
+        uint8_t *p = (uint8_t *)workspace(qbytes + (size_t)m * nb * 8 + (size_t)k * 4 + 64);
+        if (!p) return -2;
+        a.qs = (int8_t *)p;
+        a.d = (float *)(p + qbytes);
+        a.s = (int32_t *)(a.d + m * nb);
+        float *tmp = (float *)(a.s + m * nb);
+        a.k = k;
+        a.nb = nb;
+        for (int64_t j = 0; j < m; j++) {
+            const float *row = (const float *)((const uint8_t *)x + j * xrow);
+            if (xdt != DT_F32) { load_row_f32(row, xdt, k, tmp); row = tmp; }
+            quantize_act_row(row, a.qs + j * k, a.d + j * nb, a.s + j * nb, k);
+        }
+    }
+    int64_t chunk = CHUNK_BYTES / (rb > 0 ? rb : 1);
+    chunk = chunk < 4 ? 4 : (chunk + 3) & ~(int64_t)3;
+    const int64_t nchunks = (n + chunk - 1) / chunk;
+    if (nth > nchunks) nth = (int)nchunks;
+    if (nth < 1) nth = 1;
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t r0 = c * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
+        float out[16];
+        for (int64_t j0 = 0; j0 < m; j0 += 4) {
+            const int mm = m - j0 < 4 ? (int)(m - j0) : 4;
+            const int R = mm == 1 ? 4 : 2;
+            int64_t r = r0;
+            for (; r < r1; ) {
+                int rr;
+                const uint8_t *wr = (const uint8_t *)w + r * rb;
+                if (r + R <= r1) {
+                    rr = R;
+                    if (fmt == FMT_BF16) bf_tiles_r[mm - 1](wr, rb, xp, k, j0, out);
+                    else tiles_r[fmt][mm - 1](wr, rb, &a, j0, out);
+                } else {
+                    rr = 1;
+                    if (fmt == FMT_BF16) bf_tiles_1[mm - 1](wr, rb, xp, k, j0, out);
+                    else tiles_1[fmt][mm - 1](wr, rb, &a, j0, out);
+                }
+                for (int i = 0; i < rr; i++)
+                    for (int j = 0; j < mm; j++)
+                        store_out(y, ydt, (j0 + j) * n + r + i, out[i * mm + j] + bias_at(bias, bdt, r + i));
+                r += rr;
+            }
+        }
+    }
+    return 0;
+}
