@@ -285,9 +285,16 @@ def export_gguf(model_dir, out_path, type: str = "auto", *, mtp: bool = True, na
         title = name or model_dir.name
         n_params = sum(int(np.prod(s)) for n, s in expected.items() if ".mtp_layers." not in n)
 
+        gen_file = model_dir / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+
         def main_metadata(w):
             _add_hparams(w, cfg, L, type, export_id, title)
             w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+            for key, hf, add in (("temp", "temperature", w.add_float32), ("top_p", "top_p", w.add_float32),
+                                 ("top_k", "top_k", w.add_int32), ("min_p", "min_p", w.add_float32)):
+                if isinstance(gen.get(hf), (int, float)):  # as the converter: llama.cpp's sampling defaults
+                    add(f"general.sampling.{key}", gen[hf])
             w.add_uint32(KEY_MTP, K)
             _add_tokenizer(w, tokenizer, cfg.vocab_size, model_dir / "tokenizer.json")
 

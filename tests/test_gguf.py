@@ -194,6 +194,9 @@ def test_metadata_and_tensor_names_are_llama_cpps(source, exported, tokenizer):
     for k, v in expect.items():
         assert field(r, k) == v, k
     assert np.float32(field(r, "qwen2.attention.layer_norm_rms_epsilon")) == np.float32(cfg.rms_norm_eps)
+    # generation_config.json's sampling, as convert_hf_to_gguf.py writes it
+    assert np.float32(field(r, "general.sampling.temp")) == np.float32(0.6)
+    assert np.float32(field(r, "general.sampling.top_p")) == np.float32(0.95)
     assert field(r, "qwen2.rope.scaling.type") is None and field(r, "qwen2.nextn_predict_layers") is None
     tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
     n = tokenizer.vocab_size
