@@ -1,7 +1,9 @@
 """Model directories in the Hugging Face layout: save and load, never through pickle.
 
 A model directory holds config.json, model.safetensors (or model-0000i-of-0000n.safetensors shards with
-model.safetensors.index.json), tokenizer.json, tokenizer_config.json and generation_config.json. Loading
+model.safetensors.index.json), tokenizer.json, tokenizer_config.json and generation_config.json, and the Hugging
+Face remote code (configuration_mimo.py, modeling_mimo.py from mimo/hf/) that config.json's auto_map names, so
+that transformers' Auto classes, vLLM and SGLang open it as they open Xiaomi's MiMo checkpoints. Loading
 builds the model on the meta device and assigns tensors read one at a time from the memory-mapped files,
 so peak memory is about one copy of the weights.
 """
@@ -79,15 +81,42 @@ def save_model(model: MiMoForCausalLM, out_dir, tokenizer=None, dtype=None,
             cfg.eos_token_id = tokenizer.eos_token_id
             cfg.bos_token_id = None
             tokenizer.save(tmp)
-        cfg.save(tmp / "config.json")
-        gen = {"eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id, "do_sample": True,
-               "temperature": 0.6, "top_p": 0.95, **(generation or {})}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _write_hf_config(cfg, tmp)
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg, tokenizer, generation),
+                                                               indent=2) + "\n")
         _write_weights(sd, tmp, max_shard_bytes)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_hf_config(cfg: MiMoConfig, out_dir: Path):
+    """config.json as Xiaomi's (model_type mimo, MiMoForCausalLM) with an auto_map naming the configuration and
+    modeling code copied beside it (mimo/hf/), as a Hugging Face repository with remote code has them."""
+    from mimo.hf import AUTO_MAP, CODE_DIR, CODE_FILES
+
+    d = {**cfg.to_hf_dict(), "auto_map": dict(AUTO_MAP)}
+    (out_dir / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    for name in CODE_FILES:
+        shutil.copyfile(CODE_DIR / name, out_dir / name)
+
+
+def generation_config(cfg: MiMoConfig, tokenizer=None, overrides: dict | None = None) -> dict:
+    """generation_config.json: MiMo's sampling (temperature 0.6, top-p 0.95) and the tokens that end a reply.
+    With a tokenizer, eos_token_id lists every token mimo stops at (end of text first, then end of turn), which
+    transformers' generate and vLLM both stop at; pad_token_id is the tokenizer's pad token."""
+    eos = cfg.eos_token_id
+    pad = None
+    if tokenizer is not None:
+        stops = [tokenizer.eos_token_id] + [i for i in tokenizer.stop_token_ids if i != tokenizer.eos_token_id]
+        eos = stops if len(stops) > 1 else stops[0]
+        pad = tokenizer.token_to_id(tokenizer.pad_token)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "do_sample": True, "temperature": 0.6,
+           "top_p": 0.95}
+    if pad is not None:
+        gen["pad_token_id"] = pad
+    return {**gen, **(overrides or {})}
 
 
 def _write_weights(sd: dict, out_dir: Path, max_shard_bytes: int):

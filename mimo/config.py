@@ -1,7 +1,8 @@
 """Model configuration: the MiMo / Qwen2 hyperparameters, size presets set by one dial, and config.json I/O.
 
-A config.json written by mimo loads in transformers (as Qwen2), vLLM and SGLang (as MiMo); a config.json
-written by transformers (Qwen2) or by Xiaomi (MiMo) loads here.
+A config.json written by mimo loads in transformers (as MiMo through the remote code save_model writes beside it,
+or as Qwen2), vLLM and SGLang (as MiMo); a config.json written by transformers (Qwen2, or MiMo saved back) or by
+Xiaomi (MiMo) loads here.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class MiMoConfig:
     # ---- Hugging Face config.json ------------------------------------------------------------------
 
     def to_hf_dict(self) -> dict:
-        """The config.json of a published MiMo checkpoint (Qwen2 keys + num_nextn_predict_layers)."""
+        """The config.json of a published MiMo checkpoint (Qwen2 keys + num_nextn_predict_layers; save_model adds
+        the auto_map)."""
         d = {
             "architectures": ["MiMoForCausalLM"],
             "model_type": "mimo",
@@ -80,7 +82,6 @@ class MiMoConfig:
             "num_key_value_heads": self.num_key_value_heads,
             "num_nextn_predict_layers": self.num_nextn_predict_layers,
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_scaling": None,
             "rope_theta": self.rope_theta,
             "sliding_window": None,
             "tie_word_embeddings": self.tie_word_embeddings,

@@ -27,6 +27,9 @@ SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, THINK_START, THINK_END]
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# tokenizer_config.json keys written back as mimo's own (chat_template), or that describe a load, not the tokenizer
+TRANSIENT_CONFIG_KEYS = ("chat_template", "backend", "is_local", "local_files_only", "_commit_hash")
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
@@ -47,6 +50,12 @@ class Tokenizer:
         self.eos_token_id = tk.token_to_id(eos)
         if self.eos_token_id is None:
             raise MimoError(f"tokenizer: end-of-text token {eos!r} is not in the vocabulary")
+        pad = self.config.get("pad_token")
+        if isinstance(pad, dict):
+            pad = pad.get("content")
+        if not (isinstance(pad, str) and tk.token_to_id(pad) is not None):
+            pad = END_OF_TEXT if tk.token_to_id(END_OF_TEXT) is not None else eos
+        self.pad_token = pad
         # every token that ends a turn or a document stops generation
         self.stop_token_ids = sorted({i for t in (eos, END_OF_TEXT, IM_END) if (i := tk.token_to_id(t)) is not None})
 
@@ -96,18 +105,28 @@ class Tokenizer:
         return cls(tk, config, template)
 
     def save(self, out_dir):
+        """tokenizer.json and tokenizer_config.json, which transformers 4 and 5 (AutoTokenizer), vLLM and SGLang open
+        with the same special tokens (end of text, pad, the chat and thinking tokens) and chat template."""
         out_dir = Path(out_dir)
         self.tk.save(str(out_dir / "tokenizer.json"))
         added = {str(self.tk.token_to_id(t)): {"content": t, "special": True, "lstrip": False, "rstrip": False,
                                                "normalized": False, "single_word": False}
                  for t in SPECIAL_TOKENS if self.tk.token_to_id(t) is not None}
+        kept = {k: v for k, v in self.config.items() if k not in TRANSIENT_CONFIG_KEYS}
+        if kept.get("tokenizer_class") in (None, "TokenizersBackend"):  # transformers 5's name; 4 knows no such class
+            kept["tokenizer_class"] = "PreTrainedTokenizerFast"
+        extra = kept.pop("extra_special_tokens", None)  # transformers 5's list (a dict of named tokens in 4)
+        chat_tokens = kept.get("additional_special_tokens") or (extra if isinstance(extra, list) else None) or \
+            [t for t in SPECIAL_TOKENS if t not in (self.eos_token, self.pad_token) and self.tk.token_to_id(t) is not None]
+        if isinstance(extra, dict):
+            kept["extra_special_tokens"] = extra
         config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": 32768,
-            **{k: v for k, v in self.config.items() if k != "chat_template"},
+            **kept,
             "added_tokens_decoder": added,
+            "additional_special_tokens": chat_tokens,
             "eos_token": self.eos_token,
-            "pad_token": self.config.get("pad_token") or END_OF_TEXT,
+            "pad_token": self.pad_token,
             "bos_token": None,
             "chat_template": self.chat_template,
         }

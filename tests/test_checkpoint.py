@@ -22,8 +22,8 @@ def test_roundtrip_in_each_dtype(tmp_path, tokenizer, dtype):
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     out = save_model(model, tmp_path / "m", tokenizer=tokenizer, dtype=dtype)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert files == ["config.json", "configuration_mimo.py", "generation_config.json", "model.safetensors",
+                     "modeling_mimo.py", "tokenizer.json", "tokenizer_config.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "mimo" and cfg["architectures"] == ["MiMoForCausalLM"]
     assert cfg["num_nextn_predict_layers"] == 1 and "rope_theta" in cfg and cfg["torch_dtype"] == dtype
