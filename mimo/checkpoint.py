@@ -338,7 +338,8 @@ def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
 
         if quantize not in QUANTIZED_LINEAR:
             raise MimoError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
-    order = sorted(expected, key=lambda n: (str(files[n]), mapped[files[n]].entries[n][2]))  # file order
+    # largest first: a big tensor's pages and its quantization's scratch come while little else is held
+    order = sorted(expected, key=lambda n: (-math.prod(expected[n]), str(files[n]), mapped[files[n]].entries[n][2]))
     total = sum(math.prod(expected[n]) for n in order)
     bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"loading {model_dir.name}", file=sys.stderr,
                disable=not progress, mininterval=1.0)
