@@ -23,6 +23,8 @@ Measured (llama-cpp-python 0.3.36, 2 threads) on a nano model pretrained 300 ste
     q8_0   1.20e-01                  1.64e-01                   16.77        yes / yes                     same ids
     q4_0   1.30e-01                  1.44e+00                   16.77        yes / yes                     same ids
 
+q8_0 and q4_0 files are byte for byte what llama-quantize makes of the f32 file (27/27 tensors; for this model's
+hidden size llama-quantize's Q6_K output falls back to Q8_0, mimo's choice for q4_0's output in every size).
 (llama.cpp rounds activations to bf16 for bf16 weights and to Q8_0 blocks for Q8_0/Q4_0 weights; mimo's kernels
 do the latter for up to 8 rows and multiply prompts in fp32, hence the prompt-logit differences.) The default
 random model: f32 1.7e-05 and equal; bf16 and q8_0 part at near ties (logits 0.014 and 0.10 apart).
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 F32 = 0  # GGML_TYPE_F32
+_QUIET = None
 TEXTS = ["Question: What is 12 + 7?\nSolution:\n12 + 7 = 19\nAnswer: 19",
          "The quick brown fox jumps over the lazy dog. Numbers like 1234 split into digits.",
          "<|im_start|>user\nSort 5, 3, 9.<|im_end|>\n<|im_start|>assistant\n<think>",
@@ -84,6 +87,29 @@ def llama_greedy(llm, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
         out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([out[-1]])
     return out, prompt_logits
+
+
+def llama_quantize_agrees(f32_file: Path, mine: Path, kind: str) -> str:
+    """llama-quantize (llama.cpp's own, through its C API) of the f32 export against mimo's export of kind."""
+    import ctypes
+
+    import llama_cpp
+
+    from mimo.gguf import GGUFFile
+
+    global _QUIET  # llama-quantize logs every tensor: llama.cpp's log off from here on (kept referenced)
+    _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+    params.nthread = 2
+    theirs = mine.with_name(f"llama-quantize-{kind}.gguf")
+    if llama_cpp.llama_model_quantize(str(f32_file).encode(), str(theirs).encode(), ctypes.byref(params)):
+        return "llama-quantize failed"
+    a, b = GGUFFile(theirs).tensors, GGUFFile(mine).tensors
+    types = {n: f"{a[n].type.name} (mimo {b[n].type.name})" for n in a if a[n].type != b[n].type}
+    same = sum(a[n].type == b[n].type and np.array_equal(a[n].data, b[n].data) for n in a)
+    return f"llama-quantize: {same}/{len(a)} tensors byte-identical" + (f"; other types: {types}" if types else "")
 
 
 def main() -> int:
@@ -132,6 +158,8 @@ def main() -> int:
                   f"llama.cpp {got[k]} (mimo's logit {float(last[got[k]]):.4f}): a near tie")
         if kind == "f32" and not (same_float and same_gguf):
             status = 1
+        if kind in ("q8_0", "q4_0") and (work / "model-f32.gguf").exists():
+            print(f"      {llama_quantize_agrees(work / 'model-f32.gguf', path, kind)}")
         template = llm.metadata.get("tokenizer.chat_template")
         del llm
     print(f"chat template read by llama.cpp equals mimo's: {template == tokenizer.chat_template}")
