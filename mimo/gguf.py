@@ -473,6 +473,13 @@ def gguf_config(path) -> MiMoConfig:
     return read_gguf(path)[0]
 
 
+def generation_config(path) -> dict:
+    """generation_config.json's sampling keys back from general.sampling.* (e.g. for mimo serve's defaults)."""
+    fields = GGUFFile(path).fields
+    keys = (("temp", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("min_p", "min_p"))
+    return {hf: round(fields[f"general.sampling.{k}"], 6) for k, hf in keys if f"general.sampling.{k}" in fields}
+
+
 def _default_pipeline() -> dict:
     """mimo's tokenizer pipeline (Qwen2's split, byte-level), for qwen2 GGUF files mimo did not write."""
     from tokenizers import Regex, decoders, models, pre_tokenizers

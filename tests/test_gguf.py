@@ -17,7 +17,7 @@ from mimo.cli import main
 from mimo.config import MiMoConfig
 from mimo.engine import Engine, SamplingParams
 from mimo.errors import MimoError
-from mimo.gguf import companion_path, export_gguf, load_gguf
+from mimo.gguf import companion_path, export_gguf, generation_config, gguf_config, load_gguf
 from mimo.quantize import QUANTIZED_LINEAR, Int4Linear, Int8Linear
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
@@ -223,6 +223,13 @@ def test_metadata_and_tensor_names_are_llama_cpps(source, exported, tokenizer):
     assert mtp[b + "nextn.eh_proj.weight"] == (2 * H, H) and mtp[b + "attn_q.weight"] == (H, H)
     assert {k.removeprefix(b) for k in mtp} >= {"nextn.enorm.weight", "nextn.hnorm.weight",
                                                 "nextn.shared_head_norm.weight", "ffn_down.weight"}
+
+
+def test_config_and_sampling_without_loading(source, exported):
+    model, _ = source
+    assert gguf_config(exported["q4_0"]).num_nextn_predict_layers == 1
+    assert gguf_config(exported["q4_0"]).hidden_size == model.config.hidden_size
+    assert generation_config(exported["q4_0"]) == {"temperature": 0.6, "top_p": 0.95}
 
 
 def test_mtp_companion_in_llama_cpps_nextn_order(source, exported):
