@@ -153,25 +153,36 @@ def _chunked_linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, n: int, k: 
     return y
 
 
+_FMT = {"q8_0": 0, "q4_0": 1, "bf16": 2}
+_F32, _BF16 = torch.float32, torch.bfloat16
+
+
 def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, bias: torch.Tensor | None):
     """y = x @ W.T + bias for W in format fmt ("q8_0" / "q4_0" blocks [n, k / 32, bytes], or "bf16" [n, k]);
     x [..., k] fp32 or bf16 (other float dtypes go through fp32); y in x's dtype."""
     n, k = weight.shape[0], in_features
-    shape = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    use_kernel = x.device.type == "cpu" and weight.device.type == "cpu" and kernels.available()
-    if use_kernel and m <= GEMV_MAX_ROWS[fmt] and x.dtype in kernels.DTYPES:
-        out = torch.empty(m, n, dtype=x.dtype)
-        in_kernel = bias is not None and bias.dtype in kernels.DTYPES
-        kernels.gemv(fmt, weight, n, k, x2.contiguous(), out, bias.contiguous() if in_kernel else None)
-        if bias is not None and not in_kernel:
-            out += bias.to(out.dtype)
-        return out.view(*shape, n)
-    if fmt == "bf16" and not use_kernel:
+    lib = kernels.library()
+    if lib is not None and x.is_cpu and weight.is_cpu:
+        m = x.numel() // k
+        xdt = x.dtype
+        if m <= GEMV_MAX_ROWS[fmt] and (xdt is _F32 or xdt is _BF16) and m:  # the fast path: few Python steps
+            if not x.is_contiguous():
+                x = x.contiguous()
+            out = x.new_empty((*x.shape[:-1], n))
+            bdt = -1 if bias is None else 0 if bias.dtype is _F32 else 1 if bias.dtype is _BF16 else -1
+            rc = lib.mimo_gemv(_FMT[fmt], weight.data_ptr(), n, k, x.data_ptr(), xdt is _BF16, m, out.data_ptr(),
+                               xdt is _BF16, None if bdt < 0 else bias.data_ptr(), bdt, torch.get_num_threads())
+            if rc:
+                raise RuntimeError(f"mimo_gemv failed ({rc})")
+            if bias is not None and bdt < 0:
+                out += bias.to(xdt)
+            return out
+    elif fmt == "bf16":
         return F.linear(x, weight, bias)
-    xf = x2.float()
-    if m <= GEMV_MAX_ROWS[fmt] and fmt != "bf16":
+    use_kernel = lib is not None and x.is_cpu and weight.is_cpu
+    shape = x.shape[:-1]
+    xf = x.reshape(-1, k).float()
+    if xf.shape[0] <= GEMV_MAX_ROWS[fmt] and fmt != "bf16":
         xf = _round_activations(xf)  # what the kernel computes
     y = _chunked_linear(fmt, xf, weight, n, k, use_kernel)
     if bias is not None:
@@ -258,9 +269,10 @@ class _BlockLinear(nn.Module):
         return dequantize_blocks(self.blocks, self.FORMAT, dtype)
 
     def forward(self, x):
+        blocks = self._buffers["blocks"]
         if torch.compiler.is_compiling():
-            return _OPS[self.FORMAT](x, self.blocks, self.in_features, self.bias)
-        return _linear(self.FORMAT, x, self.blocks, self.in_features, self.bias)
+            return _OPS[self.FORMAT](x, blocks, self.in_features, self.bias)
+        return _linear(self.FORMAT, x, blocks, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.FORMAT}, "

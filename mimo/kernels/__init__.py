@@ -6,10 +6,11 @@ temporary name and renamed into place, so concurrent first uses are safe) and re
 None where there is no compiler, the build failed or MIMO_NO_KERNELS=1 is set: callers then take their torch
 path (correct, slower), and a warning says so once.
 
-The library is built with -fopenmp and needs libgomp.so.1; loaded into a process that already holds torch's
-libgomp (torch is imported first) it binds to that one (same soname), so the kernels' `omp parallel` regions run
-on torch's own OpenMP threads instead of a second runtime's spinning threads fighting them for the cores.
-ctypes drops the GIL for the duration of each call.
+Threads: gemv.c's own small pool (see its header), as many threads as torch.get_num_threads() at each call;
+ctypes drops the GIL for the duration of each call. MIMO_KERNEL_SPIN_US (default 100) is how long an idle
+worker spins before it sleeps; MIMO_KERNEL_OPENMP=1 builds the OpenMP variant instead (runs on torch's libgomp
+team: same soname, so no second runtime), for comparisons; MIMO_KERNEL_FLAGS replaces the optimization flags
+(e.g. "-O2" builds the portable scalar code, without AVX2, for tests).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ _reason: str | None = None
 
 
 def disabled() -> bool:
-    return os.environ.get("MIMO_NO_KERNELS", "") not in ("", "0")
+    return "MIMO_NO_KERNELS" in os.environ and os.environ["MIMO_NO_KERNELS"] not in ("", "0")
 
 
 def cache_dir() -> Path:
@@ -73,13 +74,8 @@ def _compiler_version(cc: str) -> str:
         return ""
 
 
-# tried in order: the first that builds wins (-march=native may be unknown to a compiler, -fopenmp may lack libgomp)
-FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3", "-march=native"],
-    ["-O3"],
-)
+# tried in order: the first that builds wins (-march=native may be unknown to a compiler)
+FLAG_SETS = (["-O3", "-march=native"], ["-O3"])
 COMMON_FLAGS = ["-shared", "-fPIC", "-ffp-contract=off", "-std=gnu11"]
 
 
@@ -92,7 +88,10 @@ def _build() -> ctypes.CDLL:
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in FLAG_SETS:
+    threading_flags = ["-DMIMO_OPENMP", "-fopenmp"] if os.environ.get("MIMO_KERNEL_OPENMP") == "1" else ["-pthread"]
+    flag_sets = [os.environ["MIMO_KERNEL_FLAGS"].split()] if os.environ.get("MIMO_KERNEL_FLAGS") else FLAG_SETS
+    for flags in flag_sets:
+        flags = flags + threading_flags
         key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags + COMMON_FLAGS).encode(),
                                          _cpu_flags().encode()])).hexdigest()[:24]
         path = out_dir / f"gemv-{key}.so"
@@ -118,6 +117,9 @@ def _build() -> ctypes.CDLL:
             errors.append(f"{path}: ABI {lib.mimo_abi_version()} != {ABI}")
             continue
         _declare(lib)
+        spin = os.environ.get("MIMO_KERNEL_SPIN_US")
+        if spin:
+            lib.mimo_set_spin_us(int(spin))
         return lib
     raise RuntimeError("building mimo/kernels/gemv.c failed: " + " | ".join(errors))
 
@@ -130,7 +132,9 @@ def _declare(lib: ctypes.CDLL):
     lib.mimo_quantize.restype = None
     lib.mimo_dequantize.argtypes = [i32, vp, vp, i64, i64, i64, i32]
     lib.mimo_dequantize.restype = None
-    for name in ("mimo_simd", "mimo_openmp", "mimo_abi_version"):
+    lib.mimo_set_spin_us.argtypes = [i32]
+    lib.mimo_set_spin_us.restype = None
+    for name in ("mimo_simd", "mimo_openmp", "mimo_abi_version", "mimo_pool_workers"):
         getattr(lib, name).restype = i32
 
 
@@ -145,8 +149,6 @@ def library() -> ctypes.CDLL | None:
         if not _tried:
             try:
                 _lib = _build()
-                if not _lib.mimo_openmp():
-                    warnings.warn("mimo kernels built without OpenMP: they run on one thread", stacklevel=3)
             except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
                 _lib, _reason = None, str(e)
                 warnings.warn(f"mimo's C kernels are unavailable ({e}); quantized and bf16 linears use a slower "

@@ -1,10 +1,16 @@
 /* mimo's CPU kernels for weight-only quantized (GGML Q4_0 / Q8_0 blocks) and bf16 linears.
  *
- * Built on first use by mimo/kernels/__init__.py (cc -O3 -march=native -shared -fPIC -fopenmp -ffp-contract=off)
- * and called through ctypes. Threads come from OpenMP: the library is loaded into a process that already holds
- * torch's libgomp (same soname), so `#pragma omp parallel` runs on torch's own thread team: no second runtime,
- * no extra spinning threads. Rows are handed out in chunks from a shared counter (dynamic schedule), so a
- * thread that shares its core with another process just takes fewer chunks.
+ * Built on first use by mimo/kernels/__init__.py (cc -O3 -march=native -shared -fPIC -ffp-contract=off -pthread)
+ * and called through ctypes (which drops the GIL).
+ *
+ * Threads: a small pool of its own (mimo_threads - 1 workers, started on first use; the caller is the other
+ * thread). Work goes in chunks claimed from a shared counter, and the caller only ever waits for chunks some
+ * thread has claimed: a worker that is not running (its core taken by another process) simply claims nothing,
+ * so a busy machine degrades to the threads that do run instead of stalling on a barrier. Idle workers spin
+ * briefly (yielding the core to anything else runnable on it), then sleep on a futex. OpenMP is not used: a
+ * second OpenMP runtime would fight torch's, and torch's own team ends every region on a barrier that waits for
+ * all its threads (with libgomp's long spin-waits, ~8 ms a call when two of them end up on one core).
+ * Build with -DMIMO_OPENMP -fopenmp to run the same chunks on OpenMP instead (for comparison).
  *
  * Formats (exactly ggml's, ggml-common.h):
  *   Q8_0: blocks of 32 weights along the input dim: fp16 d, int8 qs[32]            (34 bytes), w = d * q
@@ -20,11 +26,21 @@
  * -ffp-contract=off: x * id + 8.5f must not become an FMA).
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
+#ifdef MIMO_OPENMP
 #include <omp.h>
+#else
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -53,12 +69,167 @@ int mimo_simd(void) {
 }
 
 int mimo_openmp(void) {
-#ifdef _OPENMP
+#ifdef MIMO_OPENMP
     return 1;
 #else
     return 0;
 #endif
 }
+
+/* ---- threads ---------------------------------------------------------------------------------------------
+ * parallel_for(fn, ctx, n, nth): fn(ctx, i) for i in [0, n) on up to nth threads (the caller and nth - 1
+ * workers). */
+
+typedef void (*chunk_fn)(void *ctx, int64_t i);
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+#ifdef MIMO_OPENMP
+static void parallel_for(chunk_fn fn, void *ctx, int64_t n, int nth) {
+    if (nth > n) nth = (int)n;
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1)
+    for (int64_t i = 0; i < n; i++) fn(ctx, i);
+}
+int mimo_pool_workers(void) { return 0; }
+void mimo_set_spin_us(int us) { (void)us; }
+#else
+#define MAX_WORKERS 255
+
+static struct {
+    pthread_mutex_t job_lock, start_lock;
+    int nworkers;
+    _Atomic uint32_t gen;      /* futex word: bumped for every job */
+    _Atomic uint64_t next;     /* (gen << 32) | next chunk index */
+    _Atomic int64_t done;      /* chunks finished in the current job */
+    _Atomic int64_t n;         /* chunks in the current job */
+    _Atomic int active;        /* workers that may take part (nth - 1) */
+    _Atomic int sleepers;
+    chunk_fn fn;
+    void *ctx;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
+
+static int spin_us = 100;  /* how long an idle worker spins (yielding) before it sleeps */
+
+void mimo_set_spin_us(int us) { spin_us = us < 0 ? 0 : us; }
+int mimo_pool_workers(void) { return pool.nworkers; }
+
+static inline uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void futex_wait(_Atomic uint32_t *addr, uint32_t val) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0);
+#else
+    struct timespec t = {0, 50000};
+    if (atomic_load(addr) == val) nanosleep(&t, NULL);
+#endif
+}
+
+static void futex_wake_all(_Atomic uint32_t *addr) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)addr;
+#endif
+}
+
+/* claim and run chunks of job g until none are left (or another job started) */
+static void run_chunks(uint32_t g) {
+    for (;;) {
+        uint64_t v = atomic_load_explicit(&pool.next, memory_order_acquire);
+        if ((uint32_t)(v >> 32) != g || (int64_t)(v & 0xffffffffu) >= atomic_load_explicit(&pool.n, memory_order_relaxed))
+            return;
+        if (!atomic_compare_exchange_weak_explicit(&pool.next, &v, v + 1, memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        pool.fn(pool.ctx, (int64_t)(v & 0xffffffffu));  /* job g cannot finish before this chunk: fn, ctx are g's */
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *worker_main(void *arg) {
+    const int id = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&pool.gen);
+    for (;;) {
+        uint32_t g = atomic_load_explicit(&pool.gen, memory_order_acquire);
+        if (g == seen) {
+            const uint64_t until = now_ns() + (uint64_t)spin_us * 1000u;
+            for (;;) {
+                for (int i = 0; i < 64 && (g = atomic_load_explicit(&pool.gen, memory_order_acquire)) == seen; i++)
+                    cpu_relax();
+                if (g != seen || now_ns() > until) break;
+                sched_yield();  /* let anything else runnable on this core go first */
+            }
+            while (g == seen) {
+                atomic_fetch_add(&pool.sleepers, 1);
+                futex_wait(&pool.gen, seen);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                g = atomic_load(&pool.gen);
+            }
+        }
+        seen = g;
+        if (id < atomic_load_explicit(&pool.active, memory_order_relaxed)) run_chunks(g);
+    }
+    return NULL;
+}
+
+static void start_workers(int want) {
+    if (want > MAX_WORKERS) want = MAX_WORKERS;
+    pthread_mutex_lock(&pool.start_lock);
+    while (pool.nworkers < want) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 256 * 1024);
+        const int ok = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)pool.nworkers) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool.nworkers++;
+    }
+    pthread_mutex_unlock(&pool.start_lock);
+}
+
+static void after_fork_child(void) {  /* the workers did not come along */
+    pthread_mutex_init(&pool.job_lock, NULL);
+    pthread_mutex_init(&pool.start_lock, NULL);
+    pool.nworkers = 0;
+}
+
+static void parallel_for(chunk_fn fn, void *ctx, int64_t n, int nth) {
+    static int atfork = 0;
+    if (nth > n) nth = (int)n;
+    if (nth <= 1 || pthread_mutex_trylock(&pool.job_lock) != 0) {  /* one thread, or the pool is busy */
+        for (int64_t i = 0; i < n; i++) fn(ctx, i);
+        return;
+    }
+    if (!atfork) { pthread_atfork(NULL, NULL, after_fork_child); atfork = 1; }
+    if (pool.nworkers < nth - 1) start_workers(nth - 1);
+    pool.fn = fn;
+    pool.ctx = ctx;
+    atomic_store(&pool.n, n);
+    atomic_store(&pool.done, 0);
+    atomic_store(&pool.active, nth - 1);
+    uint32_t g = atomic_load(&pool.gen) + 1;
+    atomic_store(&pool.next, (uint64_t)g << 32);
+    atomic_store(&pool.gen, g);
+    if (atomic_load(&pool.sleepers) > 0) futex_wake_all(&pool.gen);
+    run_chunks(g);
+    for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < n; spins++) {
+        cpu_relax();
+        if ((spins & 255) == 255) sched_yield();  /* a claimed chunk's thread may need this core */
+    }
+    pthread_mutex_unlock(&pool.job_lock);
+}
+#endif
 
 /* ---- scalar conversions ------------------------------------------------------------------------------- */
 
@@ -131,16 +302,24 @@ static void quantize_row_q4_0_ref(const float *x, block_q4_0 *y, int64_t k) {
     }
 }
 
+typedef struct { int fmt; const float *x; uint8_t *y; int64_t rows, k, row_bytes, per; } quant_job;
+
+static void quantize_chunk(void *ctx, int64_t c) {
+    const quant_job *j = (const quant_job *)ctx;
+    for (int64_t r = c * j->per; r < (c + 1) * j->per && r < j->rows; r++) {
+        if (j->fmt == FMT_Q8_0)
+            quantize_row_q8_0_ref(j->x + r * j->k, (block_q8_0 *)(j->y + r * j->row_bytes), j->k);
+        else
+            quantize_row_q4_0_ref(j->x + r * j->k, (block_q4_0 *)(j->y + r * j->row_bytes), j->k);
+    }
+}
+
 /* x [rows, k] fp32 -> blocks [rows, k / 32] */
 void mimo_quantize(int fmt, const float *x, void *y, int64_t rows, int64_t k, int nth) {
-    const int64_t row_bytes = (k / QK) * (fmt == FMT_Q8_0 ? (int64_t)sizeof(block_q8_0) : (int64_t)sizeof(block_q4_0));
-#pragma omp parallel for num_threads(nth) schedule(dynamic, 16) if (nth > 1 && rows > 1)
-    for (int64_t r = 0; r < rows; r++) {
-        if (fmt == FMT_Q8_0)
-            quantize_row_q8_0_ref(x + r * k, (block_q8_0 *)((uint8_t *)y + r * row_bytes), k);
-        else
-            quantize_row_q4_0_ref(x + r * k, (block_q4_0 *)((uint8_t *)y + r * row_bytes), k);
-    }
+    quant_job j = {fmt, x, (uint8_t *)y, rows, k,
+                   (k / QK) * (fmt == FMT_Q8_0 ? (int64_t)sizeof(block_q8_0) : (int64_t)sizeof(block_q4_0)), 0};
+    j.per = (1 << 16) / (k > 0 ? k : 1) + 1;
+    parallel_for(quantize_chunk, &j, (rows + j.per - 1) / j.per, nth);
 }
 
 /* ---- dequantization: weight rows [r0, r1) -> y [(r1 - r0), k] in fp32 ---------------------------------- */
@@ -199,10 +378,17 @@ static int64_t row_bytes_of(int fmt, int64_t k) {
     return (k / QK) * (fmt == FMT_Q8_0 ? (int64_t)sizeof(block_q8_0) : (int64_t)sizeof(block_q4_0));
 }
 
+typedef struct { int fmt; const uint8_t *w; float *y; int64_t r0, r1, k, rb, per; } dequant_job;
+
+static void dequantize_chunk(void *ctx, int64_t c) {
+    const dequant_job *j = (const dequant_job *)ctx;
+    for (int64_t r = j->r0 + c * j->per; r < j->r0 + (c + 1) * j->per && r < j->r1; r++)
+        dequantize_row(j->fmt, j->w + r * j->rb, j->y + (r - j->r0) * j->k, j->k);
+}
+
 void mimo_dequantize(int fmt, const void *w, float *y, int64_t r0, int64_t r1, int64_t k, int nth) {
-    const int64_t rb = row_bytes_of(fmt, k);
-#pragma omp parallel for num_threads(nth) schedule(static) if (nth > 1 && (r1 - r0) * k >= (1 << 16))
-    for (int64_t r = r0; r < r1; r++) dequantize_row(fmt, (const uint8_t *)w + r * rb, y + (r - r0) * k, k);
+    dequant_job j = {fmt, (const uint8_t *)w, y, r0, r1, k, row_bytes_of(fmt, k), (1 << 15) / (k > 0 ? k : 1) + 1};
+    parallel_for(dequantize_chunk, &j, (r1 - r0 + j.per - 1) / j.per, nth);
 }
 
 /* ---- activations ---------------------------------------------------------------------------------------
@@ -232,6 +418,33 @@ static inline void load_row_f32(const void *x, int xdt, int64_t k, float *tmp) {
 static void quantize_act_row(const float *x, int8_t *qs, float *dd, int32_t *ss, int64_t k) {
     for (int64_t i = 0; i < k / QK; i++) {
         const float *v = x + i * QK;
+#ifdef MIMO_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+               v3 = _mm256_loadu_ps(v + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rnd));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(qs + i * QK), p);
+        dd[i] = amax / 127.0f;
+        ss[i] = -_mm_cvtsi128_si32(s4);
+#else
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
         const float d = amax / 127.0f;
@@ -244,6 +457,7 @@ static void quantize_act_row(const float *x, int8_t *qs, float *dd, int32_t *ss,
         }
         dd[i] = d;
         ss[i] = -sum;
+#endif
     }
 }
 
@@ -349,9 +563,98 @@ TILE_FN(q8_r1m3, FMT_Q8_0, 1, 3)
 TILE_FN(q8_r2m4, FMT_Q8_0, 2, 4)
 TILE_FN(q8_r1m4, FMT_Q8_0, 1, 4)
 
+#ifdef MIMO_AVX2
+/* 8 weight rows x M activation rows with the rows in the lanes: per block, each row's integer dot product is
+ * summed to one int32 (a tree of hadds over the 8 rows), so the scales of 8 rows are converted, multiplied and
+ * accumulated as one vector (the 8 fp16 scales gathered through integer registers), instead of per row. */
+static inline __m256i sum8_epi32(__m256i s0, __m256i s1, __m256i s2, __m256i s3, __m256i s4, __m256i s5, __m256i s6,
+                                 __m256i s7) {
+    /* a transpose-and-add: lane r of the result (r < 8) is the sum of the 8 lanes of s_r */
+    const __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(s0, s1), _mm256_unpackhi_epi32(s0, s1));
+    const __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(s2, s3), _mm256_unpackhi_epi32(s2, s3));
+    const __m256i t45 = _mm256_add_epi32(_mm256_unpacklo_epi32(s4, s5), _mm256_unpackhi_epi32(s4, s5));
+    const __m256i t67 = _mm256_add_epi32(_mm256_unpacklo_epi32(s6, s7), _mm256_unpackhi_epi32(s6, s7));
+    const __m256i a = _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+    const __m256i b = _mm256_add_epi32(_mm256_unpacklo_epi64(t45, t67), _mm256_unpackhi_epi64(t45, t67));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static inline __m256 scales8(const uint8_t *w, int64_t rb, int64_t off) {
+    /* the 8 rows' fp16 scales, gathered in integer registers (cheap there) and converted at once */
+    uint64_t lo = 0, hi = 0;
+    for (int r = 0; r < 4; r++) {
+        uint16_t a, b;
+        memcpy(&a, w + r * rb + off, 2);
+        memcpy(&b, w + (r + 4) * rb + off, 2);
+        lo |= (uint64_t)a << (16 * r);
+        hi |= (uint64_t)b << (16 * r);
+        __asm__("" : "+r"(lo), "+r"(hi));  /* keep gcc from vectorizing this into shuffles */
+    }
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)hi, (long long)lo));
+}
+
+#define TILE8_FN(NAME, FMT, M)                                                                                   \
+    static void NAME(const uint8_t *w, int64_t rb, const qact *a, int64_t m0, float *out /* [8][M] */) {         \
+        __m256 acc[M];                                                                                           \
+        for (int j = 0; j < M; j++) acc[j] = _mm256_setzero_ps();                                                \
+        const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);                                 \
+        const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);                                        \
+        const int64_t nb = a->nb, k = a->k, bs = FMT == FMT_Q4_0 ? 18 : 34;                                    \
+        for (int64_t b = 0; b < nb; b++) {                                                                       \
+            __m256i wv[8];                                                                                       \
+            for (int r = 0; r < 8; r++) {                                                                        \
+                const uint8_t *q = w + r * rb + b * bs + 2;                                                      \
+                if (FMT == FMT_Q4_0)                                                                             \
+                    wv[r] = _mm256_and_si256(                                                                    \
+                        _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q)), shift), \
+                        m4);                                                                                     \
+                else                                                                                             \
+                    wv[r] = _mm256_loadu_si256((const __m256i *)q);                                              \
+            }                                                                                                    \
+            const __m256 wd = scales8(w, rb, b * bs);                                                            \
+            for (int j = 0; j < M; j++) {                                                                        \
+                const __m256i av = _mm256_load_si256((const __m256i *)(a->qs + (m0 + j) * k + b * QK));          \
+                __m256i s[8];                                                                                    \
+                for (int r = 0; r < 8; r++) {                                                                    \
+                    if (FMT == FMT_Q4_0)                                                                         \
+                        s[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], av), ones);                         \
+                    else                                                                                         \
+                        s[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv[r], wv[r]),            \
+                                                                      _mm256_sign_epi8(av, wv[r])), ones);       \
+                }                                                                                                \
+                __m256i t = sum8_epi32(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);                          \
+                if (FMT == FMT_Q4_0) t = _mm256_add_epi32(t, _mm256_set1_epi32(8 * a->s[(m0 + j) * nb + b]));    \
+                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_set1_ps(a->d[(m0 + j) * nb + b])),             \
+                                         _mm256_cvtepi32_ps(t), acc[j]);                                         \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (int j = 0; j < M; j++) {                                                                            \
+            float tmp[8];                                                                                        \
+            _mm256_storeu_ps(tmp, acc[j]);                                                                       \
+            for (int r = 0; r < 8; r++) out[r * M + j] = tmp[r];                                                 \
+        }                                                                                                        \
+    }
+
+TILE8_FN(q4_r8m1, FMT_Q4_0, 1)
+TILE8_FN(q4_r8m2, FMT_Q4_0, 2)
+TILE8_FN(q4_r8m3, FMT_Q4_0, 3)
+TILE8_FN(q4_r8m4, FMT_Q4_0, 4)
+TILE8_FN(q8_r8m1, FMT_Q8_0, 1)
+TILE8_FN(q8_r8m2, FMT_Q8_0, 2)
+TILE8_FN(q8_r8m3, FMT_Q8_0, 3)
+TILE8_FN(q8_r8m4, FMT_Q8_0, 4)
+#define TILE_ROWS 8
+#else
+#define TILE_ROWS 4
+#endif
+
 typedef void (*tile_fn)(const uint8_t *, int64_t, const qact *, int64_t, float *);
 /* [fmt][M - 1]: the tile for R rows (R = 4 for M = 1, else 2) and for 1 row (the last rows of a chunk) */
+#ifdef MIMO_AVX2
+static const tile_fn tiles_r[2][4] = {{q8_r8m1, q8_r8m2, q8_r8m3, q8_r8m4}, {q4_r8m1, q4_r8m2, q4_r8m3, q4_r8m4}};
+#else
 static const tile_fn tiles_r[2][4] = {{q8_r4m1, q8_r2m2, q8_r2m3, q8_r2m4}, {q4_r4m1, q4_r2m2, q4_r2m3, q4_r2m4}};
+#endif
 static const tile_fn tiles_1[2][4] = {{q8_r1m1, q8_r1m2, q8_r1m3, q8_r1m4}, {q4_r1m1, q4_r1m2, q4_r1m3, q4_r1m4}};
 
 /* ---- bf16 tiles: R weight rows x M fp32 activation rows ----------------------------------------------
@@ -449,6 +752,48 @@ static inline float bias_at(const void *bias, int bdt, int64_t i) {
     return bdt == DT_F32 ? ((const float *)bias)[i] : bf16_to_fp32(((const uint16_t *)bias)[i]);
 }
 
+typedef struct {
+    int fmt;
+    const uint8_t *w;
+    int64_t n, rb, chunk, m;
+    const qact *a;
+    const float *xp;
+    int64_t k;
+    void *y;
+    int ydt;
+    const void *bias;
+    int bdt;
+} gemv_job;
+
+static void gemv_chunk(void *ctx, int64_t c) {
+    const gemv_job *jb = (const gemv_job *)ctx;
+    const int fmt = jb->fmt;
+    const int64_t r0 = c * jb->chunk, r1 = r0 + jb->chunk < jb->n ? r0 + jb->chunk : jb->n, m = jb->m;
+    float out[32];
+    for (int64_t j0 = 0; j0 < m; j0 += 4) {
+        const int mm = m - j0 < 4 ? (int)(m - j0) : 4;
+        const int R = fmt == FMT_BF16 ? (mm == 1 ? 4 : 2) : TILE_ROWS == 8 ? 8 : (mm == 1 ? 4 : 2);
+        for (int64_t r = r0; r < r1;) {
+            int rr;
+            const uint8_t *wr = jb->w + r * jb->rb;
+            if (r + R <= r1) {
+                rr = R;
+                if (fmt == FMT_BF16) bf_tiles_r[mm - 1](wr, jb->rb, jb->xp, jb->k, j0, out);
+                else tiles_r[fmt][mm - 1](wr, jb->rb, jb->a, j0, out);
+            } else {
+                rr = 1;
+                if (fmt == FMT_BF16) bf_tiles_1[mm - 1](wr, jb->rb, jb->xp, jb->k, j0, out);
+                else tiles_1[fmt][mm - 1](wr, jb->rb, jb->a, j0, out);
+            }
+            for (int i = 0; i < rr; i++)
+                for (int j = 0; j < mm; j++)
+                    store_out(jb->y, jb->ydt, (j0 + j) * jb->n + r + i,
+                              out[i * mm + j] + bias_at(jb->bias, jb->bdt, r + i));
+            r += rr;
+        }
+    }
+}
+
 int mimo_gemv(int fmt, const void *w, int64_t n, int64_t k, const void *x, int xdt, int64_t m, void *y, int ydt,
               const void *bias, int bdt, int nth) {
     if (fmt != FMT_BF16 && k % QK) return -1;
@@ -481,36 +826,8 @@ int mimo_gemv(int fmt, const void *w, int64_t n, int64_t k, const void *x, int x
         }
     }
     int64_t chunk = CHUNK_BYTES / (rb > 0 ? rb : 1);
-    chunk = chunk < 4 ? 4 : (chunk + 3) & ~(int64_t)3;
-    const int64_t nchunks = (n + chunk - 1) / chunk;
-    if (nth > nchunks) nth = (int)nchunks;
-    if (nth < 1) nth = 1;
-#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1)
-    for (int64_t c = 0; c < nchunks; c++) {
-        const int64_t r0 = c * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
-        float out[16];
-        for (int64_t j0 = 0; j0 < m; j0 += 4) {
-            const int mm = m - j0 < 4 ? (int)(m - j0) : 4;
-            const int R = mm == 1 ? 4 : 2;
-            int64_t r = r0;
-            for (; r < r1; ) {
-                int rr;
-                const uint8_t *wr = (const uint8_t *)w + r * rb;
-                if (r + R <= r1) {
-                    rr = R;
-                    if (fmt == FMT_BF16) bf_tiles_r[mm - 1](wr, rb, xp, k, j0, out);
-                    else tiles_r[fmt][mm - 1](wr, rb, &a, j0, out);
-                } else {
-                    rr = 1;
-                    if (fmt == FMT_BF16) bf_tiles_1[mm - 1](wr, rb, xp, k, j0, out);
-                    else tiles_1[fmt][mm - 1](wr, rb, &a, j0, out);
-                }
-                for (int i = 0; i < rr; i++)
-                    for (int j = 0; j < mm; j++)
-                        store_out(y, ydt, (j0 + j) * n + r + i, out[i * mm + j] + bias_at(bias, bdt, r + i));
-                r += rr;
-            }
-        }
-    }
+    chunk = chunk < 8 ? 8 : (chunk + 7) & ~(int64_t)7;
+    gemv_job j = {fmt, (const uint8_t *)w, n, rb, chunk, m, &a, xp, k, y, ydt, bias, bdt};
+    parallel_for(gemv_chunk, &j, (n + chunk - 1) / chunk, nth);
     return 0;
 }

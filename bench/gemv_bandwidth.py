@@ -1,0 +1,149 @@
+"""Weight-read bandwidth of batch-1 decode products over a 7B model's layer shapes, against the machine's own read
+bandwidth measured in the same run; and the time of a 512-token prefill through the same layers.
+
+    .venv/bin/python bench/gemv_bandwidth.py [--threads 2] [--layers-mb 600] [--repeat 5] [--prefill 512]
+
+Shapes: MiMo-7B's linears (q 4096x4096, k/v 1024x4096, o 4096x4096, gate/up 11008x4096, down 4096x11008),
+as many layers' worth as fill --layers-mb of weights per format (far more than the L3 cache), run layer after
+layer at M=1 as decode does. Read bandwidth: fp32 x.sum() over 1 GiB. Kernels compared:
+  bf16: F.linear on the bf16 weight (torch) vs mimo.quantize.bf16_linear (mimo's GEMV)
+  int8: torch._weight_int8pack_mm (int8 + a bf16 scale a row, quantize.py before GGML) vs Int8Linear (Q8_0)
+  int4: torch.ops.aten._weight_int4pack_mm_for_cpu (groups of 32, bf16 scale + zero) vs Int4Linear (Q4_0)
+GB/s counts each format's own bytes (Q8_0: 34 bytes per 32 weights, Q4_0: 18, torch int4: 16 + 4 of scale/zero).
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mimo import kernels
+from mimo.quantize import Int4Linear, Int8Linear, bf16_linear
+
+SHAPES = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 4096),
+          ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]
+LAYER_WEIGHTS = sum(n * k for _, n, k in SHAPES)
+
+
+def read_bandwidth(repeat: int) -> float:
+    x = torch.ones(256 << 20)  # 1 GiB of fp32
+    x.sum()
+    best = min(_time(lambda: x.sum(), 1) for _ in range(repeat))
+    del x
+    return (1 << 30) / best / 1e9
+
+
+def _time(fn, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def old_int8(w: torch.Tensor):
+    w = w.float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return (lambda x: torch._weight_int8pack_mm(x, q, scales)), q.numel() + 2 * scales.numel()
+
+
+def old_int4(w: torch.Tensor):
+    w = w.float()
+    out, n_in = w.shape
+    wg = w.view(out, n_in // 32, 32)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None] + 8).clamp(0, 15)
+    q = q.view(out, -1).to(torch.int32)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)), packed.numel() + 2 * sz.numel()
+
+
+def build(kind: str, n_layers: int):
+    """[(fn(x) -> y, bytes)] for n_layers layers of SHAPES, and the input dtype the fn wants."""
+    g = torch.Generator().manual_seed(0)
+    fns = []
+    for _ in range(n_layers):
+        for _, n, k in SHAPES:
+            w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
+            if kind == "bf16 torch":
+                fns.append(((lambda x, w=w: F.linear(x, w)), w.numel() * 2))
+            elif kind == "bf16 mimo":
+                fns.append(((lambda x, w=w: bf16_linear(x, w)), w.numel() * 2))
+            elif kind == "int8 torch":
+                fns.append(old_int8(w))
+            elif kind == "int4 torch":
+                fns.append(old_int4(w))
+            else:
+                m = (Int8Linear if kind == "int8 mimo" else Int4Linear).from_weight(w)
+                fns.append((m.forward, m.blocks.numel()))
+            del w
+    return fns
+
+
+def x_for(kind: str, m: int, k: int):
+    # the old torch kernels want bf16 activations; mimo's take fp32 (an fp32 model) or bf16
+    dtype = torch.bfloat16 if kind in ("bf16 torch", "int8 torch", "int4 torch") else torch.float32
+    return torch.randn(m, k).to(dtype)
+
+
+def run_layers(kind, fns, m, repeat):
+    xs = {k: x_for(kind, m, k) for k in {k for _, _, k in SHAPES}}
+    ks = [k for _, _, k in SHAPES] * (len(fns) // len(SHAPES))
+
+    def once():
+        for (fn, _), k in zip(fns, ks):
+            fn(xs[k])
+    once()
+    return min(_time(once, 1) for _ in range(repeat))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers-mb", type=float, default=600, help="weights per format at M=1 (MB)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--prefill", type=int, default=512, help="prefill tokens (0: skip)")
+    p.add_argument("--kinds", default="bf16,int8,int4")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    assert kernels.available(), "mimo's kernels did not build"
+    bw = read_bandwidth(args.repeat)
+    print(f"threads {args.threads}; read bandwidth (fp32 sum over 1 GiB): {bw:.1f} GB/s\n")
+    rows = []
+    for fam in args.kinds.split(","):
+        res = {}
+        for impl in ("torch", "mimo"):
+            kind = f"{fam} {impl}"
+            per_layer = {"bf16": 2, "int8": 34 / 32, "int4": 18 / 32}[fam] * LAYER_WEIGHTS
+            n_layers = max(1, round(args.layers_mb * 1e6 / per_layer))
+            with torch.inference_mode():
+                fns = build(kind, n_layers)
+                nbytes = sum(b for _, b in fns)
+                t = run_layers(kind, fns, 1, args.repeat)
+                pre = None
+                if args.prefill:
+                    one = fns[: len(SHAPES)]
+                    pre = run_layers(kind, one, args.prefill, max(1, args.repeat // 2))
+            res[impl] = (nbytes / t / 1e9, pre, n_layers)
+            del fns
+            gc.collect()
+        for impl in ("torch", "mimo"):
+            gbs, pre, n_layers = res[impl]
+            pre_s = "" if pre is None else f"{pre * 1e3:.0f} ms ({2 * LAYER_WEIGHTS * args.prefill / pre / 1e9:.0f} GFLOP/s)"
+            rows.append(f"| {fam} | {impl} | {n_layers} | {gbs:.1f} | {100 * gbs / bw:.0f}% | {pre_s} |")
+        print(rows[-2] + "\n" + rows[-1], flush=True)
+    print(f"\n| format | kernel | layers | M=1 GB/s | of {bw:.1f} GB/s read | prefill {args.prefill} tokens, one layer |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
