@@ -136,6 +136,7 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
     from mimo.speculative import SpecStats
 
     dev = torch.device(device)
+    bandwidth = memory_bandwidth(dev)  # first: its 1 GiB array must not add to the model's peak memory
     t0 = time.perf_counter()
     if Path(spec).is_file() and spec.endswith(".gguf"):
         from mimo.gguf import load_gguf
@@ -178,7 +179,6 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
         long = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=g).tolist()
         first = engine.generate(long, SamplingParams(max_new_tokens=1))[0]
         prefill_tps = prefill_tokens / first.time_to_first_token_s
-    bandwidth = memory_bandwidth(dev)
     used = step_bytes * steps / decode_s if decode_s > 0 else 0.0
     return {"model": spec, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "mtp": mtp, "num_draft": num_draft if mtp else 0, "quantize": quantize, "compile": compile,
