@@ -157,6 +157,7 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
     params = SamplingParams(max_new_tokens=new_tokens)
+    cold = engine.generate(prompts[:1], SamplingParams(max_new_tokens=2), mtp=mtp, num_draft=num_draft)[0]
     engine.warm_up(prompts, params, mtp=mtp, num_draft=num_draft, tokens=4)
     outs = engine.generate(prompts, params, mtp=mtp, num_draft=num_draft)
     decode_s = max(o.decode_time_s for o in outs)
@@ -185,6 +186,7 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
             "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
             "draft_quantize": draft_quantize if mtp else None, "load_s": load_s,
             "time_to_first_token_s": sum(o.time_to_first_token_s for o in outs) / len(outs),
+            "first_request_time_to_first_token_s": cold.time_to_first_token_s,
             "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
             "decode_steps_per_s": steps / decode_s if decode_s > 0 else 0.0,
             "decode_step_s": decode_s / steps if steps else 0.0,
@@ -210,7 +212,8 @@ def cmd_bench_decode(args):
     prefill = (f", prefill of {r['prefill_tokens']} tokens {r['prefill_tokens_per_s']:.1f} tokens/s"
                if r["prefill_tokens"] else "")
     print(f"{r['model']} {r['quantize'] or r['dtype']} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
-          f"first token {1000 * r['time_to_first_token_s']:.1f} ms, {r['weight_bytes_per_step'] / 2**20:.0f} MiB "
+          f"first token {1000 * r['time_to_first_token_s']:.1f} ms "
+          f"({1000 * r['first_request_time_to_first_token_s']:.1f} ms for the first request after loading), {r['weight_bytes_per_step'] / 2**20:.0f} MiB "
           f"of weights per step x {r['decode_steps_per_s']:.1f} steps/s = {r['bandwidth_used_bytes_per_s'] / 1e9:.1f} "
           f"GB/s, {100 * r['bandwidth_fraction']:.0f}% of the measured {r['measured_bandwidth_bytes_per_s'] / 1e9:.1f} "
           f"GB/s{mtp}{prefill}{cost}; loaded in {r['load_s']:.1f} s, peak memory {r['peak_resident_bytes'] / 1e9:.2f} GB")
