@@ -11,12 +11,21 @@ layer at M=1 as decode does. Read bandwidth: fp32 x.sum() over 1 GiB. Kernels co
   int4: torch.ops.aten._weight_int4pack_mm_for_cpu (groups of 32, bf16 scale + zero) vs Int4Linear (Q4_0)
 GB/s counts each format's own bytes (Q8_0: 34 bytes per 32 weights, Q4_0: 18, torch int4: 16 + 4 of scale/zero).
 Prints a markdown table.
+
+    .venv/bin/python bench/gemv_bandwidth.py --busy [--busy-layers 4] [--busy-tokens 64]
+
+--busy instead decodes with a random model of MiMo-7B's layer shapes (--busy-layers layers, a 32000-token
+vocabulary), Q4_0 and Q8_0, batch 1, with the machine idle and then with a competing busy process
+(`python -c "while True: pass"`) pinned to the last core, and prints tokens/s and the busy/idle ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -105,6 +114,51 @@ def run_layers(kind, fns, m, repeat):
     return min(_time(once, 1) for _ in range(repeat))
 
 
+def decode_tokens_per_s(model, tokens: int) -> float:
+    from mimo.model_runner import ModelRunner
+
+    runner = ModelRunner(model, 1, tokens + 8)
+    ids = torch.tensor([[1]])
+    with torch.inference_mode():
+        for i in range(4):  # warm-up
+            runner.decode(ids, torch.tensor([[i]]), i + 1)
+        t = time.perf_counter()
+        for i in range(tokens):
+            runner.decode(ids, torch.tensor([[i]]), i + 1)
+    return tokens / (time.perf_counter() - t)
+
+
+def busy_decode(args):
+    """Decode tokens/s idle and with a busy process pinned to the last core."""
+    from mimo.config import MiMoConfig
+    from mimo.model import MiMoForCausalLM
+    from mimo.quantize import quantize_model
+
+    cfg = MiMoConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.busy_layers,
+                     num_attention_heads=32, num_key_value_heads=8, num_nextn_predict_layers=0,
+                     max_position_embeddings=4096, torch_dtype="float32")
+    print(f"threads {args.threads}; {args.busy_layers} layers of MiMo-7B's shapes, vocabulary 32000, batch 1\n")
+    print("| format | idle tokens/s | busy tokens/s (1 core taken) | busy / idle |")
+    print("|---|---|---|---|")
+    cores = sorted(os.sched_getaffinity(0))
+    for method in ("int4", "int8"):
+        torch.manual_seed(0)
+        model = quantize_model(MiMoForCausalLM(cfg).init_weights(0).eval(), method)
+        gc.collect()
+        idle = max(decode_tokens_per_s(model, args.busy_tokens) for _ in range(2))
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            os.sched_setaffinity(hog.pid, {cores[-1]})
+            time.sleep(0.5)
+            busy = max(decode_tokens_per_s(model, args.busy_tokens) for _ in range(2))
+        finally:
+            hog.kill()
+            hog.wait()
+        print(f"| {method} | {idle:.2f} | {busy:.2f} | {busy / idle:.2f} |", flush=True)
+        del model
+        gc.collect()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -112,8 +166,13 @@ def main():
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (0: skip)")
     p.add_argument("--kinds", default="bf16,int8,int4")
+    p.add_argument("--busy", action="store_true", help="decode idle vs with one core taken (see the docstring)")
+    p.add_argument("--busy-layers", type=int, default=4)
+    p.add_argument("--busy-tokens", type=int, default=48)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.busy:
+        return busy_decode(args)
     assert kernels.available(), "mimo's kernels did not build"
     bw = read_bandwidth(args.repeat)
     print(f"threads {args.threads}; read bandwidth (fp32 sum over 1 GiB): {bw:.1f} GB/s\n")

@@ -258,3 +258,55 @@ def test_compiled_step_freezes_each_models_own_weights(method):
             eager = ModelRunner(model, 2, 256).decode(ids, positions, 1)
             compiled = ModelRunner(model, 2, 256, compile=True).decode(ids, positions, 1)
         assert rel_err(compiled, eager) < 1e-5
+
+
+def test_portable_scalar_kernels(tmp_path):
+    """The kernels built without AVX2 (the code non-x86 CPUs run) compute what the torch path computes."""
+    if not kernels.available():
+        pytest.skip("no C kernels here")
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from mimo import kernels, quantize as Q
+lib = kernels.library()
+assert lib is not None and lib.mimo_simd() == 0, kernels._reason
+torch.manual_seed(0)
+w = torch.randn(45, 320)
+for fmt in ("q8_0", "q4_0"):
+    blocks = Q.quantize_blocks(w, fmt)
+    assert torch.equal(blocks, Q._quantize_torch(w, fmt))
+    assert torch.equal(Q.dequantize_blocks(blocks, fmt), Q._dequantize_torch(blocks, fmt))
+    for m in (1, 3, 8):
+        x = torch.randn(m, 320)
+        got = Q._linear(fmt, x, blocks, 320, None)
+        want = torch.nn.functional.linear(Q._round_activations(x), Q._dequantize_torch(blocks, fmt))
+        assert float((got - want).norm() / want.norm()) < 2e-6, (fmt, m)
+wb = w.bfloat16()
+x = torch.randn(3, 320)
+got = Q.bf16_linear(x, wb)
+want = torch.nn.functional.linear(x, wb.float())
+assert float((got - want).norm() / want.norm()) < 2e-6
+print("ok")
+"""
+    env = {**os.environ, "MIMO_KERNEL_FLAGS": "-O2", "MIMO_KERNEL_CACHE": str(tmp_path)}
+    env.pop("MIMO_NO_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_concurrent_calls_from_python_threads():
+    """Two Python threads calling the kernels at once (the pool serves one; the other runs on its own thread)."""
+    if not kernels.available():
+        pytest.skip("no C kernels here")
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    q = Int4Linear.from_weight(torch.randn(2048, 512))
+    xs = [torch.randn(1, 512) for _ in range(64)]
+    want = [q(x) for x in xs]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(q, xs))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
