@@ -113,12 +113,14 @@ class Tokenizer:
                                                "normalized": False, "single_word": False}
                  for t in SPECIAL_TOKENS if self.tk.token_to_id(t) is not None}
         kept = {k: v for k, v in self.config.items() if k not in TRANSIENT_CONFIG_KEYS}
-        if kept.get("tokenizer_class") in (None, "TokenizersBackend"):  # transformers 5's name; 4 knows no such class
+        # the generic class under the name both transformers 4 and 5 open (5 saves "TokenizersBackend", unknown to 4;
+        # 4 saves "PreTrainedTokenizer", dropping "Fast")
+        if kept.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizer"):
             kept["tokenizer_class"] = "PreTrainedTokenizerFast"
         extra = kept.pop("extra_special_tokens", None)  # transformers 5's list (a dict of named tokens in 4)
         chat_tokens = kept.get("additional_special_tokens") or (extra if isinstance(extra, list) else None) or \
             [t for t in SPECIAL_TOKENS if t not in (self.eos_token, self.pad_token) and self.tk.token_to_id(t) is not None]
-        if isinstance(extra, dict):
+        if isinstance(extra, dict) and extra:
             kept["extra_special_tokens"] = extra
         config = {
             "model_max_length": 32768,
