@@ -117,6 +117,12 @@ def test_two_mtp_layers_chain_as_in_mimo(two_mtp_dir, capfd):
     main, mtp = max_diffs(hf, model, x)
     print(f"two MTP layers: main {main:.2e}, MTP {mtp}")
     assert main <= TOL and all(d is not False and d <= TOL for d in mtp)
+    # the MTP attention mask suits the eager attention as well as SDPA (transformers' default)
+    transformers = pytest.importorskip("transformers")
+    eager = transformers.AutoModelForCausalLM.from_pretrained(two_mtp_dir, trust_remote_code=True,
+                                                              attn_implementation="eager").eval()
+    main, mtp = max_diffs(eager, model, x)
+    assert main <= TOL and all(d is not False and d <= TOL for d in mtp)
 
 
 def test_auto_model_is_the_base_model_with_mtp_layers(pretrained_dir, capfd):

@@ -18,7 +18,7 @@
 # MiMoForCausalLM.mtp_logits(input_ids) returns every MTP layer's logits over a sequence (mimo computes the same
 # numbers: mimo.model.MiMoForCausalLM.forward(..., return_mtp_logits=True)). Plain forward and generate use the
 # main model only; vLLM and SGLang use their own MiMo MTP drafters over these weights.
-from typing import List, Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ class MiMoMTPLayers(nn.Module):
         self.mlp = Qwen2MLP(config)
 
     def forward(self, input_embeds: torch.Tensor, hidden_states: torch.Tensor, position_embeddings,
-                attention_mask: Optional[torch.Tensor] = None):
+                attention_mask: torch.Tensor | None = None):
         """input_embeds: embeddings of tokens x[t+k+1]; hidden_states: the previous stage's h[t], both [B, T, H].
         Returns (z, the block output the next MTP layer reads; final_layernorm(z), for the LM head)."""
         z = self.input_proj(torch.cat([self.hidden_layernorm(hidden_states), self.token_layernorm(input_embeds)],
@@ -74,7 +74,7 @@ class MiMoMTPLayers(nn.Module):
 
 class MiMoModel(Qwen2Model):
     config_class = MiMoConfig
-    _keys_to_ignore_on_load_unexpected = [r"lm_head\."]  # the base model, opened from a causal-LM checkpoint
+    _keys_to_ignore_on_load_unexpected = [r"lm_head\."]  # noqa: RUF012 (the base model from a causal-LM checkpoint)
 
     def __init__(self, config: MiMoConfig):
         super().__init__(config)
@@ -95,7 +95,7 @@ class MiMoForCausalLM(Qwen2ForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _mtp_mask(self, n: int, key_valid: Optional[torch.Tensor], dtype, device):
+    def _mtp_mask(self, n: int, key_valid: torch.Tensor | None, dtype, device):
         """Causal attention over the MTP stream's n positions (and padding), in the form the model's attention
         implementation takes: a [B, 1, n, n] additive mask (eager, sdpa), or the 2D padding mask (flash)."""
         if "flash" in str(getattr(self.config, "_attn_implementation", "")):
@@ -106,7 +106,7 @@ class MiMoForCausalLM(Qwen2ForCausalLM):
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def mtp_step(self, k: int, hidden_prev: torch.Tensor, next_ids: torch.LongTensor,
-                 position_ids: Optional[torch.LongTensor] = None, attention_mask: Optional[torch.Tensor] = None):
+                 position_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None):
         """MTP layer k on the previous stage's hidden states [B, T, H] and tokens x[t+k+1] [B, T] at positions t.
         attention_mask [B, T]: 1 where both exist. Returns (z for chaining, logits [B, T, V] for token t+k+2)."""
         embeds = self.model.embed_tokens(next_ids)
@@ -118,8 +118,8 @@ class MiMoForCausalLM(Qwen2ForCausalLM):
         z, normed = self.model.mtp_layers[k](embeds, hidden_prev, position_embeddings, mask)
         return z, self.lm_head(normed)
 
-    def mtp_logits(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
-                   position_ids: Optional[torch.LongTensor] = None) -> List[torch.Tensor]:
+    def mtp_logits(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.LongTensor | None = None) -> list[torch.Tensor]:
         """Every MTP layer's logits over whole sequences: element k is [B, T-k-1, V], row t predicting token
         x[t+k+2]. Layer 0 reads the main model's last hidden state before model.norm."""
         captured = {}
@@ -143,4 +143,4 @@ class MiMoForCausalLM(Qwen2ForCausalLM):
         return out
 
 
-__all__ = ["MiMoMTPLayers", "MiMoModel", "MiMoForCausalLM"]
+__all__ = ["MiMoForCausalLM", "MiMoMTPLayers", "MiMoModel"]
