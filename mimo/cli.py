@@ -20,7 +20,11 @@ def cmd_info(args):
     from mimo.model import MiMoForCausalLM
 
     path = Path(args.model)
-    if path.exists():
+    if path.is_file() and path.suffix == ".gguf":
+        from mimo.gguf import gguf_config
+
+        cfg = gguf_config(path)
+    elif path.exists():
         cfg = MiMoConfig.load(path / "config.json") if path.is_dir() else MiMoConfig.load(path)
     elif "/" in args.model or args.model.startswith("."):
         raise MimoError(f"{args.model}: no such file or directory")

@@ -62,7 +62,11 @@ def load_engine(args, n_slots: int = 1, quiet: bool = False):
     free_after = None if free_before is None else max(0, free_before - weights)
     context, why = choose_context(model.config, dtype, n_slots, free_after, args.max_model_len)
     if not quiet:
-        kind = args.quantize or str(dtype).removeprefix("torch.")
+        from mimo.quantize import QUANTIZED_LINEAR
+
+        quantized = {name for name, cls in QUANTIZED_LINEAR.items() if any(isinstance(m, cls) for m in model.modules())}
+        kind = "+".join(sorted(quantized)) + f" ({str(dtype).removeprefix('torch.')} activations)" if quantized \
+            else str(dtype).removeprefix("torch.")
         print(f"mimo: loaded {Path(args.model).name} ({kind}) in {time.perf_counter() - t0:.1f} s: weights "
               f"{human(weights)}, peak memory {human(peak_resident_bytes())}; {why}", file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_seq_len=context, compile=args.compile,

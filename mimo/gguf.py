@@ -56,6 +56,7 @@ TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16
 WEIGHT_TYPE = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 LOADABLE = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0)
 QUANT_METHOD = {QT.Q8_0: "int8", QT.Q4_0: "int4"}  # mimo.quantize's names for ggml's blocks
+QT_FORMAT = {QT.Q8_0: "q8_0", QT.Q4_0: "q4_0"}
 KEY_CONFIG, KEY_EXPORT_ID, KEY_MTP, KEY_TOKENIZER = "mimo.config", "mimo.export_id", "mimo.mtp_layers", \
     "mimo.tokenizer.huggingface"
 KEY_COMPANION = "mimo.mtp_companion_of"
@@ -120,12 +121,9 @@ def _encode(t: torch.Tensor, qt: QT) -> np.ndarray:
         return t.to(torch.float16).numpy()
     if qt == QT.BF16:
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
-    rows, cols = t.shape
-    out = np.empty((rows, _nbytes((cols,), qt)), dtype=np.uint8)
-    step = max(1, CHUNK_FLOATS // cols)
-    for r in range(0, rows, step):
-        out[r: r + step] = gguf.quants.quantize(t[r: r + step].float().numpy(), qt)
-    return out
+    from mimo.quantize import quantize_blocks  # ggml's bytes (C kernels; chunked)
+
+    return quantize_blocks(t, QT_FORMAT[qt]).view(t.shape[0], -1).numpy()
 
 
 # ---- export ----------------------------------------------------------------------------------------
@@ -537,6 +535,16 @@ def _float(t: _Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = torch.from_numpy(t.data)
     elif t.type == QT.BF16:
         x = torch.from_numpy(t.data.view(np.int16)).view(torch.bfloat16)
+    elif t.type in QT_FORMAT:  # a quantized embedding: dequantized a chunk of rows at a time
+        from mimo.quantize import dequantize_blocks
+
+        ne = t.ne[::-1]
+        blocks = torch.from_numpy(t.data).view(ne[0], ne[1] // 32, -1)
+        x = torch.empty(ne, dtype=dtype)
+        step = max(1, CHUNK_FLOATS // ne[1])
+        for r in range(0, ne[0], step):
+            x[r: r + step] = dequantize_blocks(blocks[r: r + step], QT_FORMAT[t.type], dtype)
+        return x
     else:
         x = torch.from_numpy(gguf.quants.dequantize(t.data, t.type))
     return x if x.dtype == dtype else x.to(dtype)
@@ -546,7 +554,8 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
               progress: bool = False):
     """A GGUF file (mimo export gguf, or any qwen2 GGUF in F32/F16/BF16/Q8_0/Q4_0) -> (model, tokenizer).
 
-    dtype: auto / None as stored (fp16 becomes fp32 on a CPU; quantized files run in fp32); quantize: int8 /
+    dtype: auto / None as stored (fp16 becomes fp32 on a CPU; quantized files run in the dtype the
+    model was saved in before export); quantize: int8 /
     int4 quantizes the float linears as they are read (a Q8_0 file's blocks are mimo's int8 as they are, a
     Q4_0 file's mimo's int4). FILE.mtp.gguf beside the file brings the MTP layers (mtp=False: ignored)."""
     from mimo.checkpoint import parse_dtype, weights_state_dict
@@ -563,8 +572,12 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     if dtype is None:
         dtype = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}.get(tensors["token_embd.weight"].type, torch.float32)
-        if quantize or any(t.type in QUANT_METHOD for t in tensors.values()) or \
-                (dtype == torch.float16 and not torch.cuda.is_available()):
+        if quantize or any(t.type in QUANT_METHOD for t in tensors.values()):
+            # quantized: activations (and a quantized embedding, dequantized) in the dtype the model was saved
+            # in before export, as loading that checkpoint with --quantize does: bf16 for MiMo-7B (its
+            # embedding in fp32 would be 2.5 GB), fp32 for a model trained in fp32
+            dtype = torch.bfloat16 if cfg.torch_dtype == "bfloat16" else torch.float32
+        elif dtype == torch.float16 and not torch.cuda.is_available():
             dtype = torch.float32
 
     with torch.device("meta"):

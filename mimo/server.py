@@ -466,8 +466,13 @@ async def _completion_choices(service, handles, queue, request, echoes):
 def generation_defaults(model_dir: Path) -> tuple[float, float]:
     """(temperature, top_p) from the model's generation_config.json, else OpenAI's defaults (1, 1)."""
     try:
-        gen = json.loads((model_dir / "generation_config.json").read_text())
-    except (OSError, ValueError):
+        if model_dir.is_file() and model_dir.suffix == ".gguf":
+            from mimo.gguf import generation_config
+
+            gen = generation_config(model_dir)  # general.sampling.* (as convert_hf_to_gguf writes them)
+        else:
+            gen = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError, MimoError):
         return 1.0, 1.0
     if not isinstance(gen, dict):
         return 1.0, 1.0
