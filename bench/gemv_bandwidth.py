@@ -5,7 +5,10 @@ bandwidth measured in the same run; and the time of a 512-token prefill through 
 
 Shapes: MiMo-7B's linears (q 4096x4096, k/v 1024x4096, o 4096x4096, gate/up 11008x4096, down 4096x11008),
 as many layers' worth as fill --layers-mb of weights per format (far more than the L3 cache), run layer after
-layer at M=1 as decode does. Read bandwidth: fp32 x.sum() over 1 GiB. Kernels compared:
+layer at M=1 as decode does. Read bandwidth: fp32 x.sum() over 1 GiB, measured again right before every timed
+pass of every kernel (rounds alternate probe, torch kernel, mimo kernel), so each pass is compared with the
+bandwidth of its own moment on a shared machine: the table gives the median over rounds of GB/s and of the
+per-round share of read bandwidth. Kernels compared:
   bf16: F.linear on the bf16 weight (torch) vs mimo.quantize.bf16_linear (mimo's GEMV)
   int8: torch._weight_int8pack_mm (int8 + a bf16 scale a row, quantize.py before GGML) vs Int8Linear (Q8_0)
   int4: torch.ops.aten._weight_int4pack_mm_for_cpu (groups of 32, bf16 scale + zero) vs Int4Linear (Q4_0)
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import time
 
+import mimo  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads, as mimo's CLI does)
 import torch
 import torch.nn.functional as F
 
@@ -37,14 +41,6 @@ from mimo.quantize import Int4Linear, Int8Linear, bf16_linear
 SHAPES = [("q", 4096, 4096), ("k", 1024, 4096), ("v", 1024, 4096), ("o", 4096, 4096),
           ("gate", 11008, 4096), ("up", 11008, 4096), ("down", 4096, 11008)]
 LAYER_WEIGHTS = sum(n * k for _, n, k in SHAPES)
-
-
-def read_bandwidth(repeat: int) -> float:
-    x = torch.ones(256 << 20)  # 1 GiB of fp32
-    x.sum()
-    best = min(_time(lambda: x.sum(), 1) for _ in range(repeat))
-    del x
-    return (1 << 30) / best / 1e9
 
 
 def _time(fn, n: int) -> float:
@@ -174,35 +170,53 @@ def main():
     if args.busy:
         return busy_decode(args)
     assert kernels.available(), "mimo's kernels did not build"
-    bw = read_bandwidth(args.repeat)
-    print(f"threads {args.threads}; read bandwidth (fp32 sum over 1 GiB): {bw:.1f} GB/s\n")
-    rows = []
+    import statistics
+
+    probe = torch.ones(256 << 20)  # 1 GiB of fp32
+    probe.sum()
+
+    def read_gbs():
+        t = time.perf_counter()
+        probe.sum()
+        return (1 << 30) / (time.perf_counter() - t) / 1e9
+
+    print(f"threads {args.threads}; {args.repeat} rounds of (read probe, torch pass, mimo pass) per format\n", flush=True)
+    rows, bws = [], []
     for fam in args.kinds.split(","):
-        res = {}
+        per_layer = {"bf16": 2, "int8": 34 / 32, "int4": 18 / 32}[fam] * LAYER_WEIGHTS
+        n_layers = max(1, round(args.layers_mb * 1e6 / per_layer))
+        with torch.inference_mode():
+            fns = {impl: build(f"{fam} {impl}", n_layers) for impl in ("torch", "mimo")}
+            nbytes = {impl: sum(b for _, b in f) for impl, f in fns.items()}
+            gbs, share = {"torch": [], "mimo": []}, {"torch": [], "mimo": []}
+            for impl in fns:  # warm-up
+                run_layers(f"{fam} {impl}", fns[impl], 1, 1)
+            for _ in range(args.repeat):
+                for impl in ("torch", "mimo"):
+                    bw = read_gbs()
+                    bws.append(bw)
+                    g = nbytes[impl] / run_layers(f"{fam} {impl}", fns[impl], 1, 1) / 1e9
+                    gbs[impl].append(g)
+                    share[impl].append(g / bw)
+            pre = {}
+            if args.prefill:
+                for impl in ("torch", "mimo"):
+                    pre[impl] = run_layers(f"{fam} {impl}", fns[impl][: len(SHAPES)], args.prefill,
+                                           max(1, args.repeat // 2))
+        del fns
+        gc.collect()
         for impl in ("torch", "mimo"):
-            kind = f"{fam} {impl}"
-            per_layer = {"bf16": 2, "int8": 34 / 32, "int4": 18 / 32}[fam] * LAYER_WEIGHTS
-            n_layers = max(1, round(args.layers_mb * 1e6 / per_layer))
-            with torch.inference_mode():
-                fns = build(kind, n_layers)
-                nbytes = sum(b for _, b in fns)
-                t = run_layers(kind, fns, 1, args.repeat)
-                pre = None
-                if args.prefill:
-                    one = fns[: len(SHAPES)]
-                    pre = run_layers(kind, one, args.prefill, max(1, args.repeat // 2))
-            res[impl] = (nbytes / t / 1e9, pre, n_layers)
-            del fns
-            gc.collect()
-        for impl in ("torch", "mimo"):
-            gbs, pre, n_layers = res[impl]
-            pre_s = "" if pre is None else f"{pre * 1e3:.0f} ms ({2 * LAYER_WEIGHTS * args.prefill / pre / 1e9:.0f} GFLOP/s)"
-            rows.append(f"| {fam} | {impl} | {n_layers} | {gbs:.1f} | {100 * gbs / bw:.0f}% | {pre_s} |")
+            p = pre.get(impl)
+            pre_s = "" if p is None else f"{p * 1e3:.0f} ms ({2 * LAYER_WEIGHTS * args.prefill / p / 1e9:.0f} GFLOP/s)"
+            rows.append(f"| {fam} | {impl} | {n_layers} | {statistics.median(gbs[impl]):.1f} (best {max(gbs[impl]):.1f}) "
+                        f"| {100 * statistics.median(share[impl]):.0f}% | {pre_s} |")
         print(rows[-2] + "\n" + rows[-1], flush=True)
-    print(f"\n| format | kernel | layers | M=1 GB/s | of {bw:.1f} GB/s read | prefill {args.prefill} tokens, one layer |")
+    print(f"\nread bandwidth probes (fp32 sum over 1 GiB): median {statistics.median(bws):.1f} GB/s, "
+          f"best {max(bws):.1f}\n")
+    print(f"| format | kernel | layers | M=1 GB/s, median | share of read bandwidth, median | "
+          f"prefill {args.prefill} tokens, one layer |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
-
 
 if __name__ == "__main__":
     main()

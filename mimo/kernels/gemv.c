@@ -593,46 +593,59 @@ static inline __m256 scales8(const uint8_t *w, int64_t rb, int64_t off) {
     return _mm256_cvtph_ps(_mm_set_epi64x((long long)hi, (long long)lo));
 }
 
+static inline __attribute__((always_inline)) __m256i dot8(const int fmt, const uint8_t *q, __m256i av) {
+    /* one row's block (qs at q) against the activation block av: 8 int32 partial sums */
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (fmt == FMT_Q4_0) {
+        const __m256i w = _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q)),
+                                                             _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                           _mm256_set1_epi8(0x0F));
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(w, av), ones);
+    }
+    const __m256i w = _mm256_loadu_si256((const __m256i *)q);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(av, w)), ones);
+}
+
+static inline __attribute__((always_inline)) __m256i pair4(__m256i s0, __m256i s1) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi32(s0, s1), _mm256_unpackhi_epi32(s0, s1));
+}
+
+static inline __attribute__((always_inline)) __m256i quad(__m256i t01, __m256i t23) {
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+}
+
+/* 8 weight rows x activation row j: out[r * M] (r < 8). Rows are streamed one at a time and reduced as they come
+ * (few live registers: with all 8 unpacked rows held for several activation rows gcc kept the loop-carried
+ * accumulator on the stack, 3x slower); several activation rows each stream the 8 rows again (from L1). */
+static inline __attribute__((always_inline)) void tile8(const int fmt, const uint8_t *w, int64_t rb, const qact *a,
+                                                       int64_t j, float *out, int M) {
+    __m256 acc = _mm256_setzero_ps();
+    const int64_t nb = a->nb, bs = fmt == FMT_Q4_0 ? 18 : 34;
+    const int8_t *aq = a->qs + j * a->k;
+    const float *ad = a->d + j * nb;
+    const int32_t *as = a->s + j * nb;
+    for (int64_t b = 0; b < nb; b++) {
+        const __m256i av = _mm256_load_si256((const __m256i *)(aq + b * QK));
+        const uint8_t *q = w + b * bs + 2;
+        const __m256i t01 = pair4(dot8(fmt, q, av), dot8(fmt, q + rb, av));
+        const __m256i t23 = pair4(dot8(fmt, q + 2 * rb, av), dot8(fmt, q + 3 * rb, av));
+        const __m256i lo = quad(t01, t23);
+        const __m256i t45 = pair4(dot8(fmt, q + 4 * rb, av), dot8(fmt, q + 5 * rb, av));
+        const __m256i t67 = pair4(dot8(fmt, q + 6 * rb, av), dot8(fmt, q + 7 * rb, av));
+        const __m256i hi = quad(t45, t67);
+        __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+        if (fmt == FMT_Q4_0) t = _mm256_add_epi32(t, _mm256_set1_epi32(8 * as[b]));
+        const __m256 wd = scales8(w, rb, b * bs);
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_set1_ps(ad[b])), _mm256_cvtepi32_ps(t), acc);
+    }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, acc);
+    for (int r = 0; r < 8; r++) out[r * M] = tmp[r];
+}
+
 #define TILE8_FN(NAME, FMT, M)                                                                                   \
-    static void NAME(const uint8_t *w, int64_t rb, const qact *a, int64_t m0, float *out /* [8][M] */) {         \
-        __m256 acc[M];                                                                                           \
-        for (int j = 0; j < M; j++) acc[j] = _mm256_setzero_ps();                                                \
-        const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);                                 \
-        const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);                                        \
-        const int64_t nb = a->nb, k = a->k, bs = FMT == FMT_Q4_0 ? 18 : 34;                                    \
-        for (int64_t b = 0; b < nb; b++) {                                                                       \
-            __m256i wv[8];                                                                                       \
-            for (int r = 0; r < 8; r++) {                                                                        \
-                const uint8_t *q = w + r * rb + b * bs + 2;                                                      \
-                if (FMT == FMT_Q4_0)                                                                             \
-                    wv[r] = _mm256_and_si256(                                                                    \
-                        _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q)), shift), \
-                        m4);                                                                                     \
-                else                                                                                             \
-                    wv[r] = _mm256_loadu_si256((const __m256i *)q);                                              \
-            }                                                                                                    \
-            const __m256 wd = scales8(w, rb, b * bs);                                                            \
-            for (int j = 0; j < M; j++) {                                                                        \
-                const __m256i av = _mm256_load_si256((const __m256i *)(a->qs + (m0 + j) * k + b * QK));          \
-                __m256i s[8];                                                                                    \
-                for (int r = 0; r < 8; r++) {                                                                    \
-                    if (FMT == FMT_Q4_0)                                                                         \
-                        s[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], av), ones);                         \
-                    else                                                                                         \
-                        s[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv[r], wv[r]),            \
-                                                                      _mm256_sign_epi8(av, wv[r])), ones);       \
-                }                                                                                                \
-                __m256i t = sum8_epi32(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);                          \
-                if (FMT == FMT_Q4_0) t = _mm256_add_epi32(t, _mm256_set1_epi32(8 * a->s[(m0 + j) * nb + b]));    \
-                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_set1_ps(a->d[(m0 + j) * nb + b])),             \
-                                         _mm256_cvtepi32_ps(t), acc[j]);                                         \
-            }                                                                                                    \
-        }                                                                                                        \
-        for (int j = 0; j < M; j++) {                                                                            \
-            float tmp[8];                                                                                        \
-            _mm256_storeu_ps(tmp, acc[j]);                                                                       \
-            for (int r = 0; r < 8; r++) out[r * M + j] = tmp[r];                                                 \
-        }                                                                                                        \
+    static void NAME(const uint8_t *w, int64_t rb, const qact *a, int64_t m0, float *out) {                      \
+        for (int j = 0; j < M; j++) tile8(FMT, w, rb, a, m0 + j, out + j, M);                                   \
     }
 
 TILE8_FN(q4_r8m1, FMT_Q4_0, 1)
