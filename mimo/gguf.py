@@ -35,7 +35,6 @@ import re
 import struct
 import sys
 import uuid
-from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
@@ -230,9 +229,7 @@ def export_gguf(model_dir, out_path, type: str = "auto", *, mtp: bool = True, na
                 progress: bool = False) -> list[Path]:
     """Write MODEL_DIR as out_path (llama.cpp "qwen2") and its MTP layers as out_path's .mtp.gguf companion.
     type: f32 | f16 | bf16 | q8_0 | q4_0 | auto (the stored dtype). Returns the files written."""
-    from safetensors import safe_open
-
-    from mimo.checkpoint import IGNORED_SUFFIXES, weight_files, weights_state_dict
+    from mimo.checkpoint import IGNORED_SUFFIXES, MappedSafetensors, weight_files, weights_state_dict
     from mimo.model import MiMoForCausalLM
     from mimo.tokenizer import Tokenizer
 
@@ -255,61 +252,61 @@ def export_gguf(model_dir, out_path, type: str = "auto", *, mtp: bool = True, na
     if cfg.num_attention_heads * cfg.head_dim != cfg.hidden_size:
         print(f"mimo: warning: {cfg.num_attention_heads} heads x head_dim {cfg.head_dim} != hidden "
               f"{cfg.hidden_size}: llama.cpp's qwen2 cannot load this file (mimo can)", file=sys.stderr)
-    with ExitStack() as stack:
-        handles = {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in sorted(set(files.values()))}
+    handles = {p: MappedSafetensors(p) for p in sorted(set(files.values()))}
 
-        def read(hf: str) -> torch.Tensor:
-            t = handles[files[hf]].get_tensor(hf)
-            if tuple(t.shape) != expected[hf]:
-                raise MimoError(f"{files[hf]}: tensor {hf} has shape {list(t.shape)}, expected {list(expected[hf])}")
-            return _swap_halves(t) if hf.endswith("input_proj.weight") else t
+    def read(hf: str) -> torch.Tensor:  # a copy, and the file's pages handed back: one tensor at a time
+        t = handles[files[hf]].tensor(hf).clone()
+        handles[files[hf]].release(hf)
+        if tuple(t.shape) != expected[hf]:
+            raise MimoError(f"{files[hf]}: tensor {hf} has shape {list(t.shape)}, expected {list(expected[hf])}")
+        return _swap_halves(t) if hf.endswith("input_proj.weight") else t
 
-        if type == "auto":
-            stored = handles[files["model.embed_tokens.weight"]].get_slice("model.embed_tokens.weight").get_dtype()
-            type = {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(stored, "f16")
-        L, K = cfg.num_hidden_layers, cfg.num_nextn_predict_layers if mtp else 0
-        main = [n for n in expected if ".mtp_layers." not in n]
-        tied = cfg.tie_word_embeddings
+    if type == "auto":
+        stored = handles[files["model.embed_tokens.weight"]].entries["model.embed_tokens.weight"][0]
+        type = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}.get(stored, "f16")
+    L, K = cfg.num_hidden_layers, cfg.num_nextn_predict_layers if mtp else 0
+    main = [n for n in expected if ".mtp_layers." not in n]
+    tied = cfg.tie_word_embeddings
 
-        def plan(names):
-            rows = []
-            for n in names:
-                g = gguf_name(n, L)
-                qt = _tensor_type("output.weight" if tied and g == "token_embd.weight" else g, expected[n], type)
-                rows.append((g, n, expected[n], qt))
-            return rows
+    def plan(names):
+        rows = []
+        for n in names:
+            g = gguf_name(n, L)
+            qt = _tensor_type("output.weight" if tied and g == "token_embd.weight" else g, expected[n], type)
+            rows.append((g, n, expected[n], qt))
+        return rows
 
-        export_id = uuid.uuid4().hex
-        title = name or model_dir.name
-        n_params = sum(int(np.prod(s)) for n, s in expected.items() if ".mtp_layers." not in n)
+    export_id = uuid.uuid4().hex
+    title = name or model_dir.name
+    n_params = sum(int(np.prod(s)) for n, s in expected.items() if ".mtp_layers." not in n)
 
-        gen_file = model_dir / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    gen_file = model_dir / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
 
-        def main_metadata(w):
-            _add_hparams(w, cfg, L, type, export_id, title)
-            w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
-            for key, hf, add in (("temp", "temperature", w.add_float32), ("top_p", "top_p", w.add_float32),
-                                 ("top_k", "top_k", w.add_int32), ("min_p", "min_p", w.add_float32)):
-                if isinstance(gen.get(hf), (int, float)):  # as the converter: llama.cpp's sampling defaults
-                    add(f"general.sampling.{key}", gen[hf])
-            w.add_uint32(KEY_MTP, K)
-            _add_tokenizer(w, tokenizer, cfg.vocab_size, model_dir / "tokenizer.json")
+    def main_metadata(w):
+        _add_hparams(w, cfg, L, type, export_id, title)
+        w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+        for key, hf, add in (("temp", "temperature", w.add_float32), ("top_p", "top_p", w.add_float32),
+                             ("top_k", "top_k", w.add_int32), ("min_p", "min_p", w.add_float32)):
+            if isinstance(gen.get(hf), (int, float)):  # as the converter: llama.cpp's sampling defaults
+                add(f"general.sampling.{key}", gen[hf])
+        w.add_uint32(KEY_MTP, K)
+        _add_tokenizer(w, tokenizer, cfg.vocab_size, model_dir / "tokenizer.json")
 
-        def mtp_metadata(w):
-            _add_hparams(w, cfg, L + K, type, export_id, f"{title} MTP")
-            w.add_uint32(f"{ARCH}.nextn_predict_layers", K)  # gguf.Keys.LLM.NEXTN_PREDICT_LAYERS
-            w.add_string(KEY_COMPANION, out.name)
+    def mtp_metadata(w):
+        _add_hparams(w, cfg, L + K, type, export_id, f"{title} MTP")
+        w.add_uint32(f"{ARCH}.nextn_predict_layers", K)  # gguf.Keys.LLM.NEXTN_PREDICT_LAYERS
+        w.add_string(KEY_COMPANION, out.name)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write(out, plan(main), read, main_metadata, progress)
-        written = [out]
-        companion = companion_path(out)
-        if K:
-            _write(companion, plan([n for n in expected if ".mtp_layers." in n]), read, mtp_metadata, progress)
-            written.append(companion)
-        else:
-            companion.unlink(missing_ok=True)  # a stale one would belong to another export
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write(out, plan(main), read, main_metadata, progress)
+    written = [out]
+    companion = companion_path(out)
+    if K:
+        _write(companion, plan([n for n in expected if ".mtp_layers." in n]), read, mtp_metadata, progress)
+        written.append(companion)
+    else:
+        companion.unlink(missing_ok=True)  # a stale one would belong to another export
     return written
 
 
