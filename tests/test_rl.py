@@ -4,6 +4,7 @@
 import argparse
 import json
 import math
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -55,6 +56,74 @@ def test_clip_higher_by_hand():
     assert logp.grad.squeeze(1).tolist() == pytest.approx([0.0, 0.0, -1.25, 0.0, 1.5])
     # with a symmetric 0.2 the 1.25 ratio would be clipped too: clip-higher leaves room for low-probability tokens
     assert rl.policy_loss(logp, torch.zeros(5, 1), adv, torch.ones(5, 1), 0.2, 0.2)[1][2].item()
+
+
+def test_sequence_logprobs_are_the_models_next_token_logprobs():
+    """log p(ids[t+1] | ids[:t+1]) at position t: log_softmax of the model's own logits gathered at the next
+    token; entropy of the same distribution; the first MTP layer's top-1 at t against ids[t+2]."""
+    model = tiny_model(vocab_size=64)
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in range(0, 7, 2):  # every other token is the MTP draft's top-1 (it reads ids[:t+2] only): hits
+            ids[:, t + 2] = model(ids, targets=ids, return_mtp_logits=True).mtp_logits[0][:, t].argmax(-1)
+        out = model(ids, targets=ids.roll(-1, 1), return_mtp_logits=True)
+        logp, entropy, hits = rl.sequence_logprobs(model, ids, stats=True)
+    lp = torch.log_softmax(out.logits.float(), -1)  # [B, T, V]
+    want = torch.tensor([[lp[b, t, ids[b, t + 1]].item() for t in range(8)] for b in range(3)])
+    assert logp.shape == (3, 8) and torch.allclose(logp, want, atol=1e-5)
+    assert torch.allclose(entropy, -(lp[:, :-1].exp() * lp[:, :-1]).sum(-1), atol=1e-5)
+    assert torch.equal(hits, out.mtp_logits[0][:, :7].argmax(-1) == ids[:, 2:])
+    assert hits[:, ::2].all() and hits.shape == (3, 7)
+
+
+def test_response_mask_covers_exactly_the_response_tokens():
+    """make_micro pads right; mask[i, t] is 1 exactly where ids[i, t+1] is a response token, so the masked sum of
+    sequence_logprobs is each response's log-likelihood given its prompt, computed here one sequence at a time."""
+    model = tiny_model(vocab_size=64)
+    seqs = [[5, 9, 2, 7, 1], [3, 8, 4], [1, 2, 3, 4, 5, 6, 7], [6, 6]]
+    prompt_lens = [2, 1, 4, 1]  # responses: [2, 7, 1], [8, 4], [5, 6, 7], [6]
+    m = rl.make_micro(seqs, prompt_lens, [1.0, -1.0, 0.5, 0.0], torch.device("cpu"))
+    assert m.ids.shape == (4, 7) and m.mask.shape == (4, 6)
+    for i, (s, n) in enumerate(zip(seqs, prompt_lens)):
+        assert m.ids[i].tolist() == s + [0] * (7 - len(s))
+        assert m.mask[i].tolist() == [1.0 if n <= t + 1 < len(s) else 0.0 for t in range(6)]
+    assert m.mask.sum().item() == 3 + 2 + 3 + 1
+    with torch.no_grad():
+        got = (rl.sequence_logprobs(model, m.ids)[0] * m.mask).sum(1)
+        for i, (s, n) in enumerate(zip(seqs, prompt_lens)):
+            lp = torch.log_softmax(model(torch.tensor([s])).logits[0].float(), -1)
+            want = sum(lp[t - 1, s[t]].item() for t in range(n, len(s)))
+            assert got[i].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_kl_term_by_hand():
+    """--kl-coef adds beta * k3 per token, k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, weighted like the
+    surrogate, with gradient beta * (1 - exp(ref - logp)) w.r.t. logp."""
+    ratio = torch.tensor([1.0, 1.1, 1.5, 0.9])
+    adv = torch.tensor([1.0, -1.0, 1.0, 0.5])
+    ref = torch.tensor([0.0, math.log(0.5), math.log(2.0), 0.3])[:, None]
+    weights = torch.tensor([0.5, 0.25, 0.125, 0.0])[:, None]
+    logp = torch.log(ratio)[:, None].clone().requires_grad_(True)
+    beta = 0.2
+    loss, clipped, _ = rl.policy_loss(logp, torch.zeros(4, 1), adv, weights, 0.2, 0.28, ref_logp=ref, kl_coef=beta)
+
+    def k3(r, ref_lp):  # r: the ratio to the old policy (old log-prob 0), so logp = log r
+        d = ref_lp - math.log(r)
+        return math.exp(d) - d - 1
+
+    surrogate = [-1.0, 1.1, -1.28, -0.45]  # -min(r A, clip(r, 0.8, 1.28) A)
+    kl = [k3(1.0, 0.0), k3(1.1, math.log(0.5)), k3(1.5, math.log(2.0)), k3(0.9, 0.3)]
+    assert kl[0] == 0 and all(x > 0 for x in kl[1:])
+    want = sum(w * (s + beta * k) for w, s, k in zip([0.5, 0.25, 0.125, 0.0], surrogate, kl))
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert clipped.squeeze(1).tolist() == [False, False, True, False]
+    loss.backward()
+    grad_kl = [beta * (1 - math.exp(ref_lp - math.log(r))) for r, ref_lp in zip([1.0, 1.1, 1.5], ref[:3, 0].tolist())]
+    want_grad = [0.5 * (-1.0 + grad_kl[0]), 0.25 * (1.1 + grad_kl[1]), 0.125 * grad_kl[2], 0.0]
+    assert logp.grad.squeeze(1).tolist() == pytest.approx(want_grad, rel=1e-5, abs=1e-7)
+    # without the coefficient the reference is ignored: the plain clipped surrogate
+    plain = rl.policy_loss(logp, torch.zeros(4, 1), adv, weights, 0.2, 0.28, ref_logp=ref, kl_coef=0.0)[0]
+    assert plain.item() == pytest.approx(sum(w * s for w, s in zip([0.5, 0.25, 0.125, 0.0], surrogate)), rel=1e-6)
 
 
 def test_rollout_decoder_stops_and_refills(tokenizer):
@@ -155,37 +224,84 @@ def test_update_freezes_mtp_and_recomputes_old_logprobs():
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
 
 
-def rl_args(model_dir, out, steps):
+def rl_args(model_dir, out, steps, save_every=1):
     p = argparse.ArgumentParser()
     rl.add_arguments(p)
     return p.parse_args(["--from", str(model_dir), "--out", str(out), "--tasks", "gcd,lcm", "--num-problems", "16",
-                         "--group-size", "4", "--batch-prompts", "2", "--mini-batch", "4", "--micro-batch", "4",
-                         "--max-new-tokens", "8", "--max-steps", str(steps), "--save-every", "1", "--kl-coef", "0.01",
-                         "--precision", "fp32", "--device", "cpu", "--reward-workers", "2", "--easy-prob", "0.5"])
+                         "--group-size", "4", "--batch-prompts", "2", "--mini-batch", "4", "--micro-batch", "2",
+                         "--max-new-tokens", "8", "--max-steps", str(steps), "--save-every", str(save_every),
+                         "--kl-coef", "0.01", "--precision", "fp32", "--device", "cpu", "--reward-workers", "2",
+                         "--easy-prob", "0.5"])
 
 
-def test_run_end_to_end_and_resume(model_dir, tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(rewards, "grade", lambda problem, text: Graded(float(len(text) % 2), len(text) % 2 == 1))
-    out = tmp_path / "run"
-    rl.run(rl_args(model_dir, out, steps=2))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    keys = {"reward_mean", "pass_rate", "response_length", "entropy", "clip_fraction", "dropped_group_fraction",
-            "easy_pool_size", "mtp_acceptance", "step_s", "rollout_s", "rollout_mode", "kl", "loss"}
-    assert all(keys <= r.keys() for r in rows)
-    assert (out / "rl.png").stat().st_size > 0 and (out / "final" / "config.json").exists()
-    state = json.loads((out / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["stream"]["cursor"] > 0
+class Killed(BaseException):
+    """Stands in for a kill: raised out of the training loop at a chosen point, caught by nothing in mimo."""
+
+
+@pytest.fixture
+def parity_rewards(monkeypatch):
+    """Reward = parity of the completion's length (problems .../1 always solved: they join the easy pool), graded
+    at submission: the continuous rollout then takes the same groups on every run (with worker threads, which
+    groups finish grading first is a race)."""
+    def grade(problem, text):
+        ok = problem.id.endswith("/1") or len(text) % 2 == 1
+        return Graded(float(ok), ok)
+
+    def submit(self, problem, text):
+        f = Future()
+        f.set_result(grade(problem, text))
+        return f
+
+    monkeypatch.setattr(rewards, "grade", grade)
+    monkeypatch.setattr(rewards.RewardPool, "submit", submit)
+
+
+def metric_rows(run_dir):
+    """metrics.jsonl without the wall-clock columns."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
+def test_run_end_to_end_then_killed_and_resumed_equals_uninterrupted(model_dir, tmp_path, monkeypatch, capfd,
+                                                                    parity_rewards):
+    ref = tmp_path / "ref"
+    rl.run(rl_args(model_dir, ref, steps=3, save_every=2))
+    rows = metric_rows(ref)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["groups_valid"] == 2 and r["optimizer_steps"] == 2  # 2 groups x 4 samples, mini-batches of 4
+        assert r["first_ratio_dev"] == 0.0 and r["rollout_mode"] == "continuous"
+        assert 0 < r["reward_mean"] < 1 and 0 < r["response_length"] <= 8 and r["entropy"] > 0
+        assert r["kl"] >= 0 and 0 <= r["clip_fraction"] <= 1 and 0 <= r["mtp_acceptance"] <= 1
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
+    assert rows[-1]["kl"] > 0  # the policy has moved away from the reference
+    assert rows[-1]["easy_pool_size"] >= 1 and any(r["dropped_group_fraction"] > 0 for r in rows[1:])
+    assert (ref / "rl.png").stat().st_size > 0 and (ref / "final" / "config.json").exists()
+    state = json.loads((ref / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["stream"]["cursor"] > 0
     start = load_file(str(model_dir / "model.safetensors"))
-    final = load_file(str(out / "final" / "model.safetensors"))
+    final = load_file(str(ref / "final" / "model.safetensors"))
     assert all(torch.equal(start[k], final[k]) for k in start if ".mtp_layers." in k)
+    assert not torch.equal(start["model.layers.0.mlp.up_proj.weight"], final["model.layers.0.mlp.up_proj.weight"])
 
-    # a stopped run (no final/) resumes from its newest checkpoint and goes on
-    import shutil
+    # killed during step 3 (its metrics row written, its checkpoint not), then rerun: it resumes from step 2,
+    # redoes step 3, and ends exactly where the uninterrupted run did
+    out = tmp_path / "killed"
+    save = rl.save_checkpoint
 
-    shutil.rmtree(out / "final")
+    def save_or_die(run_dir, step, *a, **kw):
+        if step == 3:
+            raise Killed
+        save(run_dir, step, *a, **kw)
+
+    monkeypatch.setattr(rl, "save_checkpoint", save_or_die)
+    with pytest.raises(Killed):
+        rl.run(rl_args(model_dir, out, steps=3, save_every=2))
+    monkeypatch.setattr(rl, "save_checkpoint", save)
+    assert [r["step"] for r in metric_rows(out)] == [1, 2, 3] and not (out / "final").exists()
     capfd.readouterr()
-    rl.run(rl_args(model_dir, out, steps=3))
+    rl.run(rl_args(model_dir, out, steps=3, save_every=2))
     assert "resuming from step 2" in capfd.readouterr().err
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and (out / "final" / "config.json").exists()
+    assert metric_rows(out) == rows
+    resumed = load_file(str(out / "final" / "model.safetensors"))
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
