@@ -112,7 +112,7 @@ static struct {
     _Atomic int sleepers;
     chunk_fn fn;
     void *ctx;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
+} pool = {.job_lock = PTHREAD_MUTEX_INITIALIZER, .start_lock = PTHREAD_MUTEX_INITIALIZER};
 
 static int spin_us = 100;  /* how long an idle worker spins (yielding) before it sleeps */
 
@@ -392,8 +392,8 @@ void mimo_dequantize(int fmt, const void *w, float *y, int64_t r0, int64_t r1, i
 }
 
 /* ---- activations ---------------------------------------------------------------------------------------
- * Quantized activation rows: qs [m][k] int8, d [m][nb] fp32 scale, s [m][nb] int32 = -(sum of the block's qs)
- * (Q4_0's "- 8": sum((q - 8) * a) = sum(q * a) - 8 * sum(a), and -sum(a) added to each of 8 lanes is -8 * sum(a)).
+ * Quantized activation rows: qs [m][k] int8, d [m][nb] fp32 scale, s [m][nb] int32 = -8 * (sum of the block's qs),
+ * Q4_0's offset: sum((q - 8) * a) = sum(q * a) - 8 * sum(a).
  * Scale: d = amax / 127, q = round-half-even(x * (127 / amax)), as llama.cpp's AVX2 quantize_row_q8_0. */
 
 typedef struct { int8_t *qs; float *d; int32_t *s; int64_t k, nb; } qact;
@@ -443,7 +443,7 @@ static void quantize_act_row(const float *x, int8_t *qs, float *dd, int32_t *ss,
         p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(qs + i * QK), p);
         dd[i] = amax / 127.0f;
-        ss[i] = -_mm_cvtsi128_si32(s4);
+        ss[i] = -8 * _mm_cvtsi128_si32(s4);
 #else
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
@@ -456,7 +456,7 @@ static void quantize_act_row(const float *x, int8_t *qs, float *dd, int32_t *ss,
             sum += q;
         }
         dd[i] = d;
-        ss[i] = -sum;
+        ss[i] = -8 * sum;
 #endif
     }
 }
@@ -505,7 +505,7 @@ static inline __m256i unpack_q4(const uint8_t *qs) {
                     __m256i s;                                                                                   \
                     if (FMT == FMT_Q4_0) {                                                                       \
                         s = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], av), ones);                            \
-                        s = _mm256_add_epi32(s, _mm256_set1_epi32(a->s[(m0 + j) * nb + b]));                     \
+                        s = _mm256_add_epi32(s, _mm256_set1_epi32(a->s[(m0 + j) * nb + b] / 8));                     \
                     } else {                                                                                     \
                         s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv[r], wv[r]),               \
                                                                    _mm256_sign_epi8(av, wv[r])), ones);          \
@@ -532,7 +532,7 @@ static inline __m256i unpack_q4(const uint8_t *qs) {
                         const block_q4_0 *blk = (const block_q4_0 *)(w + r * rb) + b;                            \
                         for (int t = 0; t < QK / 2; t++)                                                         \
                             s += (blk->qs[t] & 0x0F) * aq[b * QK + t] + (blk->qs[t] >> 4) * aq[b * QK + QK / 2 + t]; \
-                        s += 8 * a->s[(m0 + j) * nb + b];                                                        \
+                        s += a->s[(m0 + j) * nb + b];                                                        \
                         wd = fp16_to_fp32(blk->d);                                                               \
                     } else {                                                                                     \
                         const block_q8_0 *blk = (const block_q8_0 *)(w + r * rb) + b;                            \
@@ -546,22 +546,24 @@ static inline __m256i unpack_q4(const uint8_t *qs) {
     }
 #endif
 
-TILE_FN(q4_r4m1, FMT_Q4_0, 4, 1)
 TILE_FN(q4_r1m1, FMT_Q4_0, 1, 1)
-TILE_FN(q4_r2m2, FMT_Q4_0, 2, 2)
 TILE_FN(q4_r1m2, FMT_Q4_0, 1, 2)
-TILE_FN(q4_r2m3, FMT_Q4_0, 2, 3)
 TILE_FN(q4_r1m3, FMT_Q4_0, 1, 3)
-TILE_FN(q4_r2m4, FMT_Q4_0, 2, 4)
 TILE_FN(q4_r1m4, FMT_Q4_0, 1, 4)
-TILE_FN(q8_r4m1, FMT_Q8_0, 4, 1)
 TILE_FN(q8_r1m1, FMT_Q8_0, 1, 1)
-TILE_FN(q8_r2m2, FMT_Q8_0, 2, 2)
 TILE_FN(q8_r1m2, FMT_Q8_0, 1, 2)
-TILE_FN(q8_r2m3, FMT_Q8_0, 2, 3)
 TILE_FN(q8_r1m3, FMT_Q8_0, 1, 3)
-TILE_FN(q8_r2m4, FMT_Q8_0, 2, 4)
 TILE_FN(q8_r1m4, FMT_Q8_0, 1, 4)
+#ifndef MIMO_AVX2  /* with AVX2 the 8-row tiles below take their place */
+TILE_FN(q4_r4m1, FMT_Q4_0, 4, 1)
+TILE_FN(q4_r2m2, FMT_Q4_0, 2, 2)
+TILE_FN(q4_r2m3, FMT_Q4_0, 2, 3)
+TILE_FN(q4_r2m4, FMT_Q4_0, 2, 4)
+TILE_FN(q8_r4m1, FMT_Q8_0, 4, 1)
+TILE_FN(q8_r2m2, FMT_Q8_0, 2, 2)
+TILE_FN(q8_r2m3, FMT_Q8_0, 2, 3)
+TILE_FN(q8_r2m4, FMT_Q8_0, 2, 4)
+#endif
 
 #ifdef MIMO_AVX2
 /* 8 weight rows x M activation rows with the rows in the lanes: per block, each row's integer dot product is
@@ -579,18 +581,31 @@ static inline __m256i sum8_epi32(__m256i s0, __m256i s1, __m256i s2, __m256i s3,
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-static inline __m256 scales8(const uint8_t *w, int64_t rb, int64_t off) {
-    /* the 8 rows' fp16 scales, gathered in integer registers (cheap there) and converted at once */
+static inline __m256 scales8(const uint8_t *w, int64_t rb, int64_t off, const int interleaved) {
+    /* the 8 rows' fp16 scales, gathered in integer registers (cheap there) and converted at once; lanes in row
+     * order 0..7, or 0 2 4 6 1 3 5 7 (interleaved) */
     uint64_t lo = 0, hi = 0;
     for (int r = 0; r < 4; r++) {
         uint16_t a, b;
-        memcpy(&a, w + r * rb + off, 2);
-        memcpy(&b, w + (r + 4) * rb + off, 2);
+        memcpy(&a, w + (interleaved ? 2 * r : r) * rb + off, 2);
+        memcpy(&b, w + (interleaved ? 2 * r + 1 : r + 4) * rb + off, 2);
         lo |= (uint64_t)a << (16 * r);
         hi |= (uint64_t)b << (16 * r);
         __asm__("" : "+r"(lo), "+r"(hi));  /* keep gcc from vectorizing this into shuffles */
     }
     return _mm256_cvtph_ps(_mm_set_epi64x((long long)hi, (long long)lo));
+}
+
+/* Q4_0, two rows at once: [row r | row r + 1] in the two 128-bit halves, low and high nibbles against the
+ * activation block's two halves broadcast to both (alo, ahi): 4 int32 partial sums per row */
+static inline __attribute__((always_inline)) __m256i dot_q4_pair(const uint8_t *q0, const uint8_t *q1, __m256i alo,
+                                                                 __m256i ahi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)),
+                                              _mm_loadu_si128((const __m128i *)q1), 1);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), alo),
+                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), ahi));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
 static inline __attribute__((always_inline)) __m256i dot8(const int fmt, const uint8_t *q, __m256i av) {
@@ -617,16 +632,48 @@ static inline __attribute__((always_inline)) __m256i quad(__m256i t01, __m256i t
 /* 8 weight rows x activation row j: out[r * M] (r < 8). Rows are streamed one at a time and reduced as they come
  * (few live registers: with all 8 unpacked rows held for several activation rows gcc kept the loop-carried
  * accumulator on the stack, 3x slower); several activation rows each stream the 8 rows again (from L1). */
+/* Prefetching: the 8 rows of a tile are one contiguous stretch of memory, the next tile's the next stretch; each
+ * block step prefetches its share of the next tile (8 blocks' bytes). Rows of a few KB are too short for the
+ * hardware's stream prefetchers to ramp up on 8 interleaved streams (Q4_0 rows of 4096 weights, 2.3 KB, read at
+ * ~60% of the bandwidth without this). */
+static inline __attribute__((always_inline)) void prefetch_next(const uint8_t *next, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)next + l, _MM_HINT_T0);
+}
+
 static inline __attribute__((always_inline)) void tile8(const int fmt, const uint8_t *w, int64_t rb, const qact *a,
-                                                       int64_t j, float *out, int M) {
+                                                       int64_t j, float *out, int M, const int pf) {
     __m256 acc = _mm256_setzero_ps();
     const int64_t nb = a->nb, bs = fmt == FMT_Q4_0 ? 18 : 34;
     const int8_t *aq = a->qs + j * a->k;
     const float *ad = a->d + j * nb;
-    const int32_t *as = a->s + j * nb;
+    const int32_t *as8 = a->s + j * nb;  /* -8 * sum(qs): Q4_0's offset */
+    if (fmt == FMT_Q4_0) {
+        for (int64_t b = 0; b < nb; b++) {
+            const __m256i alo = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(aq + b * QK)));
+            const __m256i ahi = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(aq + b * QK + 16)));
+            const uint8_t *q = w + b * bs + 2;
+            if (pf) prefetch_next(w + 8 * rb + b * 8 * 18, 8 * 18);
+            const __m256i d01 = dot_q4_pair(q, q + rb, alo, ahi), d23 = dot_q4_pair(q + 2 * rb, q + 3 * rb, alo, ahi);
+            const __m256i t0 = pair4(d01, d23);  /* [r0 r2 r0 r2 | r1 r3 r1 r3] */
+            const __m256i d45 = dot_q4_pair(q + 4 * rb, q + 5 * rb, alo, ahi);
+            const __m256i d67 = dot_q4_pair(q + 6 * rb, q + 7 * rb, alo, ahi);
+            const __m256i t1 = pair4(d45, d67);
+            const __m256i t = _mm256_add_epi32(quad(t0, t1), _mm256_set1_epi32(as8[b]));  /* [r0 r2 r4 r6 | r1 r3 r5 r7] */
+            const __m256 wd = scales8(w, rb, b * bs, 1);
+            acc = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_set1_ps(ad[b])), _mm256_cvtepi32_ps(t), acc);
+        }
+        float tmp[8];
+        _mm256_storeu_ps(tmp, acc);
+        for (int r = 0; r < 4; r++) {
+            out[2 * r * M] = tmp[r];
+            out[(2 * r + 1) * M] = tmp[4 + r];
+        }
+        return;
+    }
     for (int64_t b = 0; b < nb; b++) {
         const __m256i av = _mm256_load_si256((const __m256i *)(aq + b * QK));
         const uint8_t *q = w + b * bs + 2;
+        if (pf) prefetch_next(w + 8 * rb + b * 8 * 34, 8 * 34);
         const __m256i t01 = pair4(dot8(fmt, q, av), dot8(fmt, q + rb, av));
         const __m256i t23 = pair4(dot8(fmt, q + 2 * rb, av), dot8(fmt, q + 3 * rb, av));
         const __m256i lo = quad(t01, t23);
@@ -634,8 +681,7 @@ static inline __attribute__((always_inline)) void tile8(const int fmt, const uin
         const __m256i t67 = pair4(dot8(fmt, q + 6 * rb, av), dot8(fmt, q + 7 * rb, av));
         const __m256i hi = quad(t45, t67);
         __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
-        if (fmt == FMT_Q4_0) t = _mm256_add_epi32(t, _mm256_set1_epi32(8 * as[b]));
-        const __m256 wd = scales8(w, rb, b * bs);
+        const __m256 wd = scales8(w, rb, b * bs, 0);
         acc = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_set1_ps(ad[b])), _mm256_cvtepi32_ps(t), acc);
     }
     float tmp[8];
@@ -645,7 +691,7 @@ static inline __attribute__((always_inline)) void tile8(const int fmt, const uin
 
 #define TILE8_FN(NAME, FMT, M)                                                                                   \
     static void NAME(const uint8_t *w, int64_t rb, const qact *a, int64_t m0, float *out) {                      \
-        for (int j = 0; j < M; j++) tile8(FMT, w, rb, a, m0 + j, out + j, M);                                   \
+        for (int j = 0; j < M; j++) tile8(FMT, w, rb, a, m0 + j, out + j, M, j == 0);                                   \
     }
 
 TILE8_FN(q4_r8m1, FMT_Q4_0, 1)
@@ -684,6 +730,7 @@ static const tile_fn tiles_1[2][4] = {{q8_r1m1, q8_r1m2, q8_r1m3, q8_r1m4}, {q4_
         const int64_t k16 = k & ~(int64_t)15;                                                                    \
         for (int64_t i = 0; i < k16; i += 16) {                                                                  \
             __m256 we[R], wo[R];                                                                                 \
+            prefetch_next(w + R * rb + i * 2 * R, 32 * R);                                                       \
             for (int r = 0; r < R; r++) {                                                                        \
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * rb + 2 * i));                     \
                 we[r] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                                           \
@@ -753,7 +800,7 @@ static void permute_bf16_act(const float *x, float *xp, int64_t k) {
  * dtype bdt. Any m: activation rows go in groups of up to 4 through each chunk of weight rows, so a chunk
  * (L1/L2-resident) is read from memory once for all m rows. */
 
-#define CHUNK_BYTES (48 * 1024)
+#define CHUNK_BYTES (256 * 1024)
 
 static inline void store_out(void *y, int ydt, int64_t idx, float v) {
     if (ydt == DT_F32) ((float *)y)[idx] = v;
@@ -838,7 +885,9 @@ int mimo_gemv(int fmt, const void *w, int64_t n, int64_t k, const void *x, int x
             quantize_act_row(row, a.qs + j * k, a.d + j * nb, a.s + j * nb, k);
         }
     }
-    int64_t chunk = CHUNK_BYTES / (rb > 0 ? rb : 1);
+    /* chunks of ~CHUNK_BYTES of weights (few prefetcher cold starts), at least 4 per thread (balance) */
+    int64_t chunk = CHUNK_BYTES / (rb > 0 ? rb : 1), most = (n + 4 * nth - 1) / (4 * (nth > 0 ? nth : 1));
+    if (chunk > most) chunk = most;
     chunk = chunk < 8 ? 8 : (chunk + 7) & ~(int64_t)7;
     gemv_job j = {fmt, (const uint8_t *)w, n, rb, chunk, m, &a, xp, k, y, ydt, bias, bdt};
     parallel_for(gemv_chunk, &j, (n + chunk - 1) / chunk, nth);
