@@ -154,28 +154,28 @@ def _chunked_linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, n: int, k: 
 
 
 _FMT = {"q8_0": 0, "q4_0": 1, "bf16": 2}
-_F32, _BF16 = torch.float32, torch.bfloat16
+_KERNEL_DTYPES = kernels.DTYPES  # activation dtypes the kernels take (fp32, bf16, fp16) -> their codes
 
 
 def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, bias: torch.Tensor | None):
     """y = x @ W.T + bias for W in format fmt ("q8_0" / "q4_0" blocks [n, k / 32, bytes], or "bf16" [n, k]);
-    x [..., k] fp32 or bf16 (other float dtypes go through fp32); y in x's dtype."""
+    x [..., k] (fp32, bf16 or fp16: the kernels take each; other dtypes go through fp32); y in x's dtype."""
     n, k = weight.shape[0], in_features
     lib = kernels.library()
     if lib is not None and x.is_cpu and weight.is_cpu:
         m = x.numel() // k
-        xdt = x.dtype
-        if m <= GEMV_MAX_ROWS[fmt] and (xdt is _F32 or xdt is _BF16) and m:  # the fast path: few Python steps
+        xdt = _KERNEL_DTYPES.get(x.dtype)
+        if m <= GEMV_MAX_ROWS[fmt] and xdt is not None and m:  # the fast path: few Python steps
             if not x.is_contiguous():
                 x = x.contiguous()
             out = x.new_empty((*x.shape[:-1], n))
-            bdt = -1 if bias is None else 0 if bias.dtype is _F32 else 1 if bias.dtype is _BF16 else -1
-            rc = lib.mimo_gemv(_FMT[fmt], weight.data_ptr(), n, k, x.data_ptr(), xdt is _BF16, m, out.data_ptr(),
-                               xdt is _BF16, None if bdt < 0 else bias.data_ptr(), bdt, torch.get_num_threads())
+            bdt = -1 if bias is None else _KERNEL_DTYPES.get(bias.dtype, -1)
+            rc = lib.mimo_gemv(_FMT[fmt], weight.data_ptr(), n, k, x.data_ptr(), xdt, m, out.data_ptr(), xdt,
+                               None if bdt < 0 else bias.data_ptr(), bdt, torch.get_num_threads())
             if rc:
                 raise RuntimeError(f"mimo_gemv failed ({rc})")
             if bias is not None and bdt < 0:
-                out += bias.to(xdt)
+                out += bias.to(x.dtype)
             return out
     elif fmt == "bf16":
         return F.linear(x, weight, bias)

@@ -99,13 +99,15 @@ def test_kernel_matches_the_torch_path(method, m, monkeypatch):
     q = cls.from_linear(lin)
     x = torch.randn(m, 320)
     with torch.no_grad():
-        fast, fast_b = q(x), q(x.bfloat16())
+        fast, fast_b, fast_h = q(x), q(x.bfloat16()), q(x.half())
         monkeypatch.setenv("MIMO_NO_KERNELS", "1")
-        slow, slow_b = q(x), q(x.bfloat16())
+        slow, slow_b, slow_h = q(x), q(x.bfloat16()), q(x.half())
         plain = F_linear(x, q.dequantized(), lin.bias)
     assert fast.dtype == torch.float32 and fast_b.dtype == torch.bfloat16 and fast.shape == (m, 45)
+    assert fast_h.dtype == torch.float16
     assert rel_err(fast, slow) < 2e-6
     assert rel_err(fast_b, slow_b) < 4e-3  # each rounds its fp32 result to bf16 once
+    assert rel_err(fast_h, slow_h) < 5e-4
     assert rel_err(fast, plain) < (1e-6 if m > Q.GEMV_MAX_ROWS[fmt] else 0.01)  # int8 activations: <1%
 
 

@@ -30,7 +30,7 @@ import torch
 SOURCE = Path(__file__).with_name("gemv.c")
 ABI = 1  # gemv.c's MIMO_ABI
 FORMATS = {"q8_0": 0, "q4_0": 1, "bf16": 2}
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -56,7 +56,7 @@ typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
 #pragma pack(pop)
 
 enum { FMT_Q8_0 = 0, FMT_Q4_0 = 1, FMT_BF16 = 2 };
-enum { DT_F32 = 0, DT_BF16 = 1 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 int mimo_abi_version(void) { return MIMO_ABI; }
 
@@ -412,7 +412,13 @@ static void *workspace(size_t bytes) {
 
 static inline void load_row_f32(const void *x, int xdt, int64_t k, float *tmp) {
     if (xdt == DT_F32) { memcpy(tmp, x, k * sizeof(float)); return; }
-    dequantize_row(FMT_BF16, (const uint8_t *)x, tmp, k);
+    if (xdt == DT_BF16) { dequantize_row(FMT_BF16, (const uint8_t *)x, tmp, k); return; }
+    const uint16_t *h = (const uint16_t *)x;
+    int64_t i = 0;
+#ifdef MIMO_AVX2
+    for (; i + 8 <= k; i += 8) _mm256_storeu_ps(tmp + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < k; i++) tmp[i] = fp16_to_fp32(h[i]);
 }
 
 static void quantize_act_row(const float *x, int8_t *qs, float *dd, int32_t *ss, int64_t k) {
@@ -796,7 +802,7 @@ static void permute_bf16_act(const float *x, float *xp, int64_t k) {
 }
 
 /* ---- the product ----------------------------------------------------------------------------------------
- * y [m, n] = x [m, k] @ W[n, k]^T (+ bias [n]); x fp32 or bf16 (xdt), y fp32 or bf16 (ydt), bias NULL or of
+ * y [m, n] = x [m, k] @ W[n, k]^T (+ bias [n]); x fp32, bf16 or fp16 (xdt), y likewise (ydt), bias NULL or of
  * dtype bdt. Any m: activation rows go in groups of up to 4 through each chunk of weight rows, so a chunk
  * (L1/L2-resident) is read from memory once for all m rows. */
 
@@ -804,12 +810,15 @@ static void permute_bf16_act(const float *x, float *xp, int64_t k) {
 
 static inline void store_out(void *y, int ydt, int64_t idx, float v) {
     if (ydt == DT_F32) ((float *)y)[idx] = v;
-    else ((uint16_t *)y)[idx] = fp32_to_bf16(v);
+    else if (ydt == DT_BF16) ((uint16_t *)y)[idx] = fp32_to_bf16(v);
+    else ((uint16_t *)y)[idx] = fp32_to_fp16(v);
 }
 
 static inline float bias_at(const void *bias, int bdt, int64_t i) {
     if (!bias) return 0.0f;
-    return bdt == DT_F32 ? ((const float *)bias)[i] : bf16_to_fp32(((const uint16_t *)bias)[i]);
+    if (bdt == DT_F32) return ((const float *)bias)[i];
+    const uint16_t h = ((const uint16_t *)bias)[i];
+    return bdt == DT_BF16 ? bf16_to_fp32(h) : fp16_to_fp32(h);
 }
 
 typedef struct {
