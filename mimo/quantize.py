@@ -2,7 +2,7 @@
 that multiply with them (and with bf16 weights), and a perplexity helper to check what quantization costs.
 
 quantize_model(model, "int8" | "int4") swaps every nn.Linear (main layers, MTP layers, LM head; not the
-embedding) for a quantized module; activations stay in the model's float dtype (fp32 or bf16). Decoding reads
+embedding) for a quantized module; activations stay in the model's float dtype (fp32, bf16, fp16). Decoding reads
 every weight once per token, so reading 34/128 (Q8_0) or 18/128 (Q4_0) of the fp32 bytes is most of the speed-up.
 
 Formats (ggml-common.h), in blocks of 32 weights along the input dimension:
@@ -14,12 +14,15 @@ The modules keep exactly ggml's bytes in the uint8 buffer `blocks` [out_features
 (gguf.quants gives the same bytes), so GGUF files import and export by copying. in_features must be a multiple of
 32 (quantize_linears leaves other linears in float).
 
-Products (mimo/kernels/gemv.c, built on first use): up to GEMV_MAX_ROWS input rows, the llama.cpp way: each
-activation row is quantized to int8 blocks of 32 with an fp32 scale, every block is an integer dot product (AVX2),
-scaled and summed in fp32; every weight block is read once for all rows. More rows (prefill) dequantize the
-weight in row chunks to fp32 and multiply with torch's GEMM. bf16 weights (bf16_linear) get their own GEMV. Without
-the kernels (no C compiler, or MIMO_NO_KERNELS=1) a torch path computes the same products (activations rounded the
-same way), slowly. Each product is a torch custom op (mimo::q8_0_linear, mimo::q4_0_linear, mimo::bf16_linear), so
+Products (mimo/kernels/gemv.c, built on first use; mimo/kernels/__init__.py): up to GEMV_MAX_ROWS input rows, the
+llama.cpp way: each activation row is quantized to int8 blocks of 32 with an fp32 scale, every block is an integer
+dot product (AVX2), scaled and summed in fp32; every weight block is read once for all rows. More rows (prefill)
+dequantize the weight in row chunks to fp32 and multiply with torch's GEMM. bf16 weights (bf16_linear) get their
+own GEMV. The kernels run on their own small thread pool, torch.get_num_threads() threads a call, whose idle
+threads spin briefly and then sleep, and whose caller never waits for a thread that has not started (a busy
+machine slows a product down to the threads that run, instead of stalling it). Without the kernels (no C
+compiler, or MIMO_NO_KERNELS=1) a torch path computes the same products (activations rounded the same way),
+slowly. Each product is a torch custom op (mimo::q8_0_linear, mimo::q4_0_linear, mimo::bf16_linear), so
 torch.compile traces through it without a graph break.
 """
 

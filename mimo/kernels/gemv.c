@@ -18,10 +18,13 @@
  *         nibble                                                                   (18 bytes), w = d * (q - 8)
  * A weight [n, k] is n rows of k / 32 blocks, rows one after another (a GGUF tensor's bytes).
  *
- * Products (mimo_gemv): the activations x [m, k] (fp32 or bf16) are quantized once per call to int8 blocks of 32
- * with one fp32 scale each (as llama.cpp's Q8_0 activations, with an fp32 rather than fp16 scale), then every
- * block is an integer dot product (AVX2 maddubs/madd) scaled by the two scales and accumulated in fp32. Each
- * weight block is read once for all m rows. bf16 weights multiply fp32 activations (bf16 -> fp32 by a shift).
+ * Products (mimo_gemv): the activations x [m, k] (fp32, bf16 or fp16) are quantized once per call to int8 blocks
+ * of 32 with one fp32 scale each (as llama.cpp's Q8_0 activations, with an fp32 rather than fp16 scale), then every
+ * block is an integer dot product (AVX2 maddubs/madd) scaled by the two scales and accumulated in fp32. With AVX2,
+ * tiles of 8 weight rows put the rows in the lanes: each block's 8 row sums come out of a transpose-and-add, so
+ * the 8 rows' scales are converted, multiplied and accumulated as one vector. Each weight block is read from
+ * memory once for all m rows (a tile is re-read from L1 for every activation row), and each tile prefetches the
+ * next. bf16 weights multiply fp32 activations (bf16 -> fp32 by a shift and a mask).
  * The quantizers (mimo_quantize_*) reproduce ggml's quantize_row_q{4,8}_0_ref bit for bit (needs
  * -ffp-contract=off: x * id + 8.5f must not become an FMA).
  */
