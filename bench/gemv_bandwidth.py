@@ -20,6 +20,11 @@ Prints a markdown table.
 --busy instead decodes with a random model of MiMo-7B's layer shapes (--busy-layers layers, a 32000-token
 vocabulary), Q4_0 and Q8_0, batch 1, with the machine idle and then with a competing busy process
 (`python -c "while True: pass"`) pinned to the last core, and prints tokens/s and the busy/idle ratio.
+
+    .venv/bin/python bench/gemv_bandwidth.py --rows 8,16,32,64,128,512
+
+--rows times one 11008x4096 product per format at each number of input rows through the GEMV kernel and through
+the dequantize-to-fp32-then-GEMM path (mimo.quantize.GEMV_MAX_ROWS picks between them), medians of 5.
 """
 
 from __future__ import annotations
@@ -155,6 +160,37 @@ def busy_decode(args):
         gc.collect()
 
 
+def rows_crossover(args):
+    import statistics
+
+    from mimo import quantize as Q
+
+    def med(fn):
+        fn()
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    n, k = 11008, 4096
+    w = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
+    weights = {"q4_0": Q.quantize_blocks(w, "q4_0"), "q8_0": Q.quantize_blocks(w, "q8_0"), "bf16": w}
+    print(f"threads {args.threads}; one {n}x{k} product, ms (median of 5): GEMV kernel / dequantize + fp32 GEMM\n")
+    print("| rows | " + " | ".join(weights) + " |")
+    print("|---|" + "---|" * len(weights))
+    for m in (int(r) for r in args.rows.split(",")):
+        x = torch.randn(m, k)
+        out = torch.empty(m, n)
+        cells = []
+        for fmt, wt in weights.items():
+            g = med(lambda: kernels.gemv(fmt, wt, n, k, x, out))
+            d = med(lambda: Q._chunked_linear(fmt, x, wt, n, k, True))
+            cells.append(f"{g * 1e3:.1f} / {d * 1e3:.1f}")
+        print(f"| {m} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -165,10 +201,13 @@ def main():
     p.add_argument("--busy", action="store_true", help="decode idle vs with one core taken (see the docstring)")
     p.add_argument("--busy-layers", type=int, default=4)
     p.add_argument("--busy-tokens", type=int, default=48)
+    p.add_argument("--rows", default=None, help="comma-separated input rows: GEMV kernel vs dequantize + GEMM")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.busy:
         return busy_decode(args)
+    if args.rows:
+        return rows_crossover(args)
     assert kernels.available(), "mimo's kernels did not build"
     import statistics
 

@@ -42,9 +42,11 @@ from mimo.model import MiMoForCausalLM, cross_entropy
 
 QK = 32  # weights per block
 BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2}
-# input rows up to which products run through the GEMV kernel (each weight block read once for all rows); more
-# rows dequantize the weight in chunks and use torch's fp32 GEMM (bench/gemv_bandwidth.py measures the crossover)
-GEMV_MAX_ROWS = {"q8_0": 8, "q4_0": 8, "bf16": 8}
+# input rows up to which products run through the GEMV kernel (each weight block read from memory once for all rows);
+# more rows dequantize the weight in chunks and use torch's fp32 GEMM, which wins from about these sizes on
+# (bench/gemv_bandwidth.py --rows measures the crossover: the kernel is 4-5x faster at 8 rows, where GEMM reads the
+# fp32 weights as often as it writes them)
+GEMV_MAX_ROWS = {"q8_0": 32, "q4_0": 64, "bf16": 16}
 CHUNK_ELEMS = 1 << 22  # weights per chunk when quantizing or dequantizing (16 MiB of fp32 at a time)
 
 

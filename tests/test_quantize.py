@@ -87,7 +87,7 @@ def test_from_weight_from_linear_from_blocks(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("m", [1, 3, 8, 64])
+@pytest.mark.parametrize("m", [1, 3, 8, 64, 100])
 def test_kernel_matches_the_torch_path(method, m, monkeypatch):
     """Both paths compute the same products (the kernel's rounding of activations included) on odd shapes, with
     a bias, for fp32 and bf16 inputs."""
@@ -124,11 +124,13 @@ def test_big_layers_and_chunked_products(method, monkeypatch):
     x = torch.randn(3, 5, 1024)
     want = F_linear(Q._round_activations(x.view(15, 1024)), q.dequantized(), None).view(3, 5, 1031)
     assert rel_err(q(x[:, :1]), want[:, :1]) < 2e-6
+    assert rel_err(q(x), want) < 2e-6  # 15 rows: groups of 4 activation rows through each tile
     monkeypatch.setattr(Q, "CHUNK_ELEMS", 1024 * 100)
+    monkeypatch.setitem(Q.GEMV_MAX_ROWS, fmt, 8)
     assert rel_err(q(x), x @ q.dequantized().t()) < 2e-6  # 15 rows > GEMV_MAX_ROWS: dequantized in chunks
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 64])
+@pytest.mark.parametrize("m", [1, 3, 8, 64, 100])
 def test_bf16_linear(m):
     torch.manual_seed(0)
     w, b = torch.randn(45, 272).bfloat16(), torch.randn(45).bfloat16()
