@@ -301,7 +301,7 @@ def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
     match what is stored (no copy), converted otherwise, and with quantize ("int8" | "int4") every linear weight
     is quantized as it is read (mimo/quantize.py), so no more than one tensor is ever held in float. Checks that
     the weights fit in the memory available first. progress: a tqdm bar on stderr."""
-    from mimo.memory import available_bytes
+    from mimo.memory import available_bytes, trim_heap
 
     model_dir = Path(model_dir)
     if not model_dir.exists():
@@ -356,6 +356,7 @@ def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
                     bias = mapped[files[bias_name]].tensor(bias_name).to(device=device, dtype=dtype or t.dtype)
                 quantized[prefix] = QUANTIZED_LINEAR[quantize].from_weight(t.to(device), bias)
                 f.release(name)
+                trim_heap()
             elif prefix in linears and leaf == "bias":
                 pass  # read with its weight
             else:
