@@ -151,7 +151,7 @@ def _chunked_linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, n: int, k: 
     buf = torch.empty(min(step, n), k) if use_kernel else None
     if n <= step:
         return torch.mm(x, _weight_rows(fmt, weight, 0, n, k, buf).t())
-    y = torch.empty(x.shape[0], n)
+    y = torch.empty(x.shape[0], n, device=x.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         torch.mm(x, _weight_rows(fmt, weight, r0, r1, k, buf).t(), out=y[:, r0:r1])

@@ -86,7 +86,13 @@ def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     version = _compiler_version(cc)
     out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise OSError(f"{out_dir} is not writable")
+    except OSError:  # e.g. a read-only home: a private temporary directory instead
+        out_dir = Path(tempfile.gettempdir()) / f"mimo-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     errors = []
     threading_flags = ["-DMIMO_OPENMP", "-fopenmp"] if os.environ.get("MIMO_KERNEL_OPENMP") == "1" else ["-pthread"]
     flag_sets = [os.environ["MIMO_KERNEL_FLAGS"].split()] if os.environ.get("MIMO_KERNEL_FLAGS") else FLAG_SETS
