@@ -2,6 +2,10 @@
 
 import os
 
+# Before torch loads, as `import mimo` does for every mimo command: OpenMP threads that spin-wait for a peer make
+# torch collapse when another program holds a core (a tiny model's training step 30x slower on a busy 2-core box).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
