@@ -69,7 +69,8 @@ def mkl_packing_available(weight: torch.Tensor) -> bool:
 
 
 def _fast(linear, pack_rows: tuple[int, ...] = ()):
-    """module(x) without nn.Module.__call__'s overhead (several microseconds, on every linear of every token).
+    """module(x) without nn.Module.__call__'s overhead (several microseconds, on every linear of every token);
+    bf16 weights on the CPU go through quantize.bf16_linear (mimo's kernels).
 
     pack_rows: input sizes (rows = batch x tokens) to keep an MKL-packed copy of an nn.Linear's weight for
     (mkl_packing_available): an input of exactly that many rows runs through MKL's packed GEMM, which picks its
@@ -79,6 +80,10 @@ def _fast(linear, pack_rows: tuple[int, ...] = ()):
     if type(linear) is not torch.nn.Linear:
         return linear.forward  # e.g. quantize.Int8Linear
     w, b = linear.weight, linear.bias
+    if w.dtype == torch.bfloat16 and w.device.type == "cpu":
+        from mimo.quantize import bf16_linear  # mimo's GEMV; oneDNN's bf16 products are slow on most CPUs
+
+        return functools.partial(bf16_linear, weight=w, bias=b)
     if not pack_rows:
         return functools.partial(F.linear, weight=w, bias=b)
     packed = {n: torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), n) for n in pack_rows}
