@@ -14,11 +14,11 @@ The modules keep exactly ggml's bytes in the uint8 buffer `blocks` [out_features
 (gguf.quants gives the same bytes), so GGUF files import and export by copying. in_features must be a multiple of
 32 (quantize_linears leaves other linears in float).
 
-Products (mimo/kernels/gemv.c, built on first use; mimo/kernels/__init__.py): up to GEMV_MAX_ROWS input rows, the
-llama.cpp way: each activation row is quantized to int8 blocks of 32 with an fp32 scale, every block is an integer
-dot product (AVX2), scaled and summed in fp32; every weight block is read once for all rows. More rows (prefill)
-dequantize the weight in row chunks to fp32 and multiply with torch's GEMM. bf16 weights (bf16_linear) get their
-own GEMV. The kernels run on their own small thread pool, torch.get_num_threads() threads a call, whose idle
+Products (mimo/kernels/gemv.c, built on first use; mimo/kernels/__init__.py), the llama.cpp way: each activation
+row is quantized to int8 blocks of 32 with an fp32 scale, every block is an integer dot product (AVX2), scaled and
+summed in fp32; every weight block is read from memory once for all rows (GEMV tiles for few rows, GEMM tiles for
+many: prefill). bf16 weights (bf16_linear) get their own GEMV up to GEMV_MAX_ROWS rows; more rows dequantize the
+weight in row chunks to fp32 and multiply with torch's GEMM. The kernels run on their own small thread pool, torch.get_num_threads() threads a call, whose idle
 threads spin briefly and then sleep, and whose caller never waits for a thread that has not started (a busy
 machine slows a product down to the threads that run, instead of stalling it). Without the kernels (no C
 compiler, or MIMO_NO_KERNELS=1) a torch path computes the same products (activations rounded the same way),
@@ -42,11 +42,13 @@ from mimo.model import MiMoForCausalLM, cross_entropy
 
 QK = 32  # weights per block
 BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2}
-# input rows up to which products run through the GEMV kernel (each weight block read from memory once for all rows);
-# more rows dequantize the weight in chunks and use torch's fp32 GEMM, which wins from about these sizes on
-# (bench/gemv_bandwidth.py --rows measures the crossover: the kernel is 4-5x faster at 8 rows, where GEMM reads the
-# fp32 weights as often as it writes them)
-GEMV_MAX_ROWS = {"q8_0": 32, "q4_0": 64, "bf16": 16}
+# input rows up to which products run through the kernels; more rows dequantize the weight in chunks and use torch's
+# fp32 GEMM. Q4_0 / Q8_0 have a GEMM tile for many rows (prefill) that beats dequantize + MKL's sgemm per core (106
+# and 69 GFLOP/s against 71 and 64 on a 512 x 4096 x 4096 product) and keeps its speed when another process takes
+# a core (MKL's OpenMP threads then lose half of theirs): always the kernels. bf16 up to 64 rows (MKL wins beyond).
+# Kernels built without AVX2 (the portable scalar code) stop at PORTABLE_MAX_ROWS. bench/gemv_bandwidth.py --rows.
+GEMV_MAX_ROWS = {"q8_0": 1 << 62, "q4_0": 1 << 62, "bf16": 64}
+PORTABLE_MAX_ROWS = 8
 CHUNK_ELEMS = 1 << 22  # weights per chunk when quantizing or dequantizing (16 MiB of fp32 at a time)
 
 
@@ -170,7 +172,7 @@ def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, b
     if lib is not None and x.is_cpu and weight.is_cpu:
         m = x.numel() // k
         xdt = _KERNEL_DTYPES.get(x.dtype)
-        if m <= GEMV_MAX_ROWS[fmt] and xdt is not None and m:  # the fast path: few Python steps
+        if m <= (GEMV_MAX_ROWS[fmt] if kernels.SIMD else PORTABLE_MAX_ROWS) and xdt is not None and m:  # fast path
             if not x.is_contiguous():
                 x = x.contiguous()
             out = x.new_empty((*x.shape[:-1], n))
@@ -187,7 +189,7 @@ def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, b
     use_kernel = lib is not None and x.is_cpu and weight.is_cpu
     shape = x.shape[:-1]
     xf = x.reshape(-1, k).float()
-    if xf.shape[0] <= GEMV_MAX_ROWS[fmt] and fmt != "bf16":
+    if xf.shape[0] <= (GEMV_MAX_ROWS[fmt] if lib is None or kernels.SIMD else PORTABLE_MAX_ROWS) and fmt != "bf16":
         xf = _round_activations(xf)  # what the kernel computes
     y = _chunked_linear(fmt, xf, weight, n, k, use_kernel)
     if bias is not None:

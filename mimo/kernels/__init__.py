@@ -33,6 +33,7 @@ FORMATS = {"q8_0": 0, "q4_0": 1, "bf16": 2}
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
+SIMD = False  # whether the loaded kernels have the AVX2 paths (set when they load)
 _lib: ctypes.CDLL | None = None
 _tried = False
 _reason: str | None = None
@@ -146,7 +147,7 @@ def _declare(lib: ctypes.CDLL):
 
 def library() -> ctypes.CDLL | None:
     """The kernels, built and loaded on first call; None when unavailable (see the module docstring)."""
-    global _lib, _tried, _reason
+    global _lib, _tried, _reason, SIMD
     if disabled():
         return None
     if _tried:
@@ -155,6 +156,7 @@ def library() -> ctypes.CDLL | None:
         if not _tried:
             try:
                 _lib = _build()
+                SIMD = bool(_lib.mimo_simd())
             except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
                 _lib, _reason = None, str(e)
                 warnings.warn(f"mimo's C kernels are unavailable ({e}); quantized and bf16 linears use a slower "

@@ -866,6 +866,131 @@ static void gemv_chunk(void *ctx, int64_t c) {
     }
 }
 
+#ifdef MIMO_AVX2
+/* ---- many activation rows (prefill): GEMM tiles ------------------------------------------------------------
+ * A thread takes 8 weight rows at a time, unpacks them once into an L1/L2-resident buffer (Q4_0: each pair of rows'
+ * low and high nibbles as bytes, [row 2p | row 2p + 1] per vector; Q8_0: |w| and w per row; the 8 scales of each
+ * block as fp32, in the order the reduction leaves the rows), then runs every activation row against the buffer
+ * (the activations, m * k int8 bytes, stay in L2/L3). The same arithmetic as the GEMV tiles, without re-unpacking
+ * the weights for every activation row. */
+#define GEMM_MIN_ROWS 8
+
+static __thread void *tile_ptr = NULL;
+static __thread size_t tile_size = 0;
+
+static void *tile_buffer(size_t bytes) {
+    if (bytes > tile_size) {
+        free(tile_ptr);
+        tile_size = (bytes + 4095) & ~(size_t)4095;
+        if (posix_memalign(&tile_ptr, 64, tile_size) != 0) { tile_ptr = NULL; tile_size = 0; }
+    }
+    return tile_ptr;
+}
+
+static void unpack_tile8(const int fmt, const uint8_t *w, int64_t rb, int64_t nb, __m256i *buf, float *sc) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b < nb; b++) {
+        if (fmt == FMT_Q4_0) {
+            for (int p = 0; p < 4; p++) {
+                const uint8_t *q0 = w + 2 * p * rb + b * 18 + 2, *q1 = q0 + rb;
+                const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)),
+                                                          _mm_loadu_si128((const __m128i *)q1), 1);
+                _mm256_store_si256(buf + b * 8 + 2 * p, _mm256_and_si256(v, m4));
+                _mm256_store_si256(buf + b * 8 + 2 * p + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            }
+            _mm256_store_ps(sc + b * 8, scales8(w, rb, b * 18, 1));
+        } else {
+            for (int r = 0; r < 8; r++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * rb + b * 34 + 2));
+                _mm256_store_si256(buf + b * 16 + 2 * r, _mm256_sign_epi8(v, v));
+                _mm256_store_si256(buf + b * 16 + 2 * r + 1, v);
+            }
+            _mm256_store_ps(sc + b * 8, scales8(w, rb, b * 34, 0));
+        }
+    }
+}
+
+/* activation row j against an unpacked tile: the 8 rows' results in tmp (row order 0..7) */
+static inline __attribute__((always_inline)) void gemm_row(const int fmt, const __m256i *buf, const float *sc,
+                                                          const qact *a, int64_t j, float *tmp) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t nb = a->nb;
+    const int8_t *aq = a->qs + j * a->k;
+    const float *ad = a->d + j * nb;
+    const int32_t *as8 = a->s + j * nb;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i t;
+        if (fmt == FMT_Q4_0) {
+            const __m256i alo = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(aq + b * QK)));
+            const __m256i ahi = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(aq + b * QK + 16)));
+            const __m256i *q = buf + b * 8;
+            __m256i d[4];
+            for (int p = 0; p < 4; p++)
+                d[p] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(_mm256_load_si256(q + 2 * p), alo),
+                                                          _mm256_maddubs_epi16(_mm256_load_si256(q + 2 * p + 1), ahi)),
+                                         ones);
+            t = _mm256_add_epi32(quad(pair4(d[0], d[1]), pair4(d[2], d[3])), _mm256_set1_epi32(as8[b]));
+        } else {
+            const __m256i av = _mm256_load_si256((const __m256i *)(aq + b * QK));
+            const __m256i *q = buf + b * 16;
+            __m256i s[8];
+            for (int r = 0; r < 8; r++)
+                s[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256(q + 2 * r),
+                                                              _mm256_sign_epi8(av, _mm256_load_si256(q + 2 * r + 1))),
+                                         ones);
+            t = sum8_epi32(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
+        }
+        acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_load_ps(sc + b * 8), _mm256_set1_ps(ad[b])), _mm256_cvtepi32_ps(t),
+                              acc);
+    }
+    float v[8];
+    _mm256_storeu_ps(v, acc);
+    if (fmt == FMT_Q4_0)
+        for (int r = 0; r < 4; r++) { tmp[2 * r] = v[r]; tmp[2 * r + 1] = v[4 + r]; }
+    else
+        for (int r = 0; r < 8; r++) tmp[r] = v[r];
+}
+
+typedef struct {
+    int fmt;
+    const uint8_t *w;
+    int64_t n, rb, m;
+    const qact *a;
+    void *y;
+    int ydt;
+    const void *bias;
+    int bdt;
+} gemm_job;
+
+static void gemm_chunk(void *ctx, int64_t c) {  /* chunk c: weight rows [8c, 8c + 8) */
+    const gemm_job *jb = (const gemm_job *)ctx;
+    const int fmt = jb->fmt;
+    const int64_t nb = jb->a->nb, r0 = 8 * c, rows = jb->n - r0 < 8 ? jb->n - r0 : 8;
+    const size_t wbytes = (size_t)nb * (fmt == FMT_Q4_0 ? 8 : 16) * 32;
+    uint8_t *mem = (uint8_t *)tile_buffer(wbytes + (size_t)nb * 32);
+    if (!mem || rows < 8) {  /* the last rows (or no memory): the one-row tiles */
+        float out[4];
+        for (int64_t r = r0; r < r0 + rows; r++)
+            for (int64_t j = 0; j < jb->m; j++) {
+                tiles_1[fmt][0](jb->w + r * jb->rb, jb->rb, jb->a, j, out);
+                store_out(jb->y, jb->ydt, j * jb->n + r, out[0] + bias_at(jb->bias, jb->bdt, r));
+            }
+        return;
+    }
+    __m256i *buf = (__m256i *)mem;
+    float *sc = (float *)(mem + wbytes);
+    unpack_tile8(fmt, jb->w + r0 * jb->rb, jb->rb, nb, buf, sc);
+    float bias[8], tmp[8];
+    for (int r = 0; r < 8; r++) bias[r] = bias_at(jb->bias, jb->bdt, r0 + r);
+    for (int64_t j = 0; j < jb->m; j++) {
+        if (fmt == FMT_Q4_0) gemm_row(FMT_Q4_0, buf, sc, jb->a, j, tmp);
+        else gemm_row(FMT_Q8_0, buf, sc, jb->a, j, tmp);
+        for (int r = 0; r < 8; r++) store_out(jb->y, jb->ydt, j * jb->n + r0 + r, tmp[r] + bias[r]);
+    }
+}
+#endif
+
 int mimo_gemv(int fmt, const void *w, int64_t n, int64_t k, const void *x, int xdt, int64_t m, void *y, int ydt,
               const void *bias, int bdt, int nth) {
     if (fmt != FMT_BF16 && k % QK) return -1;
@@ -897,6 +1022,13 @@ int mimo_gemv(int fmt, const void *w, int64_t n, int64_t k, const void *x, int x
             quantize_act_row(row, a.qs + j * k, a.d + j * nb, a.s + j * nb, k);
         }
     }
+#ifdef MIMO_AVX2
+    if (fmt != FMT_BF16 && m >= GEMM_MIN_ROWS) {
+        gemm_job g = {fmt, (const uint8_t *)w, n, rb, m, &a, y, ydt, bias, bdt};
+        parallel_for(gemm_chunk, &g, (n + 7) / 8, nth);
+        return 0;
+    }
+#endif
     /* chunks of ~CHUNK_BYTES of weights (few prefetcher cold starts), at least 4 per thread (balance) */
     int64_t chunk = CHUNK_BYTES / (rb > 0 ? rb : 1), most = (n + 4 * nth - 1) / (4 * (nth > 0 ? nth : 1));
     if (chunk > most) chunk = most;
