@@ -226,18 +226,40 @@ def test_seeded_sampling_with_mtp_is_reproducible():
     assert len({tuple(o.tokens) for o in engine.generate([[5]] * 4, params, mtp=True)}) > 1  # rows differ
 
 
-def test_compiled_engine_decodes_and_speculates_exactly_as_eager():
+def test_compiled_engine_decodes_and_speculates_exactly_as_eager(monkeypatch):
     """compile=True: the plain decode step and MTP's greedy draft-verify step run through torch.compile (static
-    shapes: every slot, the whole cache); outputs stay token-for-token those of the eager engine."""
+    shapes: every slot, the whole cache) for batches of up to COMPILED_MAX_ROWS rows; outputs stay token-for-token
+    those of the eager engine, and the compiled steps are the ones that ran."""
+    from mimo import model_runner, speculative
+
+    assert model_runner.ModelRunner.COMPILED_MAX_ROWS == 2
+    ran = []  # the compiled callables called, in order
+    call = model_runner.InferenceCompiled.__call__
+    monkeypatch.setattr(model_runner.InferenceCompiled, "__call__", lambda self, *a: (ran.append(self), call(self, *a))[1])
     model = structured_model(num_mtp=2, noise=0.1)
-    eager = Engine(model, None).generate(PROMPTS, SamplingParams(max_new_tokens=14))
+    # ragged (1 and 11 tokens); the first row ends first, so every step runs both slots: one graph each
+    pair = [PROMPTS[1], PROMPTS[2]]
+    greedy = SamplingParams(max_new_tokens=14)
+    reference = Engine(model, None).generate(pair, greedy)
+    eager = [o.tokens for o in reference]
+
+    def same_logprobs(outs):  # the tokens' log-probs too: the same model computed them
+        return all(torch.allclose(torch.tensor(o.logprobs), torch.tensor(r.logprobs), atol=1e-5)
+                   for o, r in zip(outs, reference))
+
     engine = Engine(model, None, compile=True)
-    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=14), mtp=True, num_draft=3)
-    assert [o.tokens for o in outs] == [o.tokens for o in eager]
+    outs = engine.generate(pair, greedy, mtp=True, num_draft=3)
+    assert [o.tokens for o in outs] == eager and same_logprobs(outs)
     assert SpecStats.merge(o.spec for o in outs).acceptance_rate > 0.3
-    assert [o.tokens for o in engine.generate(PROMPTS, SamplingParams(max_new_tokens=14))] == [o.tokens for o in eager]
-    one = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=14), mtp=True, num_draft=3)  # fewer rows
-    assert one[0].tokens == eager[0].tokens
+    advance = speculative._compiled_advance_fn
+    assert ran and set(ran) == {advance}  # every draft-verify step compiled
+    ran.clear()
+    outs = engine.generate(pair, greedy)
+    assert [o.tokens for o in outs] == eager and same_logprobs(outs)
+    decode = engine._idle_runner.compiled_decode
+    assert len(ran) >= 13 and set(ran) == {decode}  # every token after the prefill's from the compiled decode
+    ran.clear()
     sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)  # sampling takes the eager step
-    assert ([o.tokens for o in engine.generate(PROMPTS, sampled, mtp=True, num_draft=3)]
-            == [o.tokens for o in Engine(model, None).generate(PROMPTS, sampled, mtp=True, num_draft=3)])
+    assert ([o.tokens for o in engine.generate(pair, sampled, mtp=True, num_draft=3)]
+            == [o.tokens for o in Engine(model, None).generate(pair, sampled, mtp=True, num_draft=3)])
+    assert ran == []
