@@ -314,3 +314,23 @@ def test_concurrent_calls_from_python_threads():
     with ThreadPoolExecutor(4) as ex:
         got = list(ex.map(q, xs))
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_extreme_values_do_not_overflow_the_integer_sums(m):
+    """The kernels sum int8 x int4 products in int16 before widening: all-15 / all-0 nibbles against +-127 (the
+    largest magnitudes) must come out exact, in the GEMV (1 row) and GEMM (64 rows) tiles alike."""
+    blocks = torch.zeros(8, 4, 18, dtype=torch.uint8)
+    blocks[..., 1] = 0x3C  # d = 1.0 (fp16 0x3c00, little-endian)
+    for nibbles, w in ((0xFF, 7), (0x00, -8)):
+        blocks[..., 2:] = nibbles
+        q = Int4Linear.from_blocks(blocks, 128)
+        for sign in (1, -1):
+            y = q(torch.full((m, 128), 127.0 * sign))
+            assert torch.equal(y, torch.full((m, 8), float(w * 127 * 128 * sign)))
+    q8 = torch.zeros(8, 4, 34, dtype=torch.uint8)
+    q8[..., 1] = 0x3C
+    for v in (127, -127):
+        q8[..., 2:] = torch.tensor(v, dtype=torch.int8).view(torch.uint8)
+        y = Int8Linear.from_blocks(q8, 128)(torch.full((m, 128), -127.0))
+        assert torch.equal(y, torch.full((m, 8), float(-127 * v * 128)))

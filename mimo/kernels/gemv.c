@@ -606,15 +606,25 @@ static inline __m256 scales8(const uint8_t *w, int64_t rb, int64_t off, const in
 }
 
 /* Q4_0, two rows at once: [row r | row r + 1] in the two 128-bit halves, low and high nibbles against the
- * activation block's two halves broadcast to both (alo, ahi): 4 int32 partial sums per row */
+ * activation block's two halves broadcast to both (alo, ahi): 8 int16 partial sums per row, each of 4 products
+ * (|sum| <= 4 * 15 * 127 = 7620) */
 static inline __attribute__((always_inline)) __m256i dot_q4_pair(const uint8_t *q0, const uint8_t *q1, __m256i alo,
                                                                  __m256i ahi) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)),
                                               _mm_loadu_si128((const __m128i *)q1), 1);
-    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), alo),
-                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), ahi));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+    return _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), alo),
+                            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), ahi));
+}
+
+/* four dot_q4_pair results [r0 | r1], [r2 | r3], [r4 | r5], [r6 | r7] -> int32 row sums [r0 r2 r4 r6 | r1 r3 r5 r7]:
+ * two transpose-and-add steps in int16 (sums of up to 16 products, |.| <= 30480, still fit) keep each row's values
+ * in adjacent int16 pairs, which one madd with ones sums into int32 */
+static inline __attribute__((always_inline)) __m256i reduce_q4(__m256i p01, __m256i p23, __m256i p45, __m256i p67) {
+    const __m256i u0 = _mm256_add_epi16(_mm256_unpacklo_epi32(p01, p23), _mm256_unpackhi_epi32(p01, p23));
+    const __m256i u1 = _mm256_add_epi16(_mm256_unpacklo_epi32(p45, p67), _mm256_unpackhi_epi32(p45, p67));
+    const __m256i v = _mm256_add_epi16(_mm256_unpacklo_epi64(u0, u1), _mm256_unpackhi_epi64(u0, u1));
+    return _mm256_madd_epi16(v, _mm256_set1_epi16(1));
 }
 
 static inline __attribute__((always_inline)) __m256i dot8(const int fmt, const uint8_t *q, __m256i av) {
@@ -663,11 +673,10 @@ static inline __attribute__((always_inline)) void tile8(const int fmt, const uin
             const uint8_t *q = w + b * bs + 2;
             if (pf) prefetch_next(w + 8 * rb + b * 8 * 18, 8 * 18);
             const __m256i d01 = dot_q4_pair(q, q + rb, alo, ahi), d23 = dot_q4_pair(q + 2 * rb, q + 3 * rb, alo, ahi);
-            const __m256i t0 = pair4(d01, d23);  /* [r0 r2 r0 r2 | r1 r3 r1 r3] */
             const __m256i d45 = dot_q4_pair(q + 4 * rb, q + 5 * rb, alo, ahi);
             const __m256i d67 = dot_q4_pair(q + 6 * rb, q + 7 * rb, alo, ahi);
-            const __m256i t1 = pair4(d45, d67);
-            const __m256i t = _mm256_add_epi32(quad(t0, t1), _mm256_set1_epi32(as8[b]));  /* [r0 r2 r4 r6 | r1 r3 r5 r7] */
+            /* [r0 r2 r4 r6 | r1 r3 r5 r7] */
+            const __m256i t = _mm256_add_epi32(reduce_q4(d01, d23, d45, d67), _mm256_set1_epi32(as8[b]));
             const __m256 wd = scales8(w, rb, b * bs, 1);
             acc = _mm256_fmadd_ps(_mm256_mul_ps(wd, _mm256_set1_ps(ad[b])), _mm256_cvtepi32_ps(t), acc);
         }
@@ -927,10 +936,9 @@ static inline __attribute__((always_inline)) void gemm_row(const int fmt, const 
             const __m256i *q = buf + b * 8;
             __m256i d[4];
             for (int p = 0; p < 4; p++)
-                d[p] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(_mm256_load_si256(q + 2 * p), alo),
-                                                          _mm256_maddubs_epi16(_mm256_load_si256(q + 2 * p + 1), ahi)),
-                                         ones);
-            t = _mm256_add_epi32(quad(pair4(d[0], d[1]), pair4(d[2], d[3])), _mm256_set1_epi32(as8[b]));
+                d[p] = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_load_si256(q + 2 * p), alo),
+                                        _mm256_maddubs_epi16(_mm256_load_si256(q + 2 * p + 1), ahi));
+            t = _mm256_add_epi32(reduce_q4(d[0], d[1], d[2], d[3]), _mm256_set1_epi32(as8[b]));
         } else {
             const __m256i av = _mm256_load_si256((const __m256i *)(aq + b * QK));
             const __m256i *q = buf + b * 16;
