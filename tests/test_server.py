@@ -189,6 +189,76 @@ def test_text_completions_plain_and_streamed(client, tokenizer):
     assert client.completions.create(model="tiny", prompt=prompt, max_tokens=2).usage.completion_tokens == 2
 
 
+def chatml(*turns, generation_prompt=True):
+    """The ChatML text of (role, content) turns, written out by hand."""
+    text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+    return text + ("<|im_start|>assistant\n" if generation_prompt else "")
+
+
+def test_requests_become_the_prompts_and_sampling_the_engine_receives(tokenizer):
+    """What the engine loop is handed for each request: developer -> system, content given as text parts, a
+    multi-turn history with assistant turns (their reasoning_content not sent back), text, batched and token-id
+    completion prompts, echo, and integral floats (5.0 is 5) for counts, seeds and token ids."""
+    from mimo.speculative import row_seed
+
+    with serve(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, max_batch=4) as s:
+        service = s.server.config.app.state.service
+        got = []
+        submit = service.submit
+        service.submit = lambda seqs, stream: (got.append(seqs), submit(seqs, stream))[1]
+        http = httpx.Client(base_url=s.url + "/v1", timeout=60)
+
+        def post(path, **body):
+            got.clear()
+            r = http.post(path, json={"max_tokens": 2, "temperature": 0, **body})
+            assert r.status_code == 200, r.text
+            (seqs,) = got
+            return r.json(), [p for p, _ in seqs], [sp for _, sp in seqs]
+
+        _, prompts, _ = post("/chat/completions", messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 + 3?"}]}])
+        assert prompts == [tokenizer.encode(chatml(("system", "Be brief."), ("user", "What is 2 + 3?")))]
+
+        _, prompts, _ = post("/chat/completions", messages=[
+            {"role": "system", "content": "You add."}, {"role": "user", "content": "1 + 1?"},
+            {"role": "assistant", "content": "2", "reasoning_content": "one and one"},
+            {"role": "user", "content": "And 2 + 2?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "4"}]}, {"role": "user", "content": "3 + 3?"}])
+        assert prompts == [tokenizer.encode(chatml(("system", "You add."), ("user", "1 + 1?"), ("assistant", "2"),
+                                                   ("user", "And 2 + 2?"), ("assistant", "4"), ("user", "3 + 3?")))]
+
+        # integral floats are integers; n choices share the prompt, each with its own seed
+        reply, prompts, params = post("/chat/completions", messages=[{"role": "user", "content": "Hi"}],
+                                      n=2.0, max_tokens=3.0, seed=7.0, top_k=5.0)
+        assert prompts == [tokenizer.encode(chatml(("user", "Hi")))] * 2 and len(reply["choices"]) == 2
+        assert [(p.max_new_tokens, p.top_k, p.seed) for p in params] == [(3, 5, row_seed(7, 0)), (3, 5, row_seed(7, 1))]
+        assert all(type(p.max_new_tokens) is int and type(p.top_k) is int for p in params)
+        _, _, params = post("/chat/completions", messages=[{"role": "user", "content": "Hi"}], max_tokens=None,
+                            max_completion_tokens=4.0)
+        assert params[0].max_new_tokens == 4
+
+        text = "The quick brown fox"
+        reply, prompts, _ = post("/completions", prompt=text, echo=True)
+        assert prompts == [tokenizer.encode(text)]
+        assert reply["choices"][0]["text"].startswith(text) and len(reply["choices"][0]["text"]) > len(text)
+        reply, prompts, _ = post("/completions", prompt=text)
+        assert not reply["choices"][0]["text"].startswith(text)
+
+        reply, prompts, params = post("/completions", prompt=["12 + 7", "gcd"], n=2, seed=1)
+        assert prompts == [tokenizer.encode("12 + 7")] * 2 + [tokenizer.encode("gcd")] * 2
+        assert [p.seed for p in params] == [row_seed(1, 0), row_seed(1, 1)] * 2
+        assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+
+        ids = tokenizer.encode(text)
+        reply, prompts, _ = post("/completions", prompt=[float(i) for i in ids], echo=True)
+        assert prompts == [ids] and all(type(i) is int for i in prompts[0])
+        assert reply["choices"][0]["text"].startswith(tokenizer.decode(ids))
+        assert reply["usage"]["prompt_tokens"] == len(ids)
+        for bad in ({"prompt": [ids[0] + 0.5]}, {"prompt": text, "max_tokens": 2.5}):
+            assert http.post("/completions", json=bad).status_code == 400
+
+
 def test_models_health_and_metrics(client, chat_server):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"]
