@@ -47,13 +47,20 @@ def test_saved_tokenizer_loads_in_transformers(tmp_path, tokenizer):
 
 
 def test_cli_trains_on_text_and_jsonl(tmp_path, capsys):
+    """Every input is read, JSONL as JSON: a word that only the text file, a JSONL "text" field, another JSONL
+    field or a JSONL string contains is frequent enough there to become one token; the keys are not text."""
     (tmp_path / "a.txt").write_text("alpha beta gamma 123\n" * 50)
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"delta {i} epsilon"}) for i in range(50)))
-    code = main(["tokenizer", "train", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--vocab-size", "300",
+    rows = [{"text": f"delta {i} zebrafinch"} for i in range(50)] + [{"question": "a quokka", "id": 3}] * 50
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows + ["the narwhal"] * 50))
+    code = main(["tokenizer", "train", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--vocab-size", "400",
                  "--out", str(tmp_path / "tok")])
     assert code == 0
     tok = Tokenizer.load(tmp_path / "tok")
-    assert tok.vocab_size <= 300 and tok.decode(tok.encode("delta 7 epsilon")) == "delta 7 epsilon"
+    assert tok.vocab_size <= 400 and tok.decode(tok.encode("delta 7 zebrafinch")) == "delta 7 zebrafinch"
+    for word in (" gamma", " zebrafinch", " quokka", " narwhal"):
+        assert len(tok.encode(word)) == 1, word
+    assert len(tok.encode(" wombat")) > 1  # in no input
+    assert len(tok.encode("question")) > 1 and len(tok.encode("text")) > 1  # JSON keys are not text
 
 
 def test_train_errors_are_clean(tmp_path, capsys):
