@@ -9,10 +9,14 @@ from mimo.checkpoint import load_model, save_model
 from mimo.config import preset_config
 from mimo.model import KVCache, MiMoForCausalLM
 
-transformers = pytest.importorskip("transformers")
+
+@pytest.fixture(scope="module")
+def transformers():
+    """Only the tests that compare with transformers need it; the rest run without it."""
+    return pytest.importorskip("transformers")
 
 
-def hf_qwen2(seed=0, tie=False):
+def hf_qwen2(transformers, seed=0, tie=False):
     torch.manual_seed(seed)
     cfg = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -21,8 +25,8 @@ def hf_qwen2(seed=0, tie=False):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_transformers_qwen2_loads_with_same_logits_and_greedy(tmp_path, tie):
-    hf = hf_qwen2(tie=tie)
+def test_transformers_qwen2_loads_with_same_logits_and_greedy(tmp_path, tie, transformers):
+    hf = hf_qwen2(transformers, tie=tie)
     hf.save_pretrained(tmp_path)
     ours = load_model(tmp_path)
     assert ours.config.num_nextn_predict_layers == 0 and ours.config.rope_theta == 50000.0
@@ -41,7 +45,7 @@ def test_transformers_qwen2_loads_with_same_logits_and_greedy(tmp_path, tie):
     assert seq[0, 5:].tolist() == ref
 
 
-def test_mimo_checkpoint_loads_in_transformers_qwen2(tmp_path):
+def test_mimo_checkpoint_loads_in_transformers_qwen2(tmp_path, transformers):
     ours = tiny_model(vocab_size=300, num_mtp=1)
     save_model(ours, tmp_path / "m")
     hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "m").eval()  # MTP tensors ignored
