@@ -15,6 +15,7 @@ import time
 import uuid
 
 import pytest
+from conftest import SANDBOX_SKIP
 
 from mimo import sandbox
 from mimo.errors import MimoError
@@ -25,10 +26,19 @@ SLEEP = shutil.which("sleep") or "/bin/sleep"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+WEAK_OK = "MIMO_ALLOW_WEAK_SANDBOX"
+
+
 @pytest.fixture
 def strong():
+    """Namespaces mode, or no test: skipped loudly (conftest's summary says the isolation went untested), and
+    under CI (CI set, as CI services do) a failure unless MIMO_ALLOW_WEAK_SANDBOX=1 accepts the weaker sandbox."""
     if sandbox.isolation_mode() != "namespaces":
-        pytest.skip("namespaces unavailable here: only the weaker rlimits fallback runs")
+        why = (f"{SANDBOX_SKIP}: no user namespaces (unprivileged, or as root) here, so isolation (network, "
+               "filesystem, signals, process tree) is not tested and RL code rewards run under rlimits only")
+        if os.environ.get("CI") and os.environ.get(WEAK_OK) != "1":
+            pytest.fail(f"{why}; CI must test it (set {WEAK_OK}=1 to accept the weaker sandbox)")
+        pytest.skip(why)
 
 
 @pytest.fixture(params=["namespaces", "rlimits"])
@@ -66,20 +76,20 @@ def test_runs_code_with_stdin_and_reports_errors(mode):
 
 
 def test_infinite_loop_hits_the_wall_clock(mode):
-    r = run_python("while True:\n    pass", timeout_s=1.0, cpu_s=30)
+    r = run_python("while True:\n    pass", timeout_s=1.0, cpu_s=60)
     assert (r.status, r.returncode, r.timed_out) == ("timeout", None, True)
-    assert r.duration_s < 3
+    assert 1.0 <= r.duration_s < 60  # the wall clock fired, not the CPU limit (it needs 60 s of CPU, at least)
 
 
 def test_cpu_limit(mode):
-    r = run_python("while True:\n    pass", timeout_s=30, cpu_s=1)
+    r = run_python("while True:\n    pass", timeout_s=120, cpu_s=1)
     assert (r.status, r.returncode, r.timed_out) == ("timeout", None, True)
-    assert r.duration_s < 15  # the CPU limit fired, long before the wall clock would have
+    assert r.duration_s < 120  # the CPU limit fired, before the wall clock (however slow the machine)
 
 
 def test_sleeping_code_hits_the_wall_clock(mode):
-    r = run_python("import time\ntime.sleep(60)", timeout_s=1.0)
-    assert r.status == "timeout" and r.duration_s < 3
+    r = run_python("import time\ntime.sleep(60)\nprint('woke')", timeout_s=1.0)
+    assert r.status == "timeout" and r.stdout == "" and 1.0 <= r.duration_s < 60  # killed, not woken
 
 
 def test_allocating_12gb_is_a_memory_error(mode):
