@@ -357,22 +357,25 @@ def test_a_client_that_disconnects_stops_its_generation(tokenizer):
             lines = r.iter_lines()
             next(lines)
             next(lines)
-        t0 = time.time()
-        while httpx.get(s.url + "/health").json()["running_or_queued"]:
-            assert time.time() - t0 < 5, "generation went on after the client left"
-            time.sleep(0.05)
+        idle(s.url)
         # a non-streamed request whose client gives up is stopped too
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
-        t0 = time.time()
-        while httpx.get(s.url + "/health").json()["running_or_queued"]:
-            assert time.time() - t0 < 5, "generation went on after the client left"
-            time.sleep(0.05)
+        idle(s.url)
+        # stopped, not run to the end (whatever the machine's speed): aborted, fewer tokens than asked for
         metrics = httpx.get(s.url + "/metrics").text
         assert "mimo_aborted_requests_total 2.0" in metrics
         generated = float(next(line.split()[-1] for line in metrics.splitlines()
                                if line.startswith("mimo_generation_tokens_total")))
         assert generated < 2 * 4000
+
+
+def idle(url):
+    """Wait until the server has nothing running or queued (a hang fails after a generous minute)."""
+    deadline = time.time() + 60
+    while httpx.get(url + "/health").json()["running_or_queued"]:
+        assert time.time() < deadline, "generation went on after the client left"
+        time.sleep(0.05)
 
 
 def test_api_key_guards_the_api_not_the_health_check(tokenizer):
