@@ -36,10 +36,10 @@ import subprocess
 import sys
 import time
 
-import mimo  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads, as mimo's CLI does)
 import torch
 import torch.nn.functional as F
 
+import mimo  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads, as mimo's CLI does)
 from mimo import kernels
 from mimo.quantize import Int4Linear, Int8Linear, bf16_linear
 
@@ -185,8 +185,8 @@ def rows_crossover(args):
         out = torch.empty(m, n)
         cells = []
         for fmt, wt in weights.items():
-            g = med(lambda: kernels.gemv(fmt, wt, n, k, x, out))
-            d = med(lambda: Q._chunked_linear(fmt, x, wt, n, k, True))
+            g = med(lambda fmt=fmt, wt=wt, x=x, out=out: kernels.gemv(fmt, wt, n, k, x, out))
+            d = med(lambda fmt=fmt, wt=wt, x=x: Q._chunked_linear(fmt, x, wt, n, k, True))
             cells.append(f"{g * 1e3:.1f} / {d * 1e3:.1f}")
         print(f"| {m} | " + " | ".join(cells) + " |", flush=True)
 
@@ -228,8 +228,8 @@ def main():
             fns = {impl: build(f"{fam} {impl}", n_layers) for impl in ("torch", "mimo")}
             nbytes = {impl: sum(b for _, b in f) for impl, f in fns.items()}
             gbs, share = {"torch": [], "mimo": []}, {"torch": [], "mimo": []}
-            for impl in fns:  # warm-up
-                run_layers(f"{fam} {impl}", fns[impl], 1, 1)
+            for impl, f in fns.items():  # warm-up
+                run_layers(f"{fam} {impl}", f, 1, 1)
             for _ in range(args.repeat):
                 for impl in ("torch", "mimo"):
                     bw = read_gbs()

@@ -70,7 +70,7 @@ def _compiler() -> str | None:
 
 def _compiler_version(cc: str) -> str:
     try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -106,8 +106,8 @@ def _build() -> ctypes.CDLL:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
             os.close(fd)
             try:
-                r = subprocess.run([cc, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                                   text=True, timeout=300)
+                r = subprocess.run([cc, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=False,
+                                   capture_output=True, text=True, timeout=300)
                 if r.returncode != 0:
                     errors.append(f"{' '.join(flags)}: {r.stderr.strip()[-500:]}")
                     continue
