@@ -249,13 +249,10 @@ def _linear_names(model: MiMoForCausalLM) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def _quantized_bytes(shape, method: str) -> int:
-    """Bytes of a quantized [out, in] weight: ggml's Q8_0 / Q4_0 blocks (34 / 18 bytes per 32 weights)."""
-    return shape[0] * -(-shape[1] // 32) * {"int8": 34, "int4": 18}[method]
-
-
 def weights_bytes(cfg: MiMoConfig, dtype: torch.dtype, quantize: str | None = None) -> int:
     """Memory the model's weights take once loaded: dtype for all, or linears quantized (embedding in dtype)."""
+    from mimo.quantize import quantized_bytes
+
     with torch.device("meta"):
         model = MiMoForCausalLM(cfg)
     linears = _linear_names(model) if quantize else set()
@@ -263,10 +260,10 @@ def weights_bytes(cfg: MiMoConfig, dtype: torch.dtype, quantize: str | None = No
     total = 0
     for name, t in weights_state_dict(model).items():
         prefix = name.rsplit(".", 1)[0]
-        total += _quantized_bytes(t.shape, quantize) if prefix in linears and name.endswith(".weight") \
+        total += quantized_bytes(t.shape, quantize) if prefix in linears and name.endswith(".weight") \
             else t.numel() * item
     if quantize and cfg.tie_word_embeddings:
-        total += _quantized_bytes(model.lm_head.weight.shape, quantize)
+        total += quantized_bytes(model.lm_head.weight.shape, quantize)
     return total
 
 
@@ -279,8 +276,8 @@ def check_fits(path, cfg: MiMoConfig, dtype: torch.dtype, quantize: str | None, 
         return need
     what = f"{quantize} ({str(dtype).removeprefix('torch.')} embedding)" if quantize else \
         str(dtype).removeprefix("torch.")
-    smaller = [f"--quantize {q} needs about {human(weights_bytes(cfg, torch.bfloat16, q))}"
-               for q in ("int8", "int4") if q != quantize and weights_bytes(cfg, torch.bfloat16, q) < need]
+    others = {q: weights_bytes(cfg, torch.bfloat16, q) for q in ("int8", "int4") if q != quantize}
+    smaller = [f"--quantize {q} needs about {human(n)}" for q, n in others.items() if n < need]
     raise MimoError(f"{path}: the weights need about {human(need)} in {what} and {human(free)} of memory is "
                     f"available" + (f" ({'; '.join(smaller)})" if smaller else ""))
 
@@ -334,10 +331,9 @@ def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
         check_fits(model_dir, cfg, dtype or embed_dtype, quantize, available_bytes())
     linears = _linear_names(model) if quantize else set()
     if quantize:
-        from mimo.quantize import QUANTIZED_LINEAR
+        from mimo.quantize import QUANTIZED_LINEAR, check_method
 
-        if quantize not in QUANTIZED_LINEAR:
-            raise MimoError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+        check_method(quantize)
     # largest first: a big tensor's pages and its quantization's scratch come while little else is held
     order = sorted(expected, key=lambda n: (-math.prod(expected[n]), str(files[n]), mapped[files[n]].entries[n][2]))
     total = sum(math.prod(expected[n]) for n in order)
@@ -372,8 +368,7 @@ def load_model(model_dir, dtype=None, device="cpu", quantize: str | None = None,
         if quantize and cfg.tie_word_embeddings:
             quantized["lm_head"] = QUANTIZED_LINEAR[quantize].from_weight(state["model.embed_tokens.weight"], None)
     for prefix, module in quantized.items():  # quantized linears replace the meta ones
-        parent, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+        model.set_submodule(prefix, module)
     if cfg.tie_word_embeddings and not quantize:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(state, assign=True, strict=False)

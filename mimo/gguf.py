@@ -557,15 +557,15 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
     Q4_0 file's mimo's int4). FILE.mtp.gguf beside the file brings the MTP layers (mtp=False: ignored)."""
     from mimo.checkpoint import parse_dtype, weights_state_dict
     from mimo.model import MiMoForCausalLM
-    from mimo.quantize import QUANTIZED_LINEAR
+    from mimo.quantize import QUANTIZED_LINEAR, check_method
 
     del progress  # memory maps: nothing to show
     cfg, f, tensors, sources = read_gguf(path, mtp)
     tokenizer = load_tokenizer(f)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise MimoError(f"{f.path}: {tokenizer.vocab_size} tokens do not fit the embedding of {cfg.vocab_size}")
-    if quantize is not None and quantize not in QUANTIZED_LINEAR:
-        raise MimoError(f"unknown quantization {quantize!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+    if quantize is not None:
+        check_method(quantize)
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     if dtype is None:
         dtype = {QT.F16: torch.float16, QT.BF16: torch.bfloat16}.get(tensors["token_embd.weight"].type, torch.float32)
@@ -619,8 +619,7 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
         if bias is not None:
             state[prefix + ".bias"] = bias
     for prefix, module in modules.items():
-        parent, _, child = prefix.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
+        model.set_submodule(prefix, module)
     for prefix in modules:
         state.pop(prefix + ".bias", None)
     tie = cfg.tie_word_embeddings and "lm_head" not in modules

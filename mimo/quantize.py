@@ -301,9 +301,14 @@ class Int4Linear(_BlockLinear):
 QUANTIZED_LINEAR = {"int8": Int8Linear, "int4": Int4Linear}
 
 
-def _check_method(method: str):
+def check_method(method: str):
     if method not in QUANTIZED_LINEAR:
         raise MimoError(f"unknown quantization {method!r} (choose from {', '.join(QUANTIZED_LINEAR)})")
+
+
+def quantized_bytes(shape, method: str) -> int:
+    """Bytes of an [out, in] weight quantized by method (in a multiple of the block size)."""
+    return shape[0] * (shape[1] // QK) * BLOCK_BYTES[QUANTIZED_LINEAR[method].FORMAT]
 
 
 @torch.no_grad()
@@ -331,7 +336,7 @@ def _swap_linears(module: nn.Module, method: str) -> nn.Module:
 def quantize_linears(model: MiMoForCausalLM, method: str) -> MiMoForCausalLM:
     """Swap every nn.Linear of the model for QUANTIZED_LINEAR[method], in place; returns the model (for inference
     only). Everything else keeps its dtype (a bf16 model stays bf16: the kernels take bf16 activations)."""
-    _check_method(method)
+    check_method(method)
     return _swap_linears(model, method).eval()
 
 
@@ -339,7 +344,7 @@ def quantized_copy(module: nn.Module, method: str) -> nn.Module:
     """A copy of module (an nn.Linear or a module holding some) whose linears are quantized; every other
     parameter and buffer is shared with the original, not copied. The engine drafts with such copies of the
     MTP layers and the LM head (--draft-quantize)."""
-    _check_method(method)
+    check_method(method)
     if not any(isinstance(m, nn.Linear) for m in module.modules()):
         return module  # already quantized
     shared = {id(t): t for t in [*module.parameters(), *module.buffers()]}
