@@ -23,6 +23,7 @@ import torch
 
 from mimo.checkpoint import build_model
 from mimo.config import QUANTIZATIONS
+from mimo.memory import module_bytes
 from mimo.train import TrainConfig, autocast_context, make_optimizer
 
 
@@ -102,11 +103,6 @@ def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int =
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def decode_step_bytes(model, num_draft: int = 0, drafter=None) -> int:

@@ -34,22 +34,13 @@ def add_engine_arguments(s):
                         "fits in half the memory left after the weights)")
 
 
-def _weights_nbytes(model) -> int:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 def load_engine(args, n_slots: int = 1, quiet: bool = False):
     """(engine, tokenizer) from add_engine_arguments' flags, with a KV cache for n_slots sequences.
     quiet: no progress bar or loading lines on stderr."""
     from mimo.checkpoint import load_model_and_tokenizer
     from mimo.engine import Engine
     from mimo.errors import MimoError
-    from mimo.memory import available_bytes, choose_context, human, peak_resident_bytes
+    from mimo.memory import available_bytes, choose_context, human, module_bytes, peak_resident_bytes
 
     if args.max_model_len is not None and args.max_model_len < 2:
         raise MimoError("--max-model-len must be at least 2")
@@ -57,7 +48,7 @@ def load_engine(args, n_slots: int = 1, quiet: bool = False):
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, quantize=args.quantize,
                                                 progress=not quiet and sys.stderr.isatty())
-    weights = _weights_nbytes(model)
+    weights = module_bytes(model)
     dtype = model.model.embed_tokens.weight.dtype
     free_after = None if free_before is None else max(0, free_before - weights)
     context, why = choose_context(model.config, dtype, n_slots, free_after, args.max_model_len)

@@ -69,6 +69,12 @@ def human(n: float) -> str:
     return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each tensor once (a tied LM head is the embedding)."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def kv_bytes_per_token(cfg: MiMoConfig, dtype: torch.dtype) -> int:
     """Keys and values of one position in every layer (main and MTP)."""
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers

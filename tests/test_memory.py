@@ -98,7 +98,7 @@ def test_engine_commands_say_the_context_they_chose(capsys, monkeypatch, tmp_pat
     per_token = memory.kv_bytes_per_token(tiny_config(), torch.float32)
     free = 2 * 8 * 512 * per_token + 10**5  # room for 8 slots of 512 positions in half of it
     monkeypatch.setattr(memory, "available_bytes", lambda: free + 10**9)
-    monkeypatch.setattr("mimo.engine_args._weights_nbytes", lambda model: 10**9)
+    monkeypatch.setattr("mimo.memory.module_bytes", lambda model: 10**9)
     assert main(["generate", str(model_dir), "hi", "--max-new-tokens", "2", "--json"]) == 0
     err = capsys.readouterr().err
     assert "context 2048 x 1 slot(s)" in err and "peak memory" in err
