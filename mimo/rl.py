@@ -3,13 +3,17 @@
     mimo rl --from runs/tiny-sft/final --out runs/tiny-rl [--tasks gcd,lcm] [--math FILE] [--code FILE]
 
 One step = one rollout batch:
-1. Rollout. Problems come from the train stream (each from the easy pool with probability --easy-prob) and are
-   sampled --group-size times at temperature 1.0, prompted exactly as SFT trains (chat template, question, boxed
-   instruction). Continuous rollout (default): --rollout-slots rows decode together, a finished row's slot takes
-   the next pending sample at once, each finished completion goes to the reward pool at once, and the rollout
-   ends as soon as --batch-prompts groups are valid. --naive-rollout generates a whole round, then grades it
-   (the baseline of MiMo's "2.29x faster training"). step_s / rollout_s in metrics.jsonl compare the two.
-   Decoding is mimo.engine's session, in the policy's own fp32 weights (--precision applies to the update).
+1. Rollout (`mimo.rollout`). Problems come from the train stream (each from the easy pool with probability
+   --easy-prob) and are sampled --group-size times at temperature 1.0, prompted exactly as SFT trains (chat
+   template, question, boxed instruction). Continuous rollout (default): --rollout-slots rows decode together, a
+   finished row's slot takes the next pending sample at once, each finished completion goes to the reward pool at
+   once, and early termination aborts the rest once the batch is accepted: --early-termination fifo (default,
+   MiMo's) accepts the first --batch-prompts valid groups in start order once every group started before them has
+   finished; first-finished takes the first valid groups to finish (faster, biased to short responses).
+   --naive-rollout generates a whole round, then grades it (the baseline of MiMo's "2.29x faster training").
+   step_s / rollout_s in metrics.jsonl compare them; trained_response_length against response_length shows the
+   length bias. Decoding is mimo.engine's session, in the policy's own fp32 weights (--precision applies to the
+   update).
 2. Dynamic sampling: a group whose rewards are all equal has zero advantage and is dropped; further problems are
    drawn, at most --max-resample-rounds extra batches' worth. A problem every rollout solved joins the easy pool.
 3. Update. Advantage (r - mean) / (std + eps) within each group; old log-probs recomputed by a no-grad forward
@@ -29,31 +33,28 @@ pick), code reward "soft" with level scores 0.2 / 0.3 / 0.5 (see mimo.rewards).
 
 Run directory: metrics.jsonl (one row per step), rl.png, checkpoints/step_N (model, optimizer, RNG, the problem
 cursor and easy pool; mimo.train's format, the newest two kept), final/ (model directory with tokenizer).
-Rerunning the same command resumes from the newest checkpoint. Early termination favours groups that finish
-first, i.e. shorter responses; problems abandoned mid-rollout are consumed from the stream.
+Rerunning the same command resumes from the newest checkpoint. Problems abandoned mid-rollout are consumed from
+the stream.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import random
 import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from mimo import rewards
 from mimo.checkpoint import load_model_and_tokenizer, save_model
-from mimo.engine import Engine, SamplingParams, row_seed
+from mimo.engine import Engine
 from mimo.errors import MimoError
 from mimo.parallel import pick_device, print0
+from mimo.rollout import EARLY_TERMINATION, Group, rollout
 from mimo.train import (
     TrainConfig,
     autocast_context,
@@ -91,6 +92,7 @@ class RLConfig:
     max_resample_rounds: int = 2
     easy_prob: float = 0.1
     naive_rollout: bool = False
+    early_termination: str = "fifo"  # fifo (MiMo) | first-finished (biased to short responses)
     rollout_slots: int = 0  # 0: batch_prompts x group_size
     code_reward: str = "soft"
     level_thresholds: tuple[float, float] = (2 / 3, 1 / 3)
@@ -114,6 +116,11 @@ class RLConfig:
             raise MimoError(f"--loss-norm must be token or sequence, got {self.loss_norm!r}")
         if not 0 <= self.easy_prob <= 1 or self.eps_low < 0 or self.eps_high < 0 or self.max_resample_rounds < 0:
             raise MimoError("--easy-prob must be in [0, 1]; --eps-low, --eps-high, --max-resample-rounds >= 0")
+        if self.rollout_slots < 0:
+            raise MimoError(f"--rollout-slots must be >= 0 (0: batch prompts x group size), got {self.rollout_slots}")
+        if self.early_termination not in EARLY_TERMINATION:
+            raise MimoError(f"--early-termination must be one of {', '.join(EARLY_TERMINATION)}, "
+                            f"got {self.early_termination!r}")
         self.code_config().validate()
 
     def code_config(self) -> rewards.CodeReward:
@@ -127,11 +134,6 @@ def group_advantages(scores: torch.Tensor, scale: bool = True, eps: float = 1e-6
     (as verl); scale=False keeps r - mean."""
     centred = scores - scores.mean(-1, keepdim=True)
     return centred / (scores.std(-1, keepdim=True) + eps) if scale else centred
-
-
-def informative(group_rewards: list[float]) -> bool:
-    """Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere, so it is dropped."""
-    return max(group_rewards) - min(group_rewards) > 1e-9
 
 
 def loss_weights(mask: torch.Tensor, mode: str, n_tokens: int, n_seqs: int) -> torch.Tensor:
@@ -294,148 +296,7 @@ class ProblemStream:
         self.cursor, self.easy = state["cursor"], [i for i in state["easy"] if i in self.by_id]
 
 
-# ---- rollout -------------------------------------------------------------------------------------
-
-class RolloutDecoder:
-    """Continuous batching through the engine's session: samples join with add() and leave when they end, and a
-    freed slot takes the next pending sample at once. The session runs without a tokenizer (token ids only), so
-    a sampled stop token stays in the row's tokens (the policy is trained to emit it) and we end the row there.
-    Each sample has its own seed, so what it draws does not depend on which others share the batch."""
-
-    def __init__(self, engine: Engine, stop_ids, slots: int, max_len: int, params: SamplingParams, seed: int):
-        self.session = engine.session(max_batch=slots, max_seq_len=max_len)
-        self.stop, self.params, self.seed, self.slots = set(stop_ids), params, seed, slots
-        self.rows: dict[int, tuple[Any, int]] = {}  # request id -> (tag, tokens already checked for a stop)
-        self.added = self.generated = 0
-
-    @property
-    def free(self) -> int:
-        return self.slots - len(self.rows)
-
-    def add(self, items: list[tuple[Any, list[int]]]):
-        """Queue (tag, prompt ids) samples; the next step() prefills them together."""
-        for tag, prompt in items:
-            rid = self.session.add(prompt, dataclasses.replace(self.params, seed=row_seed(self.seed, self.added)))
-            self.rows[rid] = (tag, 0)
-            self.added += 1
-
-    def step(self) -> list[tuple[Any, list[int], str]]:
-        """Advance every row; return (tag, tokens, "stop" | "length") of the rows that ended."""
-        self.session.step()
-        finished = []
-        for rid, (tag, checked) in list(self.rows.items()):
-            completion = self.session.completion(rid)
-            tokens = completion.tokens
-            self.generated += len(tokens) - checked
-            stop = next((i for i in range(checked, len(tokens)) if tokens[i] in self.stop), None)
-            if stop is not None:
-                self.session.abort(rid)
-                finished.append((tag, tokens[: stop + 1], "stop"))
-            elif completion.finish_reason is not None:
-                self.session.abort(rid)
-                finished.append((tag, list(tokens), "length"))
-            else:
-                self.rows[rid] = (tag, len(tokens))
-                continue
-            del self.rows[rid]
-        return finished
-
-
-@dataclass
-class Group:
-    problem: rewards.RLProblem
-    from_easy: bool
-    prompt: list[int]
-    tokens: list = field(default_factory=list)  # [G] response token lists (None until generated)
-    futures: list = field(default_factory=list)  # [G] Future[Graded]
-    rewards: list[float] | None = None
-    correct: list[bool] | None = None
-
-
-def rollout(engine: Engine, tokenizer, stream: ProblemStream, pool: rewards.RewardPool, cfg: RLConfig, step: int,
-            prompt_ids: dict[str, list[int]], max_len: int) -> tuple[list[Group], dict]:
-    """Sample groups until `batch_prompts` are informative (or the resample cap is hit); returns them and stats.
-    engine: one Engine on the policy for the whole run (its eager steps see the updated weights), so every
-    step's session reuses the same KV cache instead of allocating one per step."""
-    G, target = cfg.group_size, cfg.batch_prompts
-    cap = target * (1 + cfg.max_resample_rounds)  # most groups drawn in one step
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
-    dec = RolloutDecoder(engine, tokenizer.stop_token_ids, cfg.rollout_slots or target * G, max_len, params,
-                         seed=cfg.seed * 1_000_003 + step)
-    groups: list[Group] = []
-    queue: deque = deque()  # (group, sample index) waiting for a slot
-    valid: list[Group] = []
-    t0 = time.perf_counter()
-
-    def draw(n):
-        for problem, easy in stream.draw(n):
-            g = Group(problem, easy, prompt_ids[problem.id], [None] * G, [None] * G)
-            groups.append(g)
-            queue.extend((g, k) for k in range(G))
-
-    def fill():
-        n = min(dec.free, len(queue))
-        if n:
-            dec.add([(item, item[0].prompt) for item in (queue.popleft() for _ in range(n))])
-
-    def submit(finished):
-        for (g, k), tokens, reason in finished:
-            g.tokens[k] = tokens
-            g.futures[k] = pool.submit(g.problem, tokenizer.decode(tokens[:-1] if reason == "stop" else tokens))
-
-    def harvest():
-        for g in groups:
-            if g.rewards is None and all(f is not None and f.done() for f in g.futures):
-                graded = [f.result() for f in g.futures]
-                g.rewards = rewards.group_rewards(g.problem, graded, cfg.code_config())
-                g.correct = [x.correct for x in graded]
-                if all(g.correct) and not g.from_easy:
-                    stream.mark_easy(g.problem)
-                if informative(g.rewards) and len(valid) < target:
-                    valid.append(g)
-
-    if cfg.naive_rollout:  # whole rounds: generate everything, then grade everything
-        while len(valid) < target and len(groups) < cap:
-            draw(min(target - len(valid), cap - len(groups)))
-            done = []
-            while queue or dec.rows:
-                if not dec.rows:
-                    fill()
-                done += dec.step()
-            submit(done)
-            wait([f for g in groups for f in g.futures])
-            harvest()
-    else:  # continuous: refill slots at once, grade asynchronously, stop when enough groups are valid
-        while len(valid) < target:
-            while dec.free and (queue or len(groups) < cap):
-                if not queue:
-                    draw(1)
-                fill()
-            if dec.rows:
-                submit(dec.step())
-            else:
-                pending = [f for g in groups if g.rewards is None for f in g.futures if f is not None and not f.done()]
-                if not pending:
-                    harvest()
-                    break
-                wait(pending, return_when=FIRST_COMPLETED)
-            harvest()
-        for g in groups:  # early termination: grading nobody will read
-            for f in g.futures:
-                if isinstance(f, Future):
-                    f.cancel()
-    dec.session.close()
-    finished = [g for g in groups if g.rewards is not None]
-    all_rewards = [r for g in finished for r in g.rewards]
-    all_correct = [c for g in finished for c in g.correct]
-    lengths = [len(t) for g in finished for t in g.tokens]
-    stats = {"rollout_s": time.perf_counter() - t0, "groups_sampled": len(finished), "groups_valid": len(valid),
-             "dropped_group_fraction": sum(not informative(g.rewards) for g in finished) / max(len(finished), 1),
-             "reward_mean": sum(all_rewards) / max(len(all_rewards), 1),
-             "pass_rate": sum(all_correct) / max(len(all_correct), 1),
-             "response_length": sum(lengths) / max(len(lengths), 1), "tokens_generated": dec.generated}
-    return valid, stats
-
+# ---- update ------------------------------------------------------------------------------------
 
 def grpo_update(model, opt, groups: list[Group], cfg: RLConfig, ref_model=None, seed: int = 0) -> dict:
     adv = group_advantages(torch.tensor([g.rewards for g in groups]), cfg.adv_std, cfg.adv_eps)  # [N, G]
@@ -446,7 +307,8 @@ def grpo_update(model, opt, groups: list[Group], cfg: RLConfig, ref_model=None, 
 
 # ---- the loop ------------------------------------------------------------------------------------
 
-PLOTS = (("reward_mean", "reward (mean)"), ("pass_rate", "pass rate"), ("response_length", "response tokens"),
+PLOTS = (("reward_mean", "reward (mean)"), ("pass_rate", "pass rate"),
+         (("response_length", "trained_response_length"), "response tokens (all / trained)"),
          ("entropy", "entropy (nats/token)"), ("clip_fraction", "clip fraction"),
          ("dropped_group_fraction", "groups dropped (dynamic sampling)"), ("easy_pool_size", "easy pool size"),
          ("mtp_acceptance", "MTP top-1 agreement"), ("step_s", "step wall time (s)"))
@@ -460,10 +322,13 @@ def plot_rl_metrics(metrics_path: Path, out_png: Path, title: str = "RL"):
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, axes = plt.subplots(3, 3, figsize=(12, 8))
-    for ax, (key, label) in zip(axes.flat, PLOTS):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+    for ax, (keys, label) in zip(axes.flat, PLOTS):
+        for key in (keys,) if isinstance(keys, str) else keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=key if keys != key else None)
+        if not isinstance(keys, str):
+            ax.legend(fontsize=7)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -514,8 +379,9 @@ def run(args) -> dict:
         return {}
     (run_dir / "run_config.json").write_text(json.dumps(
         {"command": "rl", "from": str(args.from_dir), "problems": len(problems), "rl": asdict(cfg)}, indent=2))
+    mode = "naive" if cfg.naive_rollout else f"continuous ({cfg.early_termination} early termination)"
     print0(f"GRPO on {len(problems)} problems: {cfg.batch_prompts} groups x {cfg.group_size} samples per step, "
-           f"{'naive' if cfg.naive_rollout else 'continuous'} rollout, {cfg.max_steps} steps, device {device}")
+           f"{mode} rollout, {cfg.max_steps} steps, device {device}")
     last: dict = {}
     engine = Engine(model, None, max_len)
     with rewards.RewardPool(cfg.reward_workers) as pool:
@@ -527,6 +393,7 @@ def run(args) -> dict:
             upd = grpo_update(model, opt, groups, cfg, ref_model, seed=cfg.seed * 1_000_003 + step) if groups else {}
             done = step + 1
             last = {"step": done, **roll, "rollout_mode": "naive" if cfg.naive_rollout else "continuous",
+                    "early_termination": None if cfg.naive_rollout else cfg.early_termination,
                     "easy_pool_size": len(stream.easy), "lr": cfg.lr,
                     **{k: upd.get(k) for k in ("loss", "grad_norm", "entropy", "clip_fraction", "mtp_acceptance",
                                                "kl", "first_ratio_dev", "optimizer_steps")},
@@ -534,7 +401,8 @@ def run(args) -> dict:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(last) + "\n")
             print0(f"step {done}/{cfg.max_steps}: reward {last['reward_mean']:.3f} pass {last['pass_rate']:.3f} "
-                   f"len {last['response_length']:.0f} groups {roll['groups_valid']}/{roll['groups_sampled']} "
+                   f"len {last['response_length']:.0f} (trained {last['trained_response_length'] or 0:.0f}) "
+                   f"groups {roll['groups_valid']}/{roll['groups_sampled']} "
                    f"easy {len(stream.easy)} {last['step_s']:.1f}s")
             if done % cfg.save_every == 0 or done == cfg.max_steps:
                 state = {"step": done, "stream": stream.state(), "config": asdict(cfg)}
@@ -574,6 +442,9 @@ def add_arguments(p):
     g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="response length limit")
     g.add_argument("--naive-rollout", action="store_true", help="generate whole rounds, then grade (baseline)")
+    g.add_argument("--early-termination", default=d.early_termination, choices=list(EARLY_TERMINATION),
+                   help="fifo: accept the first valid groups in start order once all before them finished (MiMo); "
+                   "first-finished: the first valid groups to finish (biased to short responses)")
     g.add_argument("--rollout-slots", type=int, default=d.rollout_slots,
                    help="rows decoding at once (0: batch prompts x group size)")
     g.add_argument("--reward-workers", type=int, default=d.reward_workers,

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
 
-from mimo import rewards, rl
+from mimo import rewards, rl, rollout
 from mimo.engine import Engine
 from mimo.rewards import Graded, RLProblem
 from mimo.train import TrainConfig, make_optimizer
@@ -25,7 +25,7 @@ def test_group_advantages():
     assert torch.allclose(rl.group_advantages(r, eps=0.0), want)
     assert torch.allclose(rl.group_advantages(r, scale=False), torch.tensor([[.5, -.5, -.5, .5], [0, 0, .5, -.5]]))
     assert torch.equal(rl.group_advantages(torch.ones(1, 4)), torch.zeros(1, 4))  # eps keeps it finite
-    assert rl.informative([0.0, 1.0, 0.0]) and not rl.informative([1.0] * 4) and not rl.informative([0.3] * 2)
+    assert rollout.informative([0.0, 1.0, 0.0]) and not rollout.informative([1.0] * 4) and not rollout.informative([0.3] * 2)
 
 
 def test_token_level_normalisation():
@@ -138,9 +138,9 @@ def test_rollout_decoder_stops_and_refills(tokenizer):
     extra = max({t for f in full for t in f}, key=lambda t: sum(t in f for f in full))
     want = [f[: f.index(extra)] if extra in f else f for f in full]
     assert len({len(w) for w in want}) > 1
-    dec = rl.RolloutDecoder(Engine(model, None, 64), [*tokenizer.stop_token_ids, extra], slots=2, max_len=64,
-                            params=params, seed=0)
-    pending, got = list(enumerate(prompts)), {}
+    dec = rollout.RolloutDecoder(Engine(model, None, 64), [*tokenizer.stop_token_ids, extra], slots=2, max_len=64,
+                                 params=params, seed=0)
+    pending, got = [(i, p, i) for i, p in enumerate(prompts)], {}
     while pending or dec.rows:
         if dec.free and pending:
             dec.add([pending.pop(0) for _ in range(min(dec.free, len(pending)))])
@@ -185,23 +185,68 @@ def fake_grade(monkeypatch):
     monkeypatch.setattr(rewards, "grade", grade)
 
 
-@pytest.mark.parametrize("naive", [False, True])
-def test_rollout_dynamic_sampling_and_easy_pool(tokenizer, fake_grade, naive):
+def group(index, rewards_=None, finished=None):
+    g = rollout.Group(index, RLProblem(id=f"p{index}", kind="reasoning", prompt=""), False, [1])
+    g.rewards, g.finished = rewards_, finished
+    return g
+
+
+def test_early_termination_rules():
+    """Start order 0..5, target 2. Finished so far: 4 (informative) first, then 1 (informative), 2 (all equal),
+    3 (informative); 0 and 5 still running."""
+    mixed, same = [0.0, 1.0], [1.0, 1.0]
+    groups = [group(0), group(1, mixed, 1), group(2, same, 2), group(3, mixed, 3), group(4, mixed, 0), group(5)]
+    index = [g.index for g in rollout.accepted(groups, 2, "first-finished")]
+    assert index == [4, 1]  # the first two informative groups to finish
+    assert rollout.fifo_cutoff(groups, 2) == 3  # groups 4 and 5 can never enter the FIFO batch
+    assert rollout.accepted(groups, 2, "fifo") is None  # group 0, started first, is still running
+    groups[0].rewards, groups[0].finished = same, 4
+    assert [g.index for g in rollout.accepted(groups, 2, "fifo")] == [1, 3]
+    groups[0].rewards = mixed
+    assert rollout.fifo_cutoff(groups, 2) == 1 and [g.index for g in rollout.accepted(groups, 2, "fifo")] == [0, 1]
+    assert rollout.accepted(groups, 5, "fifo") is None and rollout.accepted(groups, 5, "first-finished") is None
+    # nothing more will finish (resample cap spent): what is informative, up to the target
+    assert [g.index for g in rollout.accepted(groups, 5, "fifo", final=True)] == [0, 1, 3, 4]
+    assert [g.index for g in rollout.accepted(groups, 3, "first-finished", final=True)] == [4, 1, 3]
+
+
+@pytest.mark.parametrize("mode", ["naive", "fifo", "first-finished"])
+def test_rollout_dynamic_sampling_and_easy_pool(tokenizer, fake_grade, mode):
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     items = [RLProblem(id=f"{kind}-{i}", kind="reasoning", prompt=f"question {i}")
              for i in range(4) for kind in ("easy", "hard", "mixed")]
     prompt_ids = {p.id: tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}]))
                   for p in items}
     cfg = rl.RLConfig(group_size=4, batch_prompts=2, max_new_tokens=6, max_resample_rounds=3, easy_prob=0.0,
-                      naive_rollout=naive, rollout_slots=5)
+                      naive_rollout=mode == "naive", early_termination="first-finished" if mode == "naive" else mode,
+                      rollout_slots=5)
     stream = rl.ProblemStream(items, easy_prob=0.0)
-    with rewards.RewardPool(2) as pool:
-        groups, stats = rl.rollout(Engine(model, None, 128), tokenizer, stream, pool, cfg, 0, prompt_ids, max_len=128)
+    seen = []
+    real_accepted = rollout.accepted
+
+    def spy(groups, *a, **kw):
+        seen[:] = groups
+        return real_accepted(groups, *a, **kw)
+
+    with rewards.RewardPool(2) as pool, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rollout, "accepted", spy)
+        groups, stats = rollout.rollout(Engine(model, None, 128), tokenizer, stream, pool, cfg, 0, prompt_ids,
+                                        max_len=128)
     assert 1 <= len(groups) <= 2 and all(g.problem.id.startswith("mixed") for g in groups)
-    assert all(rl.informative(g.rewards) and len(g.tokens) == 4 for g in groups)
+    assert all(rollout.informative(g.rewards) and len(g.tokens) == 4 for g in groups)
     assert stats["groups_sampled"] <= 8 and stats["dropped_group_fraction"] > 0
     assert "easy-0" in stream.easy and all(i.startswith("easy") for i in stream.easy)
     assert all(0 < len(t) <= 6 for g in groups for t in g.tokens)
+    lengths = [len(t) for g in groups for t in g.tokens]
+    assert stats["trained_response_length"] == pytest.approx(sum(lengths) / len(lengths))
+    assert 0 < stats["response_length"] <= 6 and stats["rollouts_finished"] >= len(lengths)
+    if mode != "first-finished":  # start order: the first informative groups, everything before them finished
+        last = groups[-1].index
+        assert all(g.rewards is not None for g in seen[:last + 1])
+        assert [g.index for g in seen[:last + 1] if g.informative] == [g.index for g in groups]
+    else:  # finishing order
+        ranks = sorted(g.finished for g in seen if g.informative)
+        assert [g.finished for g in groups] == ranks[:len(groups)]
 
 
 def test_update_freezes_mtp_and_recomputes_old_logprobs():
@@ -270,7 +315,8 @@ def test_run_end_to_end_then_killed_and_resumed_equals_uninterrupted(model_dir, 
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r["groups_valid"] == 2 and r["optimizer_steps"] == 2  # 2 groups x 4 samples, mini-batches of 4
-        assert r["first_ratio_dev"] == 0.0 and r["rollout_mode"] == "continuous"
+        assert r["first_ratio_dev"] == 0.0 and r["rollout_mode"] == "continuous" and r["early_termination"] == "fifo"
+        assert 0 < r["trained_response_length"] <= 8
         assert 0 < r["reward_mean"] < 1 and 0 < r["response_length"] <= 8 and r["entropy"] > 0
         assert r["kl"] >= 0 and 0 <= r["clip_fraction"] <= 1 and 0 <= r["mtp_acceptance"] <= 1
         assert math.isfinite(r["loss"]) and r["grad_norm"] > 0
