@@ -9,9 +9,10 @@ state_dict here is a state_dict there:
 
 MTP layer k (0-based) predicts token t+k+2 at position t from the previous stage's hidden state at t (the main
 model's final hidden state *before* `model.norm` for k = 0, as vLLM feeds it; the previous MTP block's output,
-before its final_layernorm, for k > 0) and the embedding of token t+k+1:
+before its final_layernorm, for k > 0) and the embedding of token t+k+1, zeroed at position 0 as vLLM's and
+SGLang's MiMo MTP do (`inputs_embeds[positions == 0] = 0`; mtp_embeds):
 
-    z = input_proj(cat[hidden_layernorm(h_prev[t]), token_layernorm(embed(x[t+k+1]))])
+    z = input_proj(cat[hidden_layernorm(h_prev[t]), token_layernorm(embed(x[t+k+1]) * (t > 0))])
     z = decoder_block(z)              # attention over the MTP stream, RoPE position t
     logits = lm_head(final_layernorm(z))
 
@@ -200,6 +201,13 @@ class CausalLMOutput:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # only when asked for
 
 
+def mtp_embeds(embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """An MTP layer's token input: embeds [B, T, H] of x[t+k+1], zero where positions [B, T] == 0. vLLM's and
+    SGLang's MiMo drafters (written with Xiaomi) zero it there, so a layer trained here drafts for them as it
+    drafts here; a packed document's first position counts as position 0 too."""
+    return embeds.masked_fill((positions == 0)[..., None], 0.0)
+
+
 def cross_entropy(logits, targets):
     """Mean CE over targets != IGNORE_INDEX; 0 (with a graph) when there are none."""
     flat_t = targets.reshape(-1)
@@ -243,9 +251,15 @@ class MiMoForCausalLM(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _positions(input_ids, positions):
+        """The given positions [B, T], or 0..T-1 for every row."""
+        if positions is not None:
+            return positions
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+
     def _context(self, input_ids, positions, cache, slots):
-        if positions is None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        positions = self._positions(input_ids, positions)
         dtype = self.model.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
@@ -266,8 +280,10 @@ class MiMoForCausalLM(nn.Module):
         """Run MTP layer k on h_prev [B, T, H] and tokens x[t+k+1] [B, T] at positions t.
         Returns (z [B, T, H] before final_layernorm, for chaining; logits [B, T, V] for token t+k+2)."""
         layer = self.model.mtp_layers[k]
+        positions = self._positions(next_ids, positions)
         ctx = self._context(next_ids, positions, cache, slots)
-        z, normed = layer(hidden_prev, self.model.embed_tokens(next_ids), ctx, self.config.num_hidden_layers + k)
+        embeds = mtp_embeds(self.model.embed_tokens(next_ids), positions)
+        z, normed = layer(hidden_prev, embeds, ctx, self.config.num_hidden_layers + k)
         return z, self.lm_head(normed)
 
     def forward(self, input_ids, targets=None, *, mtp_weight: float = 0.3, positions=None,

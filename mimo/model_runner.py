@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mimo.model import KVCache, MiMoForCausalLM
+from mimo.model import KVCache, MiMoForCausalLM, mtp_embeds
 from mimo.speculative import SamplingFlags
 
 
@@ -225,7 +225,7 @@ class ModelRunner:
     def mtp(self, k: int, hidden_prev, next_ids, ctx: RunContext):
         """MTP layer k on h_prev [b, T, H] and tokens x[t+k+1] [b, T] at positions t -> z [b, T, H]."""
         layer = self.mtp_layers[k]
-        e = F.embedding(next_ids, self.embed)
+        e = mtp_embeds(F.embedding(next_ids, self.embed), ctx.positions)
         z = layer.input_proj(torch.cat([self._norm(hidden_prev, layer.hidden_layernorm),
                                         self._norm(e, layer.token_layernorm)], dim=-1))
         return self._block(self.mtp_blocks[k], z, ctx)

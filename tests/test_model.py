@@ -71,6 +71,7 @@ def test_mtp_layer_matches_formula():
     h_main = out.hidden.double()[0]  # [T, H], before model.norm
     T, eps, p = x.shape[1] - 1, cfg.rms_norm_eps, "model.mtp_layers.0."
     e = rms(sd["model.embed_tokens.weight"][x[0, 1:]], sd[p + "token_layernorm.weight"], eps)
+    e[0] = 0  # vLLM zeroes the token embedding at position 0 (and RMSNorm keeps it zero)
     h = rms(h_main[:T], sd[p + "hidden_layernorm.weight"], eps)
     z = torch.cat([h, e], -1) @ sd[p + "input_proj.weight"].T  # order [hidden, embed]
     # one Qwen2 decoder block, causal attention with RoPE at positions 0..T-1
@@ -100,6 +101,31 @@ def test_mtp_layer_matches_formula():
     # the MTP loss scores token t+2 at position t
     ce = F.cross_entropy(logits[: T - 1], x[0, 2:])
     assert abs(ce.item() - out.mtp_losses[0].item()) < 1e-4
+
+
+def test_mtp_ignores_the_token_at_position_0_as_vllm():
+    """vLLM's and SGLang's MiMo MTP zero the token embedding at position 0 (`inputs_embeds[positions == 0] = 0`):
+    every MTP layer's output at position 0 depends on the hidden state only; later positions read their token."""
+    model = tiny_model(num_mtp=2)
+    x = torch.randint(0, 399, (1, 12), generator=torch.Generator().manual_seed(6))
+
+    def changed(i):
+        y = x.clone()
+        y[0, i] += 1
+        return y
+
+    with torch.no_grad():
+        h = model.hidden_states(x)
+        for k in range(2):  # layer k at position t reads x[t+k+1]
+            n = 12 - k - 1
+
+            def logits(ids, positions=None, k=k, n=n):
+                return model.mtp_step(k, h[:, :n], ids[:, k + 1:], positions)[1]
+
+            assert torch.equal(logits(x), logits(changed(k + 1)))  # position 0's token: no effect anywhere
+            assert not torch.allclose(logits(x)[:, 1], logits(changed(k + 2))[:, 1])  # position 1's: read
+            later = torch.arange(5, 5 + n)[None]  # the same tokens further into a sequence are read
+            assert not torch.allclose(logits(x, later)[:, 0], logits(changed(k + 1), later)[:, 0])
 
 
 def test_losses_combine_with_mtp_weight():

@@ -9,9 +9,10 @@
 #
 # MTP layer k predicts token t+k+2 at position t from the previous stage's hidden state at t and the embedding of
 # token t+k+1 (the previous stage is the main model's last decoder layer *before* model.norm for k = 0, as vLLM
-# feeds it, and MTP layer k-1's block output before its final_layernorm for k > 0):
+# feeds it, and MTP layer k-1's block output before its final_layernorm for k > 0); the embedding is zeroed at
+# position 0, as vLLM's and SGLang's MiMo MTP drafters do (`inputs_embeds[positions == 0] = 0`):
 #
-#   z = input_proj(cat[hidden_layernorm(h_prev[t]), token_layernorm(embed(x[t+k+1]))])
+#   z = input_proj(cat[hidden_layernorm(h_prev[t]), token_layernorm(embed(x[t+k+1]) * (t > 0))])
 #   z = z + self_attn(input_layernorm(z)); z = z + mlp(post_attention_layernorm(z))   # causal, RoPE position t
 #   logits = lm_head(final_layernorm(z))
 #
@@ -109,10 +110,10 @@ class MiMoForCausalLM(Qwen2ForCausalLM):
                  position_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None):
         """MTP layer k on the previous stage's hidden states [B, T, H] and tokens x[t+k+1] [B, T] at positions t.
         attention_mask [B, T]: 1 where both exist. Returns (z for chaining, logits [B, T, V] for token t+k+2)."""
-        embeds = self.model.embed_tokens(next_ids)
         B, n = next_ids.shape
         if position_ids is None:
             position_ids = torch.arange(n, device=next_ids.device)[None].expand(B, -1)
+        embeds = self.model.embed_tokens(next_ids).masked_fill((position_ids == 0)[..., None], 0.0)
         position_embeddings = self.model.rotary_emb(embeds, position_ids)
         mask = self._mtp_mask(n, attention_mask, embeds.dtype, embeds.device)
         z, normed = self.model.mtp_layers[k](embeds, hidden_prev, position_embeddings, mask)
