@@ -87,7 +87,7 @@ def test_from_weight_from_linear_from_blocks(method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("m", [1, 3, 8, 64, 100])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 64, 100])
 def test_kernel_matches_the_torch_path(method, m, monkeypatch):
     """Both paths compute the same products (the kernel's rounding of activations included) on odd shapes, with
     a bias, for fp32 and bf16 inputs."""
@@ -316,7 +316,7 @@ def test_concurrent_calls_from_python_threads():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 2, 64])
 def test_extreme_values_do_not_overflow_the_integer_sums(m):
     """The kernels sum int8 x int4 products in int16 before widening: all-15 / all-0 nibbles against +-127 (the
     largest magnitudes) must come out exact, in the GEMV (1 row) and GEMM (64 rows) tiles alike."""
