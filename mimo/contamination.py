@@ -1,15 +1,41 @@
-"""`mimo eval contamination`: per-problem n-gram overlap between a built training corpus and an evaluation
-task, with a summary. Benchmarks are checked by shared word n-grams (default 13, as the corpus build
-filters); the procedural `reasoning` task by whole-question containment (its questions are short and
+"""Contamination checks.
+
+`benchmark_matches`: which training texts (SFT conversations, RL problems) overlap a shipped benchmark or contain a
+held-out procedural question. `mimo eval contamination`: per-problem n-gram overlap between a built training corpus
+and an evaluation task, with a summary. Benchmarks are checked by shared word n-grams (default 13, as the corpus
+build filters); the procedural `reasoning` task by whole-question containment (its questions are short and
 templated, so their boilerplate n-grams would match every training problem of the task)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from mimo import quality
 from mimo.benchmarks import BENCHMARKS
 from mimo.errors import MimoError
+
+TRAINING_NGRAM = 16  # MiMo drops SFT queries with a 16-gram overlap with a benchmark; mimo applies it to RL problems too
+
+
+def benchmark_matches(texts: list[str], n: int = TRAINING_NGRAM) -> list[str | None]:
+    """Per text: the first benchmark it overlaps (a shared word n-gram, or a benchmark problem too short to have
+    one contained whole), "eval_split" when it contains a held-out procedural question, else None."""
+    if not texts:
+        return []
+    names, indexes = [], []
+    for name in BENCHMARKS:
+        for index in quality.benchmark_indexes(name, n):
+            names.append(name)
+            indexes.append(index)
+    names.append("eval_split")
+    indexes.append(quality.NgramIndex(sorted(quality.eval_split_questions()), whole=True))
+    out: list[str | None] = [None] * len(texts)
+    for name, hits in zip(names, quality.hits_many(quality.WordBatch(texts), indexes)):
+        for i in np.flatnonzero(hits > 0):
+            out[i] = out[i] or name
+    return out
 
 
 def reasoning_overlap(corpus_dir: Path) -> list[dict]:

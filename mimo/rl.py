@@ -2,6 +2,11 @@
 
     mimo rl --from runs/tiny-sft/final --out runs/tiny-rl [--tasks gcd,lcm] [--math FILE] [--code FILE]
 
+Before step 1, curation (`mimo.curation`, once): --math/--code problems overlapping a benchmark are dropped, then
+the pass-rate filter samples every problem --filter-samples times with the starting model and drops those it
+always or never solves (MiMo: 16 of 16, 0 of 16); counts per reason are printed and stored in run_config.json,
+the verdicts in curation.json.
+
 One step = one rollout batch:
 1. Rollout (`mimo.rollout`). Problems come from the train stream (each from the easy pool with probability
    --easy-prob) and are sampled --group-size times at temperature 1.0, prompted exactly as SFT trains (chat
@@ -31,7 +36,7 @@ Ours (MiMo does not publish them): group size 8, eps 0.2 / 0.28 (DAPO's), 1 epoc
 weight decay 0.01 (verl's), LR 2e-5 constant (MiMo: 1e-6 for 7B; small models need larger steps: an untuned
 pick), code reward "soft" with level scores 0.2 / 0.3 / 0.5 (see mimo.rewards).
 
-Run directory: metrics.jsonl (one row per step), rl.png, checkpoints/step_N (model, optimizer, RNG, the problem
+Run directory: metrics.jsonl (one row per step), rl.png, curation.json, checkpoints/step_N (model, optimizer, RNG, the problem
 cursor and easy pool; mimo.train's format, the newest two kept), final/ (model directory with tokenizer).
 Rerunning the same command resumes from the newest checkpoint. Problems abandoned mid-rollout are consumed from
 the stream.
@@ -49,9 +54,9 @@ from pathlib import Path
 
 import torch
 
-from mimo import rewards
+from mimo import curation, rewards
 from mimo.checkpoint import load_model_and_tokenizer, save_model
-from mimo.engine import Engine
+from mimo.engine import Engine, SamplingParams
 from mimo.errors import MimoError
 from mimo.parallel import pick_device, print0
 from mimo.rollout import EARLY_TERMINATION, Group, rollout
@@ -91,6 +96,7 @@ class RLConfig:
     max_new_tokens: int = 256
     max_resample_rounds: int = 2
     easy_prob: float = 0.1
+    filter_samples: int = 16  # pass-rate filter before RL: drop problems solved N/N or 0/N (MiMo: 16); 0: off
     naive_rollout: bool = False
     early_termination: str = "fifo"  # fifo (MiMo) | first-finished (biased to short responses)
     rollout_slots: int = 0  # 0: batch_prompts x group_size
@@ -116,6 +122,8 @@ class RLConfig:
             raise MimoError(f"--loss-norm must be token or sequence, got {self.loss_norm!r}")
         if not 0 <= self.easy_prob <= 1 or self.eps_low < 0 or self.eps_high < 0 or self.max_resample_rounds < 0:
             raise MimoError("--easy-prob must be in [0, 1]; --eps-low, --eps-high, --max-resample-rounds >= 0")
+        if self.filter_samples == 1 or self.filter_samples < 0:
+            raise MimoError(f"--filter-samples must be 0 (off) or at least 2, got {self.filter_samples}")
         if self.rollout_slots < 0:
             raise MimoError(f"--rollout-slots must be >= 0 (0: batch prompts x group size), got {self.rollout_slots}")
         if self.early_termination not in EARLY_TERMINATION:
@@ -364,27 +372,42 @@ def run(args) -> dict:
     if longest >= context:
         raise MimoError(f"a prompt of {longest} tokens does not fit the model's context of {context}")
     max_len = min(context, longest + cfg.max_new_tokens)
-    stream = ProblemStream(problems, cfg.easy_prob, cfg.seed)
 
-    metrics_path, start = run_dir / "metrics.jsonl", 0
+    metrics_path, start, state = run_dir / "metrics.jsonl", 0, None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt)
         start = state["step"]
-        stream.load_state(state["stream"])
         trim_metrics(metrics_path, start)
         print0(f"resuming from step {start} ({ckpt})")
     if start >= cfg.max_steps and (run_dir / "final" / "config.json").exists():
         print0(f"{run_dir}: already trained to step {start}")
         return {}
-    (run_dir / "run_config.json").write_text(json.dumps(
-        {"command": "rl", "from": str(args.from_dir), "problems": len(problems), "rl": asdict(cfg)}, indent=2))
-    mode = "naive" if cfg.naive_rollout else f"continuous ({cfg.early_termination} early termination)"
-    print0(f"GRPO on {len(problems)} problems: {cfg.batch_prompts} groups x {cfg.group_size} samples per step, "
-           f"{mode} rollout, {cfg.max_steps} steps, device {device}")
     last: dict = {}
     engine = Engine(model, None, max_len)
     with rewards.RewardPool(cfg.reward_workers) as pool:
+        def pass_rates(candidates):
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+            return curation.pass_rate_filter(engine, tokenizer, candidates, prompt_ids, pool, cfg.filter_samples,
+                                             params, cfg.rollout_slots or cfg.batch_prompts * cfg.group_size,
+                                             max_len, seed=cfg.seed * 1_000_003 - 1)
+
+        settings = {"from": str(Path(args.from_dir).resolve()), "filter_samples": cfg.filter_samples, "seed": cfg.seed,
+                    "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens}
+        problems, curated = curation.curate(run_dir / "curation.json", problems, settings, ckpt is not None,
+                                            pass_rates if cfg.filter_samples else None)
+        print0(f"curation: {curated['problems']} problems, dropped {curation.describe(curated)}"
+               + (f" (pass-rate filter: {cfg.filter_samples} samples each, {curated['seconds']:.0f} s)"
+                  if cfg.filter_samples else "") + f"; {curated['kept']} left")
+        stream = ProblemStream(problems, cfg.easy_prob, cfg.seed)
+        if state is not None:
+            stream.load_state(state["stream"])
+        (run_dir / "run_config.json").write_text(json.dumps(
+            {"command": "rl", "from": str(args.from_dir), "problems": len(problems), "curation": curated,
+             "rl": asdict(cfg)}, indent=2))
+        mode = "naive" if cfg.naive_rollout else f"continuous ({cfg.early_termination} early termination)"
+        print0(f"GRPO on {len(problems)} problems: {cfg.batch_prompts} groups x {cfg.group_size} samples per step, "
+               f"{mode} rollout, {cfg.max_steps} steps, device {device}")
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             stream.begin_step(step)
@@ -422,6 +445,10 @@ def add_arguments(p):
     g.add_argument("--num-problems", type=int, default=d.num_problems, help="procedural train problems")
     g.add_argument("--math", metavar="JSONL", help='math problems, lines {"problem", "answer"}')
     g.add_argument("--code", metavar="JSONL", help='code problems, lines {"prompt", "tests": [...], "entry_point"}')
+    g.add_argument("--filter-samples", type=int, default=d.filter_samples,
+                   help="pass-rate filter before training: sample each problem N times with the starting model and "
+                   "drop those it solves N/N or 0/N (MiMo: 16; 0: off). --math/--code problems are always "
+                   "decontaminated against the benchmarks")
     g = p.add_argument_group("GRPO")
     g.add_argument("--group-size", type=int, default=d.group_size, help="samples per problem")
     g.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="valid groups per step")

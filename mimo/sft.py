@@ -70,15 +70,12 @@ def read_examples(path: Path) -> list[list[dict]]:
 def decontaminate(examples: list[list[dict]], n: int = 16) -> tuple[list[list[dict]], dict]:
     """Drop conversations sharing an n-gram with a shipped benchmark (or containing one of its problems too
     short to have an n-gram) or containing a held-out procedural evaluation question."""
-    from mimo import quality
-    from mimo.benchmarks import BENCHMARKS
+    from mimo.contamination import benchmark_matches
 
-    texts = ["\n".join(m["content"] for m in ex) for ex in examples]
-    bench_hits = sum(index.counts(texts) for b in BENCHMARKS for index in quality.benchmark_indexes(b, n))
-    eval_hits = quality.NgramIndex(sorted(quality.eval_split_questions()), whole=True).counts(texts)
-    keep = [ex for ex, b, e in zip(examples, bench_hits, eval_hits) if b == 0 and e == 0]
-    stats = {"examples": len(examples), "dropped_benchmark_overlap": int((bench_hits > 0).sum()),
-             "dropped_eval_question": int(((eval_hits > 0) & (bench_hits == 0)).sum()), "kept": len(keep), "ngram": n}
+    hits = benchmark_matches(["\n".join(m["content"] for m in ex) for ex in examples], n)
+    keep = [ex for ex, hit in zip(examples, hits) if hit is None]
+    stats = {"examples": len(examples), "dropped_benchmark_overlap": sum(h not in (None, "eval_split") for h in hits),
+             "dropped_eval_question": hits.count("eval_split"), "kept": len(keep), "ngram": n}
     return keep, stats
 
 

@@ -276,7 +276,7 @@ def rl_args(model_dir, out, steps, save_every=1):
                          "--group-size", "4", "--batch-prompts", "2", "--mini-batch", "4", "--micro-batch", "2",
                          "--max-new-tokens", "8", "--max-steps", str(steps), "--save-every", str(save_every),
                          "--kl-coef", "0.01", "--precision", "fp32", "--device", "cpu", "--reward-workers", "2",
-                         "--easy-prob", "0.5"])
+                         "--easy-prob", "0.5", "--filter-samples", "0"])
 
 
 class Killed(BaseException):
