@@ -232,11 +232,12 @@ class EngineSession:
         m = self.runner.rows_to_run(rows[-1] + 1)
         flags = self.sampler.flags(rows)
         max_len = max(self.host_length[:m])
-        if self.spec is not None:
-            tokens, counts, logprobs = self.spec.step(m, flags, max_len, min(self.host_length[s] for s in rows))
-        else:
-            tokens, logprobs = self._decode(m, flags, max_len)
-            counts = [1] * m
+        with self.runner.step_threads(max_len, m):
+            if self.spec is not None:
+                tokens, counts, logprobs = self.spec.step(m, flags, max_len, min(self.host_length[s] for s in rows))
+            else:
+                tokens, logprobs = self._decode(m, flags, max_len)
+                counts = [1] * m
         for s in rows:
             req = self.slots[s]
             self.host_length[s] += counts[s]
@@ -297,17 +298,18 @@ class EngineSession:
         # padding writes land past each row's length: masked now, overwritten later
         ctx = self.runner.context(torch.arange(P, device=dev).expand(b, P),
                                   None if slot_list == list(range(b)) else slots, P)
-        hidden = self._prefill(batch, ids, slots, ctx)  # [b, P, H]
-        logits = self.runner.logits(hidden[torch.arange(b, device=dev), lens - 1])  # [b, V]
         flags = self.sampler.flags(slot_list)
-        tokens = self.sampler.sample(logits, slots, lens, flags)
-        lp = token_logprobs(logits, tokens).tolist()
-        self.hist[slots, :P] = ids
-        self.hist[slots, lens] = tokens
-        self.length[slots] = lens + 1
-        self.active[slots] = 1
-        if self.spec is not None:
-            self.spec.prefill(slots, ctx, hidden, lens, flags)
+        with self.runner.step_threads(P, b * P):
+            hidden = self._prefill(batch, ids, slots, ctx)  # [b, P, H]
+            logits = self.runner.logits(hidden[torch.arange(b, device=dev), lens - 1])  # [b, V]
+            tokens = self.sampler.sample(logits, slots, lens, flags)
+            lp = token_logprobs(logits, tokens).tolist()
+            self.hist[slots, :P] = ids
+            self.hist[slots, lens] = tokens
+            self.length[slots] = lens + 1
+            self.active[slots] = 1
+            if self.spec is not None:
+                self.spec.prefill(slots, ctx, hidden, lens, flags)
         now = time.perf_counter()
         for req, token, logprob in zip(batch, tokens.tolist(), lp):
             req.t_first = now

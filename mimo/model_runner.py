@@ -5,6 +5,7 @@ batches. mimo/engine.py's sessions and mimo/speculative.py's draft-verify steps 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,18 @@ class _Block:
         return cls(cache_index, layer.input_layernorm, q, k, v, o, layer.post_attention_layernorm, gate, up, down)
 
 
+def products_in_kernels(model: torch.nn.Module) -> bool:
+    """Whether mimo's C kernels compute every linear product of the model's steps (quantized weights, or bf16
+    weights on the CPU: _fast)."""
+    from mimo import kernels
+    from mimo.quantize import Int4Linear, Int8Linear
+
+    if not kernels.available():
+        return False
+    return all(m.weight.dtype == torch.bfloat16 and m.weight.is_cpu for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and not isinstance(m, (Int8Linear, Int4Linear)))
+
+
 class ModelRunner:
     """The model's forward pass for inference over a KV cache with one slot per row, in few tensor ops per token.
 
@@ -156,6 +169,23 @@ class ModelRunner:
         self.mtp_blocks = [_Block.of(layer, L + k, pack_rows) for k, layer in enumerate(self.mtp_layers)]
         self.draft_head = self.lm_head if draft_head is model.lm_head else _fast(draft_head, pack_rows)
         self.compiled_decode = InferenceCompiled(self._decode_all, self.device) if compile else None
+        self.kernel_products = self.device.type == "cpu" and products_in_kernels(model)
+
+    # A step runs torch's own ops on one thread (kernels.torch_ops_single_threaded) when mimo's kernels compute
+    # every product and the step is small: up to this many cached positions (beyond, attention over the cache is
+    # worth the second thread) and this many new tokens (a short prompt's prefill; a long one's activations are).
+    SINGLE_THREAD_MAX_KV = 1024
+    SINGLE_THREAD_MAX_TOKENS = 64
+
+    def step_threads(self, kv_len: int, tokens: int = 1):
+        """The threads a step of `tokens` new tokens over kv_len cached positions runs with (see above; at 7B, 2
+        threads, int4: 166 against 254 ms a decode step, docs/benchmarks.md)."""
+        from mimo import kernels
+
+        if self.kernel_products and kv_len <= self.SINGLE_THREAD_MAX_KV and tokens <= self.SINGLE_THREAD_MAX_TOKENS:
+            return kernels.torch_ops_single_threaded()
+        return contextlib.nullcontext()
+
 
     def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
         """positions [b, T] (absolute); kv_len: any bound >= max(positions) + 1 (a host int: no sync).

@@ -18,7 +18,7 @@ Products (mimo/kernels/gemv.c, built on first use; mimo/kernels/__init__.py), th
 row is quantized to int8 blocks of 32 with an fp32 scale, every block is an integer dot product (AVX2), scaled and
 summed in fp32; every weight block is read from memory once for all rows (GEMV tiles for few rows, GEMM tiles for
 many: prefill). bf16 weights (bf16_linear) get their own GEMV up to GEMV_MAX_ROWS rows; more rows dequantize the
-weight in row chunks to fp32 and multiply with torch's GEMM. The kernels run on their own small thread pool, torch.get_num_threads() threads a call, whose idle
+weight in row chunks to fp32 and multiply with torch's GEMM. The kernels run on their own small thread pool, kernels.threads() threads a call, whose idle
 threads spin briefly and then sleep, and whose caller never waits for a thread that has not started (a busy
 machine slows a product down to the threads that run, instead of stalling it). Without the kernels (no C
 compiler, or MIMO_NO_KERNELS=1) a torch path computes the same products (activations rounded the same way),
@@ -178,7 +178,7 @@ def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, b
             out = x.new_empty((*x.shape[:-1], n))
             bdt = -1 if bias is None else _KERNEL_DTYPES.get(bias.dtype, -1)
             rc = lib.mimo_gemv(_FMT[fmt], weight.data_ptr(), n, k, x.data_ptr(), xdt, m, out.data_ptr(), xdt,
-                               None if bdt < 0 else bias.data_ptr(), bdt, torch.get_num_threads())
+                               None if bdt < 0 else bias.data_ptr(), bdt, kernels.threads())
             if rc:
                 raise RuntimeError(f"mimo_gemv failed ({rc})")
             if bias is not None and bdt < 0:

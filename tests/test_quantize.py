@@ -334,3 +334,30 @@ def test_extreme_values_do_not_overflow_the_integer_sums(m):
         q8[..., 2:] = torch.tensor(v, dtype=torch.int8).view(torch.uint8)
         y = Int8Linear.from_blocks(q8, 128)(torch.full((m, 128), -127.0))
         assert torch.equal(y, torch.full((m, 8), float(-127 * v * 128)))
+
+
+def test_decode_steps_run_torch_ops_on_one_thread_and_kernels_on_all(monkeypatch):
+    """With every product in mimo's kernels (int4 weights), short decode steps run torch's own ops on one thread
+    and the kernels on torch's count (kernels.torch_ops_single_threaded); the tokens are the same either way and
+    the thread setting is restored after each step."""
+    if not kernels.available():
+        pytest.skip("no C kernels here")
+    from mimo.model_runner import ModelRunner, products_in_kernels
+
+    model = quantize_model(tiny_model(vocab_size=400), "int4")
+    assert products_in_kernels(model) and not products_in_kernels(tiny_model(vocab_size=400))
+    torch.set_num_threads(2)
+    seen = []
+    gemv = kernels.library().mimo_gemv
+    monkeypatch.setattr(kernels.library(), "mimo_gemv",
+                        lambda *a: seen.append((torch.get_num_threads(), a[-1])) or gemv(*a))
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    params = SamplingParams(max_new_tokens=8)
+    single = Engine(model, None).generate(prompts, params, mtp=True)
+    assert torch.get_num_threads() == 2 and kernels.threads() == 2
+    assert seen and all(t == (1, 2) for t in seen)  # torch on 1 thread, each kernel call on 2
+    monkeypatch.setattr(ModelRunner, "SINGLE_THREAD_MAX_KV", -1)
+    seen.clear()
+    both = Engine(model, None).generate(prompts, params, mtp=True)
+    assert [o.tokens for o in single] == [o.tokens for o in both]
+    assert seen and all(t == (2, 2) for t in seen)

@@ -6,8 +6,8 @@ temporary name and renamed into place, so concurrent first uses are safe) and re
 None where there is no compiler, the build failed or MIMO_NO_KERNELS=1 is set: callers then take their torch
 path (correct, slower), and a warning says so once.
 
-Threads: gemv.c's own small pool (see its header), as many threads as torch.get_num_threads() at each call;
-ctypes drops the GIL for the duration of each call. MIMO_KERNEL_SPIN_US (default 100) is how long an idle
+Threads: gemv.c's own small pool (see its header), as many threads as torch.get_num_threads() at each call
+(inside torch_ops_single_threaded(): the count torch had before it); ctypes drops the GIL for the duration of each call. MIMO_KERNEL_SPIN_US (default 100) is how long an idle
 worker spins before it sleeps; MIMO_KERNEL_OPENMP=1 builds the OpenMP variant instead (runs on torch's libgomp
 team: same soname, so no second runtime), for comparisons; MIMO_KERNEL_FLAGS replaces the optimization flags
 (e.g. "-O2" builds the portable scalar code, without AVX2, for tests).
@@ -15,6 +15,7 @@ team: same soname, so no second runtime), for comparisons; MIMO_KERNEL_FLAGS rep
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -169,8 +170,31 @@ def available() -> bool:
     return library() is not None
 
 
+_kernel_threads: int | None = None  # set while torch_ops_single_threaded() holds torch's ops to one thread
+
+
 def threads() -> int:
-    return torch.get_num_threads()
+    """How many threads a kernel call runs on."""
+    return _kernel_threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_ops_single_threaded():
+    """Torch's own ops on one thread, mimo's kernels on the threads torch had. For decode steps whose products
+    are mimo's: the rest (norms, RoPE, attention over the cache, sampling) are tens of microseconds each, less
+    than it takes to wake OpenMP's sleeping workers (OMP_WAIT_POLICY=PASSIVE) and gather them again."""
+    global _kernel_threads
+    n = torch.get_num_threads()
+    if n == 1 or _kernel_threads is not None:
+        yield
+        return
+    _kernel_threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _kernel_threads = None
 
 
 # ---- thin wrappers (contiguous CPU tensors; the caller checks) -----------------------------------------------
@@ -181,7 +205,7 @@ def gemv(fmt: str, weight: torch.Tensor, n: int, k: int, x: torch.Tensor, out: t
     lib = _lib if _tried else library()
     rc = lib.mimo_gemv(FORMATS[fmt], weight.data_ptr(), n, k, x.data_ptr(), DTYPES[x.dtype], x.shape[0],
                        out.data_ptr(), DTYPES[out.dtype], None if bias is None else bias.data_ptr(),
-                       0 if bias is None else DTYPES[bias.dtype], torch.get_num_threads())
+                       0 if bias is None else DTYPES[bias.dtype], threads())
     if rc != 0:
         raise RuntimeError(f"mimo_gemv failed ({rc})")
     return out
@@ -189,12 +213,11 @@ def gemv(fmt: str, weight: torch.Tensor, n: int, k: int, x: torch.Tensor, out: t
 
 def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [rows, k / 32, bytes] = ggml's reference quantization of w [rows, k] fp32 (contiguous)."""
-    library().mimo_quantize(FORMATS[fmt], w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1],
-                            torch.get_num_threads())
+    library().mimo_quantize(FORMATS[fmt], w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], threads())
     return out
 
 
 def dequantize(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, out: torch.Tensor) -> torch.Tensor:
     """out [r1 - r0, k] fp32 = rows [r0, r1) of the weight (blocks or bf16)."""
-    library().mimo_dequantize(FORMATS[fmt], weight.data_ptr(), out.data_ptr(), r0, r1, k, torch.get_num_threads())
+    library().mimo_dequantize(FORMATS[fmt], weight.data_ptr(), out.data_ptr(), r0, r1, k, threads())
     return out
