@@ -46,7 +46,9 @@ def model_sha256(model_dir: Path) -> str:
 
 
 class EngineBackend:
-    """mimo's engine, batched; MTP speculative decoding on by default (lossless, so results are unchanged)."""
+    """mimo's engine, batched; MTP speculative decoding on by default (lossless, so results are unchanged).
+    context: the model's (config.max_position_embeddings); a completion ends where prompt + completion fill it,
+    and no KV cache is larger than it."""
 
     def __init__(self, model_dir, chat: bool = True, mtp: bool = True, quantize: str | None = None,
                  batch_size: int = 16, dtype: str = "auto"):
@@ -60,6 +62,7 @@ class EngineBackend:
 
             model = quantize_model(model, quantize)
         self.engine = Engine(model, self.tokenizer)
+        self.context = self.engine.max_seq_len
         self.chat, self.mtp, self.batch_size = chat, mtp, batch_size
         self.name = str(self.model_dir)
         self.describe = {"backend": "engine", "model": self.name, "model_sha256": model_sha256(self.model_dir),
@@ -92,7 +95,12 @@ class EngineBackend:
 
 
 class EndpointBackend:
-    """An OpenAI-compatible HTTP server: /v1/chat/completions (chat) or /v1/completions (raw)."""
+    """An OpenAI-compatible HTTP server: /v1/chat/completions (chat) or /v1/completions (raw).
+
+    context: the served model's max_model_len from /v1/models (vLLM, SGLang and `mimo serve` list it; None where
+    a server does not). Servers refuse a request whose prompt + max_tokens exceed it, so a request that cannot
+    have its max_new_tokens (known from the context, or refused as too long) goes without max_tokens, which they
+    take as the rest of the context: the completion gets all the room there is, never more than asked."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, chat: bool = True, concurrency: int = 8,
                  timeout_s: float = 600.0, retries: int = 5):
@@ -106,12 +114,29 @@ class EndpointBackend:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.Client(headers=headers, timeout=timeout_s)
         self.name = f"{model} @ {self.base}"
+        self.context = self._served_context()
         self.describe = {"backend": "endpoint", "url": self.base, "model": model, "concurrency": concurrency,
                          "chat_template": chat}
 
-    def _body(self, r: Request) -> dict:
-        body = {"model": self.model, "max_tokens": r.max_new_tokens, "temperature": r.temperature, "top_p": r.top_p,
-                "seed": r.seed}
+    def _served_context(self) -> int | None:
+        """The model's max_model_len as /v1/models lists it; None when the server does not say."""
+        import httpx
+
+        try:
+            resp = self.client.get(self.base + "/models")
+            cards = (resp.json().get("data") or []) if resp.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):  # no server yet, not JSON, not an object
+            return None
+        card = next((c for c in cards if isinstance(c, dict) and c.get("id") == self.model),
+                    cards[0] if len(cards) == 1 and isinstance(cards[0], dict) else {})
+        context = card.get("max_model_len")
+        return context if isinstance(context, int) and context > 0 else None
+
+    def _body(self, r: Request, cap: bool = True) -> dict:
+        """cap False: no max_tokens (the server's default, the rest of the context)."""
+        body = {"model": self.model, "temperature": r.temperature, "top_p": r.top_p, "seed": r.seed}
+        if cap and not (self.context and r.max_new_tokens >= self.context):
+            body["max_tokens"] = r.max_new_tokens
         if r.stop:
             body["stop"] = r.stop[:4]  # the OpenAI API takes at most 4
         if self.chat:
@@ -119,6 +144,13 @@ class EndpointBackend:
         else:
             body["prompt"] = r.prompt
         return body
+
+    def _post(self, path: str, r: Request):
+        """One request; a 400 for prompt + max_tokens past the context is sent again without max_tokens."""
+        resp = self.client.post(self.base + path, json=self._body(r))
+        if resp.status_code == 400 and "context length" in resp.text.lower():
+            resp = self.client.post(self.base + path, json=self._body(r, cap=False))
+        return resp
 
     def _one(self, r: Request) -> Result:
         import httpx
@@ -128,7 +160,7 @@ class EndpointBackend:
         for attempt in range(self.retries + 1):
             t0 = time.perf_counter()
             try:
-                resp = self.client.post(self.base + path, json=self._body(r))
+                resp = self._post(path, r)
             except httpx.HTTPError as e:  # connection refused, reset, timeout
                 last_error = f"{e.__class__.__name__}: {e}"
             else:

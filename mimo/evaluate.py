@@ -25,7 +25,7 @@ from mimo.backends import Request
 from mimo.config import QUANTIZATIONS
 from mimo.errors import MimoError
 from mimo.jsonl import read_jsonl
-from mimo.tasks import Task
+from mimo.tasks import PROTOCOL_MAX_NEW_TOKENS, Task
 
 
 def read_samples(path: Path) -> list[dict]:
@@ -66,17 +66,33 @@ def check_settings(out_dir: Path, settings: dict):
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def length_limit_line(max_new_tokens: int, context: int | None) -> str:
+    """What bounds a completion's length, said at start-up."""
+    why = " (MiMo's protocol for math and code)" if max_new_tokens == PROTOCOL_MAX_NEW_TOKENS else ""
+    if context is None:
+        return (f"max new tokens {max_new_tokens:,}{why}; the server does not list its context: a request it refuses "
+                "as too long is sent again for the rest of the context")
+    if context <= max_new_tokens:
+        return (f"max new tokens {max_new_tokens:,}{why}, capped by the model's context of {context:,} tokens: a "
+                f"completion ends where prompt + completion reach {context:,} (finish reason `length`)")
+    return f"max new tokens {max_new_tokens:,}{why} (the model's context: {context:,} tokens)"
+
+
 def run_eval(task: Task, backend, out_dir, samples: int, limit: int | None, temperature: float, top_p: float,
              max_new_tokens: int, prompt_format: str, seed: int = 0, chunk: int = 64) -> dict:
-    """prompt_format: chat (the chat template), raw (the task's raw prompt) or question (raw, no format cue)."""
+    """prompt_format: chat (the chat template), raw (the task's raw prompt) or question (raw, no format cue).
+    backend.context (None: unknown) caps max_new_tokens: settings record both and the effective limit."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = task.load()
     rows = rows[:limit] if limit else rows
+    context = backend.context
     settings = {"task": task.name, "samples": samples, "temperature": temperature, "top_p": top_p,
-                "max_new_tokens": max_new_tokens, "prompt_format": prompt_format, "seed": seed,
-                "limit": limit, **backend.describe}
+                "max_new_tokens": max_new_tokens, "context": context,
+                "effective_max_new_tokens": min(max_new_tokens, context or max_new_tokens),
+                "prompt_format": prompt_format, "seed": seed, "limit": limit, **backend.describe}
     check_settings(out_dir, settings)
+    print(length_limit_line(max_new_tokens, context), flush=True)
     chat = prompt_format == "chat"
     prompt_of = {"chat": task.chat_prompt, "raw": task.raw_prompt, "question": task.question_prompt}[prompt_format]
     if prompt_of is None:
@@ -125,7 +141,8 @@ def score_completions(task: Task, completions_path: Path, out_dir: Path) -> dict
             row = known[item["id"]]
             extracted, correct = task.grade(row, item["completion"])
             out.write(json.dumps(sample_row(task, row, seen[row["id"]], item.get("prompt", ""), item["completion"],
-                                            extracted, correct, item.get("tokens", 0), 0.0, None)) + "\n")
+                                            extracted, correct, item.get("tokens", 0), 0.0,
+                                            item.get("finish_reason"))) + "\n")
             seen[row["id"]] += 1
     rows = [known[i] for i in dict.fromkeys(item["id"] for item in lines)]
     settings = {"task": task.name, "backend": "score", "completions": str(completions_path)}
@@ -143,6 +160,7 @@ def write_results(task: Task, rows: list[dict], out_dir: Path, settings: dict, e
     correct = [[s["correct"] for s in sorted(by_id[r["id"]], key=lambda s: s["sample"])] for r in wanted]
     answers = [[s["extracted_answer"] for s in sorted(by_id[r["id"]], key=lambda s: s["sample"])] for r in wanted]
     lengths = [s["tokens"] for r in wanted for s in by_id[r["id"]]]
+    reasons = Counter(str(s.get("finish_reason") or "unknown") for r in wanted for s in by_id[r["id"]])
     summary = {
         "task": task.name, "mimo_version": __version__, "settings": settings,
         "problems": len(wanted), "samples": sum(len(c) for c in correct),
@@ -150,6 +168,8 @@ def write_results(task: Task, rows: list[dict], out_dir: Path, settings: dict, e
         "breakdown": {key: breakdown([{"group": r.get(key), "correct": c} for r, c in zip(wanted, correct)])
                       for key in task.breakdown},
         "response_tokens": {"mean": sum(lengths) / len(lengths) if lengths else 0, "max": max(lengths, default=0)},
+        "finish_reasons": dict(reasons.most_common()),
+        "truncated": reasons["length"],  # samples cut at the length limit (finish reason "length")
         "elapsed_s": round(elapsed_s, 2),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -178,8 +198,10 @@ def cmd_eval(args):
         name = Path(args.model).name
     samples = args.samples or task.default_samples
     out = Path(args.out or Path("evals") / name.replace("/", "_") / task.name)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise MimoError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     summary = run_eval(task, backend, out, samples, args.limit, args.temperature, args.top_p,
-                       args.max_new_tokens or task.max_new_tokens, args.prompt_format, args.seed)
+                       args.max_new_tokens or PROTOCOL_MAX_NEW_TOKENS, args.prompt_format, args.seed)
     print_summary(summary, out)
 
 
@@ -188,6 +210,10 @@ def print_summary(summary: dict, out: Path):
 
     parts = [f"{name} {metric_cell(m)}" for name, m in summary["metrics"].items()]
     print(f"{summary['task']}: {summary['problems']} problems, {summary['samples']} samples: " + "; ".join(parts))
+    if summary["truncated"]:
+        limit = summary["settings"].get("effective_max_new_tokens")
+        print(f"{summary['truncated']} of {summary['samples']} samples stopped at the length limit"
+              + (f" ({limit:,} new tokens or the context)" if limit else "") + ": graded as they stand")
     print(f"wrote {out}/samples.jsonl, summary.json, report.md")
 
 
@@ -223,7 +249,8 @@ def build_parsers(prog: str = "mimo eval"):
     p.add_argument("--out", metavar="DIR", help="output directory (default: evals/MODEL/TASK)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, help="default: the task's")
+    p.add_argument("--max-new-tokens", type=int, help="longest completion (default: MiMo's protocol for math and code, "
+                   f"{PROTOCOL_MAX_NEW_TOKENS:,}; a model's smaller context caps it)")
     p.add_argument("--prompt-format", choices=["chat", "raw", "question"], default="chat",
                    help="chat: the model's chat template (default); raw: plain continuation, for base models; "
                    "question: raw with the question only (reasoning task; for models trained on answer-only data)")

@@ -57,6 +57,17 @@ def histogram(values: list, title: str, xlabel: str, path: Path):
     plt.close(fig)
 
 
+def truncation_line(summary: dict) -> str:
+    """How many samples the length limit cut (finish reason `length`), and what the limit was."""
+    s, n, cut = summary["settings"], summary["samples"], summary.get("truncated", 0)
+    limit = s.get("effective_max_new_tokens")
+    where = (f" at the limit of {limit:,} new tokens (asked {s['max_new_tokens']:,}; the model's context "
+             f"{'unknown' if s.get('context') is None else format(s['context'], ',')} tokens, prompt included)"
+             if limit else "")
+    return (f"{cut} of {n} samples ({pct(cut / n if n else None)}%) stopped{where} (finish reason `length`); "
+            "they are graded as they stand.")
+
+
 def write_eval_report(summary: dict, lengths: list, out_dir: Path):
     out_dir = Path(out_dir)
     s = summary["settings"]
@@ -66,6 +77,7 @@ def write_eval_report(summary: dict, lengths: list, out_dir: Path):
     lines += [f"| {k} | {v} |" for k, v in s.items()]
     lines += ["", "## Metrics (95% bootstrap interval over problems)", "", "| metric | % |", "|---|---|"]
     lines += [f"| {name} | {metric_cell(m)} |" for name, m in summary["metrics"].items()]
+    lines += ["", "## Length limit", "", truncation_line(summary)]
     for key, groups in summary.get("breakdown", {}).items():
         if not groups:
             continue

@@ -64,6 +64,12 @@ def _eval_rows(out: Path) -> list[tuple[str, dict]]:
     return rows
 
 
+def _cut(summary: dict) -> str:
+    """'3 of 48 at 96 tokens': samples that stopped at the eval's length limit (finish reason `length`)."""
+    limit = summary["settings"].get("effective_max_new_tokens")
+    return f"{summary.get('truncated', 0)} of {summary['samples']}" + (f" at {limit:,} tokens" if limit else "")
+
+
 def _flag(name: str, value) -> str:
     return f" {name} {value}" if value else ""
 
@@ -136,11 +142,12 @@ def write_report_card(out: Path, state: dict, commands: dict):
         metric_names = list(evals[0][1]["metrics"])
         lines += ["## Held-out procedural reasoning", "",
                   ("Evaluation seeds are reserved and never generated for training. Accuracy in %, 95% bootstrap "
-                  "interval over problems."), "", "| model | problems | " + " | ".join(metric_names) + " |",
-                  "|---|---|" + "---|" * len(metric_names)]
+                  "interval over problems; cut: samples that stopped at the length limit."), "",
+                  "| model | problems | " + " | ".join(metric_names) + " | cut |",
+                  "|---|---|" + "---|" * len(metric_names) + "---|"]
         for name, summary in evals:
             cells = " | ".join(metric_cell(summary["metrics"].get(m)) for m in metric_names)
-            lines.append(f"| {name} | {summary['problems']} | {cells} |")
+            lines.append(f"| {name} | {summary['problems']} | {cells} | {_cut(summary)} |")
         per_task = evals[-1][1].get("breakdown", {}).get("task")
         if per_task:
             lines += ["", f"Per task ({evals[-1][0]}):", "", "| task | accuracy % |", "|---|---|"]
@@ -152,10 +159,10 @@ def write_report_card(out: Path, state: dict, commands: dict):
     if bench:
         lines += ["## MATH-500 and GSM8K samples (RL model)", "",
                   "Small samples; near zero is the honest expectation at this size.", "",
-                  "| task | problems | accuracy % |", "|---|---|---|"]
+                  "| task | problems | accuracy % | cut |", "|---|---|---|---|"]
         for t, s in bench:
             first = next(iter(s["metrics"].values()))
-            lines.append(f"| {t} | {s['problems']} | {metric_cell(first)} |")
+            lines.append(f"| {t} | {s['problems']} | {metric_cell(first)} | {_cut(s)} |")
         lines.append("")
     lines += ["## Reproduce", "", ("Each stage above is a plain `mimo` command; `mimo speedrun --preset "
               f"{state['preset']} --out DIR` runs them all. Samples of every evaluation are in `eval/*/samples.jsonl`."),

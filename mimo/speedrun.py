@@ -20,7 +20,8 @@ from pathlib import Path
 from mimo.errors import MimoError
 from mimo.parallel import barrier, init_distributed, is_main, print0
 
-# per preset: steps and sizes of each stage (pretraining itself follows mimo.pretrain.TRAIN_PRESETS)
+# per preset: steps and sizes of each stage (pretraining itself follows mimo.pretrain.TRAIN_PRESETS); the evals
+# pass their own short length limits (MiMo's protocol, 32,768 new tokens, is for reasoning models)
 PLANS = {
     "nano": {"pretrain": ["--max-steps", "150"], "sft": ["--max-steps", "60", "--problems", "3000"],
              "rl": ["--max-steps", "4", "--batch-prompts", "8", "--group-size", "4", "--max-new-tokens", "96",
@@ -28,10 +29,10 @@ PLANS = {
              "reasoning_eval": ["--limit", "48", "--samples", "1", "--max-new-tokens", "96"],
              "bench_eval": ["--limit", "10", "--max-new-tokens", "96"], "decode_tokens": "64"},
     "tiny": {"pretrain": [], "sft": [], "rl": [],
-             "reasoning_eval": ["--limit", "200", "--samples", "4"],
+             "reasoning_eval": ["--limit", "200", "--samples", "4", "--max-new-tokens", "256"],
              "bench_eval": ["--limit", "50", "--max-new-tokens", "256"], "decode_tokens": "128"},
     "small": {"pretrain": [], "sft": [], "rl": ["--max-steps", "100"],
-              "reasoning_eval": ["--limit", "200", "--samples", "4"],
+              "reasoning_eval": ["--limit", "200", "--samples", "4", "--max-new-tokens", "256"],
               "bench_eval": ["--limit", "100", "--max-new-tokens", "512"], "decode_tokens": "256"},
 }
 STAGES = ("data", "pretrain", "sft", "rl", "eval", "report")

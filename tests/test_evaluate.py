@@ -4,6 +4,7 @@ import typing
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from conftest import tiny_model
 
 from mimo.backends import EndpointBackend, Request
 from mimo.benchmarks import load_benchmark
@@ -128,6 +129,82 @@ def test_endpoint_eval_end_to_end(fake_server, tmp_path):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["samples"] == 6 and summary["settings"]["backend"] == "endpoint"
     assert "pass@2" in summary["metrics"]
+
+
+class SmallContextOpenAI(BaseHTTPRequestHandler):
+    """Lists max_model_len 1000 and refuses prompt + max_tokens past it, as vLLM does (a prompt token per
+    character here); without max_tokens it fills the context: finish reason "length"."""
+    bodies: typing.ClassVar[list] = []
+
+    def reply(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.reply(200, {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 1000}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        SmallContextOpenAI.bodies.append(body)
+        prompt = len(body["messages"][0]["content"])
+        if prompt + body.get("max_tokens", 0) > 1000:
+            self.reply(400, {"error": {"message": f"This model's maximum context length is 1000 tokens and your "
+                                       f"request has {prompt} input tokens", "code": 400}})
+            return
+        tokens = body.get("max_tokens", 1000 - prompt)
+        self.reply(200, {"choices": [{"message": {"content": "so far"}, "finish_reason": "length"}],
+                         "usage": {"completion_tokens": tokens}})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_endpoint_length_limit_is_the_protocol_capped_by_the_served_context(tmp_path, capsys):
+    SmallContextOpenAI.bodies = []
+    server = HTTPServer(("127.0.0.1", 0), SmallContextOpenAI)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        # the default, MiMo's 32,768, does not fit a 1,000-token context: requests ask for the rest of it
+        assert main(["eval", "--endpoint", url, "--model", "m", "--task", "aime2024", "--limit", "2", "--samples",
+                     "1", "--out", str(tmp_path / "a")]) == 0
+        assert "max new tokens 32,768 (MiMo's protocol for math and code), capped by the model's context of 1,000" \
+            in capsys.readouterr().out
+        assert SmallContextOpenAI.bodies and all("max_tokens" not in b for b in SmallContextOpenAI.bodies)
+        summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+        assert summary["settings"]["max_new_tokens"] == 32768 and summary["settings"]["context"] == 1000
+        assert summary["settings"]["effective_max_new_tokens"] == 1000
+        assert summary["truncated"] == 2 and summary["finish_reasons"] == {"length": 2}
+        assert "2 of 2 samples (100.0%) stopped at the limit of 1,000 new tokens" in \
+            (tmp_path / "a" / "report.md").read_text()
+        # a limit under the context is asked for; refused as too long with the prompt, it becomes the rest
+        SmallContextOpenAI.bodies = []
+        assert main(["eval", "--endpoint", url, "--model", "m", "--task", "aime2024", "--limit", "1", "--samples",
+                     "1", "--max-new-tokens", "990", "--out", str(tmp_path / "b")]) == 0
+        assert [b.get("max_tokens") for b in SmallContextOpenAI.bodies] == [990, None]
+    finally:
+        server.shutdown()
+
+
+def test_engine_eval_default_length_is_the_models_context(tmp_path, tokenizer, capsys):
+    from mimo.checkpoint import save_model
+
+    model_dir = save_model(tiny_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=160),
+                           tmp_path / "m", tokenizer=tokenizer)
+    out = tmp_path / "e"
+    assert main(["eval", str(model_dir), "--task", "reasoning", "--limit", "2", "--out", str(out),
+                 "--prompt-format", "raw"]) == 0
+    assert "capped by the model's context of 160 tokens" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["context"] == 160 and summary["settings"]["effective_max_new_tokens"] == 160
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    cut = [s for s in samples if s["finish_reason"] == "length"]
+    assert summary["truncated"] == len(cut) and sum(summary["finish_reasons"].values()) == len(samples) == 2
+    assert all(len(tokenizer.encode(s["prompt"])) + s["tokens"] <= 160 for s in samples)
 
 
 def test_contamination_report_finds_a_planted_problem(tmp_path, capsys):

@@ -67,12 +67,15 @@ def fake_mimo(argv):
         out = Path(flag(argv, "--out"))
         out.mkdir(parents=True)
         value = {"base": 0.0625, "sft": 0.25, "rl": 0.375}[out.name.split("-")[0]]
+        limits = {"settings": {"max_new_tokens": int(flag(argv, "--max-new-tokens")), "context": 512,
+                               "effective_max_new_tokens": int(flag(argv, "--max-new-tokens"))}}
         if out.name.endswith("reasoning"):
-            summary = {"problems": 48, "metrics": {"pass@1": {"value": value, "ci_low": value / 2,
-                                                              "ci_high": value * 1.5}},
+            summary = {"problems": 48, "samples": 48, "truncated": 5, **limits,
+                       "metrics": {"pass@1": {"value": value, "ci_low": value / 2, "ci_high": value * 1.5}},
                        "breakdown": {"task": {"gcd": {"value": 0.5, "ci_low": 0.25, "ci_high": 0.75}}}}
         else:
-            summary = {"problems": 10, "metrics": {"accuracy": {"value": 0.1, "ci_low": 0.0, "ci_high": 0.3}}}
+            summary = {"problems": 10, "samples": 10, "truncated": 2, **limits,
+                       "metrics": {"accuracy": {"value": 0.1, "ci_low": 0.0, "ci_high": 0.3}}}
         (out / "summary.json").write_text(json.dumps(summary))
     elif cmd == "bench":
         assert argv[1] == "decode" and (Path(argv[2]) / "config.json").exists() and "--json" in argv
@@ -155,8 +158,9 @@ def test_speedrun_runs_each_stage_once_resumes_and_writes_the_report_card(tmp_pa
             "| without MTP | 200.0 | |", "| with MTP | 300.0 | 0.75 |",
             ("Speed-up 1.50x, 2.50 tokens per verify step (`mimo bench decode MODEL --compile --num-draft 2 "
              "--draft-quantize int4 --mtp`"),
-            "| base | 48 | 6.2 [3.1, 9.4] |", "| sft | 48 | 25.0 [12.5, 37.5] |", "| rl | 48 | 37.5 [18.8, 56.2] |",
-            "| gcd | 50.0 [25.0, 75.0] |", "| math500 | 10 | 10.0 [0.0, 30.0] |", "| gsm8k | 10 | 10.0 [0.0, 30.0] |",
+            "| base | 48 | 6.2 [3.1, 9.4] | 5 of 48 at 96 tokens |", "| sft | 48 | 25.0 [12.5, 37.5] |",
+            "| rl | 48 | 37.5 [18.8, 56.2] |", "| gcd | 50.0 [25.0, 75.0] |",
+            "| math500 | 10 | 10.0 [0.0, 30.0] | 2 of 10 at 96 tokens |", "| gsm8k | 10 | 10.0 [0.0, 30.0] |",
             f"`mimo chat {out / 'final'}`"):
         assert figure in report, figure
     seconds = {name: s["seconds"] for name, s in state["stages"].items()}

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from mimo.errors import MimoError
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# MiMo's evaluation protocol allows 32,768 new tokens for math and code, every task here (a model's context caps it)
+PROTOCOL_MAX_NEW_TOKENS = 32_768
 
 
 @dataclass
@@ -23,7 +25,6 @@ class Task:
     raw_prompt: Callable[[dict], str]  # the text a base model continues
     grade: Callable[[dict, str], tuple[str | None, bool]]  # (row, completion) -> (extracted answer, correct)
     default_samples: int = 1
-    max_new_tokens: int = 1024
     breakdown: tuple[str, ...] = ()  # row fields to report accuracy by (subject, level, task, ...)
     raw_stop: list[str] = field(default_factory=list)  # stop strings for raw (completion) prompts
     # the raw prompt without a format cue (the model picks steps or a bare answer), where a task has one

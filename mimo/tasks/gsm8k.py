@@ -11,6 +11,5 @@ TASK = Task(
     chat_prompt=math_chat_prompt,
     raw_prompt=math_raw_prompt,
     grade=lambda row, completion: grade_math(completion, row["answer"], fallback_last_number=True),
-    max_new_tokens=512,
     raw_stop=["\nQuestion:"],
 )

@@ -41,7 +41,6 @@ TASK = Task(
     raw_prompt=lambda row: row["problem"],
     grade=grade,
     default_samples=1,
-    max_new_tokens=512,
     raw_stop=["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"],
     public_fields=(),
 )

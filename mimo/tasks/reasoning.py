@@ -36,7 +36,6 @@ TASK = Task(
     question_prompt=lambda row: f"Question: {row['problem']}\n",
     grade=grade,
     default_samples=1,
-    max_new_tokens=256,
     breakdown=("task",),
     raw_stop=["\nQuestion:"],
     public_fields=("answer", "task"),
