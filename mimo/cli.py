@@ -136,7 +136,9 @@ def cmd_pretrain(args):
 def cmd_data_build(args):
     from mimo.data import build_corpus, default_config, load_config
 
-    config = load_config(args.config) if args.config else default_config(args.preset)
+    if args.config and args.text:
+        raise MimoError("--text adds a source to the preset's config; with --config, list it in the config's sources")
+    config = load_config(args.config) if args.config else default_config(args.preset, text=args.text)
     if args.seed is not None:
         config["seed"] = args.seed
     manifest = build_corpus(config, Path(args.out))
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "filter, staged mixture -> tokenized shards and a manifest")
     d.add_argument("--config", metavar="FILE", help="JSON config (default: the preset's)")
     d.add_argument("--preset", default="nano", help="default config to use without --config: nano | tiny | small")
+    d.add_argument("--text", nargs="+", metavar="PATH", help="your general text (files, directories, globs of "
+                   ".txt/.md/.jsonl) as a source of every stage of the preset's config: half of stage 1")
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--out", required=True, metavar="DATA_DIR")
     d.set_defaults(func=cmd_data_build)

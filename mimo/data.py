@@ -22,7 +22,7 @@ nano / tiny / small)::
        "web": {"type": "text", "paths": ["notes/", "more.jsonl", "books/*.txt"]}},
      "quality": {"near_dup_threshold": 0.9, "ngram": 13, "eval_split": true, "density_threshold": 0.15,
                  "benchmarks": ["math500", "aime2024", "aime2025", "gsm8k", "humaneval"]},
-     "stages": [{"name": "broad", "fraction": 0.5, "mix": {"reasoning": 1, "web": 1}},
+     "stages": [{"name": "broad", "fraction": 0.5, "mix": {"reasoning/answer_only": 1, "web": 1}},
                 {"name": "reasoning", "fraction": 0.3,
                  "mix": {"reasoning": 0.5, "reasoning_hard": 0.2, "web": 0.3}},
                 {"name": "long", "fraction": 0.2, "mix": {"reasoning_hard": 0.7, "reasoning": 0.3}}]}
@@ -38,7 +38,8 @@ lines stay inside: code and derivations have them), a .jsonl line is one documen
 Stages. ``mix`` maps a source or one pool (``"reasoning/trace"``) to a weight; a stage's tokens are split by
 weight; each pool is read in a seeded shuffled order that continues across stages and reshuffles at each
 epoch (small sources repeat; the manifest counts epochs); a stage's documents are shuffled together and
-stages are written in order (training reads the stream sequentially). Fractions must sum to 1.
+stages are written in order, the manifest recording where each starts. Fractions must sum to 1; training gives
+each stage that share of the run's steps, in order, whatever the run's length (`mimo.dataloader`).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ PRESETS = {
 
 def default_config(preset: str = "tiny", text: list[str] | None = None) -> dict:
     """The corpus config of a size preset (nano / tiny / small); `text` adds a user text source ("text")
-    to every stage: half of stage 1, 30% of stage 2, 10% of stage 3."""
+    to every stage: half of stage 1, 30% of stage 2, 10% of stage 3. Stage 1 has no step-by-step traces."""
     if preset not in PRESETS:
         raise MimoError(f"unknown corpus preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     tokens, vocab, problems, hard, sample = PRESETS[preset]
@@ -118,11 +119,14 @@ def default_config(preset: str = "tiny", text: list[str] | None = None) -> dict:
         "reasoning_hard": {"type": "reasoning", "problems": hard, "tasks": json.loads(json.dumps(HARD_TASKS)),
                            "formats": ["trace"]},
     }
-    mixes = [{"reasoning": 1.0}, {"reasoning": 0.7, "reasoning_hard": 0.3},
+    # MiMo: a broad stage 1, math and code raised in stage 2, synthetic reasoning traces added in stage 3. Here
+    # stage 1 holds every task's problems answer-only (and the user's text), step-by-step traces enter in stage 2
+    # and the long traces of the harder configs dominate stage 3.
+    mixes = [{"reasoning/answer_only": 1.0}, {"reasoning": 0.7, "reasoning_hard": 0.3},
              {"reasoning_hard": 0.7, "reasoning": 0.3}]
     if text:
         sources["text"] = {"type": "text", "paths": list(text)}
-        mixes = [{"reasoning": 0.5, "text": 0.5}, {"reasoning": 0.5, "reasoning_hard": 0.2, "text": 0.3},
+        mixes = [{"reasoning/answer_only": 0.5, "text": 0.5}, {"reasoning": 0.5, "reasoning_hard": 0.2, "text": 0.3},
                  {"reasoning_hard": 0.6, "reasoning": 0.3, "text": 0.1}]
     stages = [{"name": name, "fraction": frac, "mix": mix}
               for name, frac, mix in zip(("broad", "reasoning", "long"), (0.5, 0.3, 0.2), mixes)]

@@ -1,14 +1,19 @@
 """Reading a built corpus: packed token shards (numpy memmap) -> deterministic (input, target) batches.
 
-The train split is one flat token stream (documents separated by end-of-text, stages in order). Window w is
-tokens [w*T, w*T + T + 1). Optimizer step s consumes windows [s*G, (s+1)*G) of the stream (G sequences per
-global batch), split by rank and accumulation micro-step, so the data order is the same whatever the number of
-processes, and the data position of a run is just its step (wrapping around into a new epoch at the end).
+The train split is one flat token stream (documents separated by end-of-text) holding the data stages in order;
+the manifest records where each stage starts and the corpus config its fraction. A run of S steps gives stage k
+the steps [S * f_1..k-1, S * f_1..k) (cumulative fractions, rounded), so any run length sees every stage in order,
+each for its share of the run's tokens (MiMo's stages are shares of the token budget). Within a stage, window w
+is tokens [start + w*T, start + w*T + T + 1); the stage's i-th step consumes its windows [i*G, (i+1)*G) (G
+sequences per global batch), wrapping around inside the stage when the run asks for more than it holds. A step's
+windows are split by rank and accumulation micro-step, so the data order is the same whatever the number of
+processes, and the data position of a run is a function of its step and planned length (exact resume).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +69,45 @@ class PackedTokens:
     def num_windows(self, seq_len: int) -> int:
         return (len(self) - 1) // seq_len
 
-    def windows(self, indices, seq_len: int) -> torch.Tensor:
-        """[len(indices), seq_len + 1] int64 tokens."""
-        n = self.num_windows(seq_len)
-        if n == 0:
-            raise MimoError(f"the corpus has {len(self)} tokens, fewer than one sequence of {seq_len + 1}")
-        rows = [self.slice((int(i) % n) * seq_len, seq_len + 1).astype(np.int64) for i in indices]
+    def windows(self, indices, seq_len: int, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """[len(indices), seq_len + 1] int64 tokens: windows of the region [start, start + length) (default: the
+        whole split), wrapping around at its end."""
+        length = len(self) - start if length is None else length
+        n = (length - 1) // seq_len
+        if n <= 0:
+            raise MimoError(f"the corpus has {length} tokens, fewer than one sequence of {seq_len + 1}")
+        rows = [self.slice(start + (int(i) % n) * seq_len, seq_len + 1).astype(np.int64) for i in indices]
         return torch.from_numpy(np.stack(rows))
 
 
-class PretrainBatches:
-    """Deterministic micro-batches for an optimizer step, for one rank."""
+@dataclass
+class Stage:
+    name: str
+    start: int  # first token of the stage in the train stream
+    tokens: int
+    first_step: int  # the run's steps [first_step, end_step) read this stage
+    end_step: int
 
-    def __init__(self, tokens: PackedTokens, seq_len: int, global_seqs: int, micro_batch: int,
+
+def plan_stages(tokens: PackedTokens, total_steps: int) -> list[Stage]:
+    """The train split's stages (from the manifest: `mimo data build` writes where each starts, its config the
+    fractions) and the steps of a `total_steps` run each one gets; a corpus without stages is one stage."""
+    rows = tokens.manifest["splits"]["train"].get("stages") or [{"name": "all", "start": 0, "tokens": len(tokens)}]
+    fractions = {s["name"]: s["fraction"] for s in tokens.manifest.get("config", {}).get("stages", [])}
+    shares = [fractions.get(r["name"], r["tokens"] / max(1, len(tokens))) for r in rows]
+    stages, done = [], 0.0
+    for r, share in zip(rows, shares):
+        first = round(total_steps * done / sum(shares))
+        done += share
+        stages.append(Stage(r["name"], r["start"], r["tokens"], first, round(total_steps * done / sum(shares))))
+    return stages
+
+
+class PretrainBatches:
+    """Deterministic micro-batches for an optimizer step, for one rank, from the stage the step belongs to in a
+    run of `total_steps` steps."""
+
+    def __init__(self, tokens: PackedTokens, seq_len: int, global_seqs: int, micro_batch: int, total_steps: int,
                  rank: int = 0, world_size: int = 1, device="cpu"):
         if global_seqs % (micro_batch * world_size):
             raise MimoError(f"global batch of {global_seqs} sequences is not a multiple of micro batch "
@@ -84,17 +115,24 @@ class PretrainBatches:
         self.tokens, self.seq_len, self.global_seqs, self.micro = tokens, seq_len, global_seqs, micro_batch
         self.rank, self.world, self.device = rank, world_size, device
         self.accum = global_seqs // (micro_batch * world_size)
+        self.stages = plan_stages(tokens, total_steps)
+        for st in self.stages:
+            if st.end_step > st.first_step and st.tokens <= seq_len:
+                raise MimoError(f"data stage {st.name!r} holds {st.tokens} tokens, fewer than one sequence of "
+                                f"{seq_len + 1}")
+
+    def stage(self, step: int) -> Stage:
+        return next((st for st in self.stages if step < st.end_step), self.stages[-1])
 
     def micro_batches(self, step: int):
         """Yields (inputs [micro, T], targets [micro, T]) accum times."""
-        base = step * self.global_seqs
+        st = self.stage(step)
+        base = (step - st.first_step) * self.global_seqs
         for m in range(self.accum):
             first = base + (m * self.world + self.rank) * self.micro
-            w = self.tokens.windows(range(first, first + self.micro), self.seq_len).to(self.device)
+            w = self.tokens.windows(range(first, first + self.micro), self.seq_len, st.start, st.tokens)
+            w = w.to(self.device)
             yield w[:, :-1], w[:, 1:]
-
-    def epoch(self, step: int) -> float:
-        return step * self.global_seqs / max(1, self.tokens.num_windows(self.seq_len))
 
 
 def eval_batches(tokens: PackedTokens, seq_len: int, batch: int, max_batches: int, device="cpu"):

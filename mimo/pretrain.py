@@ -82,17 +82,22 @@ def run(args) -> dict:
     train_tokens = PackedTokens(data_dir, "train")
     val_tokens = PackedTokens(data_dir, "val")
     run_dir = Path(args.out)
+    batches = PretrainBatches(train_tokens, cfg.seq_len, cfg.global_batch_seqs, cfg.micro_batch, cfg.max_steps,
+                              info.rank, info.world_size, info.device)
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(
             {"command": "pretrain", "preset": args.preset, "data": str(data_dir), "world_size": info.world_size,
-             "mtp_layers": args.mtp_layers, "depth": args.depth, "train": asdict(cfg)}, indent=2, default=str))
+             "mtp_layers": args.mtp_layers, "depth": args.depth, "train": asdict(cfg),
+             "stages": [asdict(st) for st in batches.stages]}, indent=2, default=str))
     model = model_for(args.preset, tokenizer.vocab_size, args.mtp_layers, args.seed, args.depth)
-    batches = PretrainBatches(train_tokens, cfg.seq_len, cfg.global_batch_seqs, cfg.micro_batch,
-                              info.rank, info.world_size, info.device)
+    tokens_per_step = cfg.global_batch_seqs * cfg.seq_len
     print0(f"pretraining {args.preset}: {model.num_params()['total']:,} parameters, "
-           f"{cfg.global_batch_seqs * cfg.seq_len:,} tokens per step ({batches.accum} accumulation step(s) x "
+           f"{tokens_per_step:,} tokens per step ({batches.accum} accumulation step(s) x "
            f"{info.world_size} process(es)), {cfg.max_steps} steps, corpus {len(train_tokens):,} tokens")
+    print0("data stages by share of the run: " + "; ".join(
+        f"{st.name} steps {st.first_step}-{st.end_step} (reads {st.tokens:,} tokens "
+        f"{(st.end_step - st.first_step) * tokens_per_step / st.tokens:.2f} times)" for st in batches.stages))
 
     def val():
         return eval_batches(val_tokens, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, info.device)

@@ -180,7 +180,8 @@ def trim_metrics(path: Path, last_step: int):
     path.write_text("".join(r + "\n" for r in kept))
 
 
-def plot_metrics(metrics_path: Path, out_png: Path, title: str = "training"):
+def plot_metrics(metrics_path: Path, out_png: Path, title: str = "training", stages=()):
+    """The loss curves; stages: the data stages as (name, first step, end step), shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,6 +192,8 @@ def plot_metrics(metrics_path: Path, out_png: Path, title: str = "training"):
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [r for r in rows if "loss" in r]
+    if len(stages) > 1:
+        shade_stages(ax, stages)
     for key, label in (("loss", "total"), ("ntp_loss", "next-token"), ("mtp_loss", "MTP (t+2)")):
         pts = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if pts:
@@ -206,6 +209,15 @@ def plot_metrics(metrics_path: Path, out_png: Path, title: str = "training"):
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def shade_stages(ax, stages: list[tuple[str, int, int]]):
+    """Alternate bands behind the curves, one per data stage (name, first step, end step), named at the top."""
+    for i, (name, first, end) in enumerate(stages):
+        if end > first:
+            ax.axvspan(first, end, color="tab:gray", alpha=0.14 if i % 2 == 0 else 0.05, lw=0)
+            ax.text((first + end) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                    fontsize=8, color="dimgray")
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -255,6 +267,7 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
         return {}
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     tokens_per_step = cfg.global_batch_seqs * cfg.seq_len
+    stages = [(st.name, st.first_step, st.end_step) for st in getattr(batches, "stages", ())]  # pretraining data
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not info.is_main, desc=title, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     last_row: dict = {}
@@ -282,6 +295,8 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
             row = {"step": done, "tokens": done * tokens_per_step, "loss": avg[0], "ntp_loss": avg[1],
                    "mtp_loss": avg[2] if model.config.num_nextn_predict_layers else None, "lr": lr,
                    "mtp_weight": w, "grad_norm": float(grad_norm), "tokens_per_s": tokens_since / (now - t_log)}
+            if stages:  # pretraining: the data stage this step read
+                row["stage"] = batches.stage(step).name
             t_log, tokens_since = now, 0
             if val_batches is not None and (done % cfg.eval_every == 0 or done == cfg.max_steps):
                 row.update(evaluate(model, val_batches(), cfg.precision, device))
@@ -301,6 +316,6 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
     final_sd = get_model_state_dict(model, options=FULL_STATE)
     if info.is_main:
         save_model(model, run_dir / "final", tokenizer=tokenizer, state_dict=final_sd)
-        plot_metrics(metrics_path, run_dir / "loss.png", title)
+        plot_metrics(metrics_path, run_dir / "loss.png", title, stages)
     barrier()
     return last_row

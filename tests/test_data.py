@@ -5,10 +5,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from mimo import data, quality, reasoning
 from mimo.benchmarks import load_benchmark
-from mimo.dataloader import PackedTokens
+from mimo.dataloader import PackedTokens, PretrainBatches
 from mimo.errors import MimoError
 from mimo.tokenizer import Tokenizer
 
@@ -179,6 +180,35 @@ def test_dataloader_reads_the_corpus_and_round_trips(corpus, tmp_path):
     assert doc in data.corpus_documents(tmp_path / "t") + data.corpus_documents(tmp_path / "t", "val")
 
 
+@pytest.mark.parametrize("total_steps", [10, 400])
+def test_each_stage_gets_its_share_of_any_run_in_order(corpus, total_steps):
+    """Stages 0.5 / 0.3 / 0.2 of a 10-step run (reading part of each stage) and of a 400-step run (wrapping around
+    inside each stage many times): the steps split 50/30/20, and every window of a step lies inside its stage."""
+    out, m = corpus
+    rows = m["splits"]["train"]["stages"]
+    batches = PretrainBatches(PackedTokens(out), seq_len=32, global_seqs=4, micro_batch=2, total_steps=total_steps)
+    spans = [(st.name, st.first_step, st.end_step) for st in batches.stages]
+    cut = [0, total_steps // 2, total_steps * 8 // 10, total_steps]
+    assert spans == [(r["name"], a, b) for r, a, b in zip(rows, cut, cut[1:])]
+    stream = PackedTokens(out).slice(0, m["splits"]["train"]["tokens"])
+    for step in range(total_steps):
+        st = batches.stage(step)
+        x = torch.cat([xy[0] for xy in batches.micro_batches(step)])  # [4, 32]
+        rel = step - st.first_step
+        for j, window in enumerate(x.tolist()):
+            w = (rel * 4 + j) % ((st.tokens - 1) // 32)  # the stage's windows, in order, wrapping around
+            assert window == stream[st.start + w * 32: st.start + w * 32 + 32].tolist()
+    assert batches.stage(cut[1]).name == "reasoning" and batches.stage(total_steps - 1).name == "long"
+
+
+def test_a_corpus_without_stages_is_one(corpus, tmp_path):
+    out, m = corpus
+    tokens = PackedTokens(out)
+    tokens.manifest = {**m, "splits": {"train": {k: v for k, v in m["splits"]["train"].items() if k != "stages"}}}
+    (stage,) = PretrainBatches(tokens, seq_len=32, global_seqs=4, micro_batch=2, total_steps=7).stages
+    assert (stage.start, stage.tokens, stage.first_step, stage.end_step) == (0, len(tokens), 0, 7)
+
+
 def test_deterministic_and_formats_switch(tmp_path, corpus):
     out, m = corpus
     again = data.build_corpus(small_config(), tmp_path / "again", show_progress=False)
@@ -226,8 +256,11 @@ def test_default_configs_are_valid():
     for preset in ("nano", "tiny", "small"):
         cfg = data.validate_config(data.default_config(preset))
         assert [s["name"] for s in cfg["stages"]] == ["broad", "reasoning", "long"]
+        assert set(cfg["stages"][0]["mix"]) == {"reasoning/answer_only"}  # no step-by-step traces in stage 1
+        assert all("reasoning" in st["mix"] for st in cfg["stages"][1:])  # they enter in stages 2 and 3
     cfg = data.validate_config(data.default_config("tiny", text=["notes/"]))
-    assert cfg["sources"]["text"]["paths"] == ["notes/"] and "text" in cfg["stages"][0]["mix"]
+    assert cfg["sources"]["text"]["paths"] == ["notes/"]
+    assert set(cfg["stages"][0]["mix"]) == {"reasoning/answer_only", "text"}
     with pytest.raises(MimoError, match="unknown corpus preset"):
         data.default_config("huge")
 
@@ -272,3 +305,11 @@ def test_load_config_resolves_text_paths(tmp_path):
     (tmp_path / "notes" / "c.jsonl").write_text('{"txt": "no text field"}\n')
     with pytest.raises(MimoError, match=r"c\.jsonl:1: expected an object with a string \"text\" field"):
         data.build_corpus(cfg, tmp_path / "c", show_progress=False)
+
+
+def test_data_build_text_goes_with_the_preset_config(tmp_path, capsys):
+    from mimo.cli import main
+
+    (tmp_path / "c.json").write_text(json.dumps(small_config()))
+    argv = ["data", "build", "--config", str(tmp_path / "c.json"), "--text", "notes/", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2 and "--text adds a source to the preset's config" in capsys.readouterr().err

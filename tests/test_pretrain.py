@@ -17,11 +17,14 @@ from safetensors.torch import load_file
 from mimo.cli import main
 
 CORPUS = {"seed": 0, "tokens": 60_000, "tokenizer": {"vocab_size": 512},
-          "sources": {"reasoning": {"type": "reasoning", "problems": 1500}},
-          "stages": [{"name": "broad", "fraction": 1.0, "mix": {"reasoning": 1.0}}]}
+          "sources": {"reasoning": {"type": "reasoning", "problems": 1500, "formats": {"trace": 3, "answer_only": 1}}},
+          "stages": [{"name": "broad", "fraction": 0.25, "mix": {"reasoning/answer_only": 1.0}},
+                     {"name": "reasoning", "fraction": 0.5, "mix": {"reasoning": 1.0}},
+                     {"name": "long", "fraction": 0.25, "mix": {"reasoning/trace": 1.0}}]}
 
 # every run: nano, 16 steps of 8 sequences in micro-batches of 2 (4 accumulation steps in one process, 2 in each
-# of two), checkpoints every 4 steps, metrics at steps 10 and 16 (with validation), fp32 so runs compare closely
+# of two), checkpoints every 4 steps, metrics at steps 10 and 16 (with validation), fp32 so runs compare closely;
+# the data stages get steps 0-3, 4-11 and 12-15 (a run killed in step 12 resumes from step 8, inside stage 2)
 STEPS = 16
 RUN = ["pretrain", "--preset", "nano", "--max-steps", str(STEPS), "--save-every", "4", "--eval-every", "10",
        "--micro-batch", "2", "--precision", "fp32"]
@@ -102,8 +105,12 @@ def test_nano_pretrain_learns_and_writes_everything(corpus, reference, capfd):
     for key in ("step", "tokens", "loss", "ntp_loss", "mtp_loss", "lr", "tokens_per_s", "val_loss", "val_mtp_top1"):
         assert all(key in r for r in rows), key
     assert rows[-1]["tokens"] == STEPS * 8 * 256
+    assert [r["stage"] for r in rows] == ["reasoning", "long"]
+    stages = json.loads((reference / "run_config.json").read_text())["stages"]
+    assert [(s["name"], s["first_step"], s["end_step"]) for s in stages] == [
+        ("broad", 0, 4), ("reasoning", 4, 12), ("long", 12, 16)]
     # it learns: an untrained model scores about ln(512) = 6.24 nats; over 16 steps training and validation loss
-    # fall clearly (measured: next-token 5.06 -> 3.79, validation 4.81 -> 3.87, MTP 5.03 -> 3.81)
+    # fall clearly (measured: next-token 5.10 -> 3.97, validation 4.80 -> 3.82, MTP 5.09 -> 4.06)
     first, last = rows
     assert first["ntp_loss"] < math.log(512) - 0.5 and first["val_loss"] < math.log(512) - 0.5
     assert last["ntp_loss"] < first["ntp_loss"] - 0.5 and last["val_loss"] < first["val_loss"] - 0.4
