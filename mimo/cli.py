@@ -147,6 +147,19 @@ def cmd_data_build(args):
           f"{manifest['splits']['val']['tokens']:,} validation tokens", file=sys.stderr)
 
 
+def cmd_merge(args):
+    from mimo.adapters import load_adapter
+    from mimo.checkpoint import load_model_and_tokenizer, save_model
+    from mimo.lora import merge_adapter
+
+    model, tokenizer = load_model_and_tokenizer(args.model, "auto")
+    adapter = load_adapter(args.adapter, model, args.model)
+    merge_adapter(model, adapter)
+    save_model(model, args.out, tokenizer=tokenizer)
+    print(f"wrote {args.out}: {args.model} with {args.adapter} merged into {len(adapter.updates)} linears",
+          file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimo", description="The MiMo recipe: MTP pretraining on reasoning-dense "
                                 "data, SFT, RL with verifiable rewards, MTP speculative decoding, evaluation.")
@@ -212,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rl", help="GRPO with rule-based rewards, MiMo's recipe (resumes)")
     rl.add_arguments(s)
     s.set_defaults(func=lambda args: rl.run(args))
+
+    from mimo import tune
+
+    s = sub.add_parser("tune", help="LoRA on your own notes and chats (base frozen, optionally quantized): a PEFT "
+                       "adapter")
+    tune.add_arguments(s)
+    s.set_defaults(func=lambda args: tune.run(args))
+
+    s = sub.add_parser("merge", help="fold a LoRA adapter into its base: a standalone model directory")
+    s.add_argument("model", metavar="MODEL_DIR")
+    s.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="a PEFT LoRA adapter for MODEL_DIR")
+    s.add_argument("--out", required=True, metavar="OUT_DIR")
+    s.set_defaults(func=cmd_merge)
 
     from mimo import speedrun
 

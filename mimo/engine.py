@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mimo.errors import MimoError
+from mimo.lora import AdapterSelection
 from mimo.model import MiMoForCausalLM
 from mimo.model_runner import ModelRunner, RunContext, mkl_packing_available
 from mimo.speculative import (
@@ -129,6 +130,7 @@ class _Request:
     t_added: float
     t_first: float | None = None
     slot: int = -1
+    adapter: int = 0  # the LoRA adapter's index in the engine's stack (Engine.adapters)
 
 
 class EngineSession:
@@ -170,9 +172,14 @@ class EngineSession:
 
     # ---- requests -------------------------------------------------------------------------------------
 
-    def add(self, prompt: list[int], params: SamplingParams) -> int:
-        """Queue a request (token ids); returns its id. params.seed None: a fresh random seed."""
+    def add(self, prompt: list[int], params: SamplingParams, adapter: int | None = None) -> int:
+        """Queue a request (token ids); returns its id. params.seed None: a fresh random seed. adapter: the index
+        of the LoRA adapter it uses (None: the engine's default_adapter; adapters.base_index: the base model)."""
         params.validate()
+        adapters = self.engine.adapters
+        adapter = self.engine.default_adapter if adapter is None else adapter
+        if adapters is not None and not 0 <= adapter <= adapters.base_index:
+            raise MimoError(f"no adapter {adapter} (the engine holds {adapters.base_index})")
         if len(prompt) == 0:
             raise MimoError("every prompt needs at least one token")
         if len(prompt) >= self.max_seq_len:
@@ -189,7 +196,7 @@ class EngineSession:
         if self.spec is not None:
             completion.spec = SpecStats()
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        req = _Request(rid, list(prompt), params, seed, completion, detok, time.perf_counter())
+        req = _Request(rid, list(prompt), params, seed, completion, detok, time.perf_counter(), adapter=adapter)
         self.requests[rid] = req
         self.waiting.append(req)
         return rid
@@ -284,6 +291,7 @@ class EngineSession:
             req.slot = heapq.heappop(self.free_slots)
             self.slots[req.slot] = req
             self.sampler.set(req.slot, req.params, req.seed)
+            self.runner.slot_adapter[req.slot] = req.adapter
             batch.append(req)
         if not batch:
             return
@@ -324,7 +332,7 @@ class EngineSession:
     def _prefill(self, batch: list[_Request], ids, slots, ctx: RunContext):
         """The main model over the prompts ids [b, P] -> hidden [b, P, H]; each distinct prompt computed once."""
         first: dict[tuple, int] = {}
-        source = [first.setdefault(tuple(r.prompt), i) for i, r in enumerate(batch)]  # the row each row copies
+        source = [first.setdefault((r.adapter, *r.prompt), i) for i, r in enumerate(batch)]  # the row each copies
         if len(first) == len(batch):
             return self.runner.hidden(ids, ctx)
         dev, P = ids.device, ids.shape[1]
@@ -374,7 +382,8 @@ class EngineSession:
 
 class Engine:
     def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
-                 compile: bool = False, draft_quantize: str | None = None, pack_weights: bool = False):
+                 compile: bool = False, draft_quantize: str | None = None, pack_weights: bool = False,
+                 adapters: AdapterSelection | None = None, default_adapter: int = 0):
         """tokenizer None: token ids only (no text, no stop tokens), as benchmarks want.
         compile: torch.compile the plain decode step and MTP's greedy draft-verify step for batches of 1-2 rows,
         with the weights frozen into the graphs and every matmul autotuned (InferenceCompiled; the first call per
@@ -385,7 +394,13 @@ class Engine:
         verifies every draft, so only the acceptance rate can change.
         pack_weights: sessions of PACK_MIN_BATCH rows or more keep MKL-packed copies of the linear weights for
         their full batch (and MTP's verify pass over it) and run a nearly full batch as a full one (pack_rows;
-        fp32 on x86 CPUs; copies up to PACK_MAX_BYTES). Like compile, for weights that no longer change."""
+        fp32 on x86 CPUs; copies up to PACK_MAX_BYTES). Like compile, for weights that no longer change.
+        adapters: LoRA adapters stacked on the model (lora.attach_adapters); each request picks one (or the base
+        model), requests for different ones decode in the same batch. default_adapter: the index requests get
+        when they name none (the first adapter unless told)."""
+        if adapters is not None and compile:
+            raise MimoError("--compile does not work with adapters yet; leave one out")
+        self.adapters, self.default_adapter = adapters, default_adapter
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = model.config
         self.max_seq_len = max_seq_len or self.cfg.max_position_embeddings
@@ -429,7 +444,7 @@ class Engine:
                 and runner.pack_rows == pack_rows):
             self._idle_runner = None
             return runner
-        return ModelRunner(self.model, n_slots, capacity, self.compile, self.drafter, pack_rows)
+        return ModelRunner(self.model, n_slots, capacity, self.compile, self.drafter, pack_rows, self.adapters)
 
     def release_runner(self, runner: ModelRunner | None):
         if runner is not None:

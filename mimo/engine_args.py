@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from mimo.config import QUANTIZATIONS
+from mimo.errors import MimoError
 
 
 def add_engine_arguments(s):
@@ -29,25 +30,33 @@ def add_engine_arguments(s):
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations (auto: as stored; float16 becomes float32 on a CPU)")
+    s.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a LoRA adapter in PEFT's format (mimo tune writes them) on top of the model; serve takes "
+                        "several (NAME=DIR, repeated), each request's `model` picking one")
     s.add_argument("--max-model-len", type=int, default=None,
                    help="context per sequence (default: the model's, or the largest power of two whose KV cache "
                         "fits in half the memory left after the weights)")
 
 
-def load_engine(args, n_slots: int = 1, quiet: bool = False):
+def load_engine(args, n_slots: int = 1, quiet: bool = False, many_adapters: bool = False):
     """(engine, tokenizer) from add_engine_arguments' flags, with a KV cache for n_slots sequences.
-    quiet: no progress bar or loading lines on stderr."""
+    quiet: no progress bar or loading lines on stderr. many_adapters: --adapter may be given several times and
+    requests name theirs (serve); else one adapter at most, which every request uses."""
     from mimo.checkpoint import load_model_and_tokenizer
     from mimo.engine import Engine
-    from mimo.errors import MimoError
     from mimo.memory import available_bytes, choose_context, human, module_bytes, peak_resident_bytes
 
     if args.max_model_len is not None and args.max_model_len < 2:
         raise MimoError("--max-model-len must be at least 2")
+    if len(args.adapter) > 1 and not many_adapters:
+        raise MimoError("--adapter takes one adapter here (mimo serve takes several)")
+    if args.adapter and args.compile:
+        raise MimoError("--compile does not work with --adapter yet; leave one out")
     free_before = available_bytes()
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, quantize=args.quantize,
                                                 progress=not quiet and sys.stderr.isatty())
+    adapters = attach(args.adapter, model, args.model)
     weights = module_bytes(model)
     dtype = model.model.embed_tokens.weight.dtype
     free_after = None if free_before is None else max(0, free_before - weights)
@@ -59,7 +68,36 @@ def load_engine(args, n_slots: int = 1, quiet: bool = False):
         kind = "+".join(sorted(quantized)) + f" ({str(dtype).removeprefix('torch.')} activations)" if quantized \
             else str(dtype).removeprefix("torch.")
         print(f"mimo: loaded {Path(args.model).name} ({kind}) in {time.perf_counter() - t0:.1f} s: weights "
-              f"{human(weights)}, peak memory {human(peak_resident_bytes())}; {why}", file=sys.stderr, flush=True)
+              f"{human(weights)}, peak memory {human(peak_resident_bytes())}; {why}"
+              + (f"; adapter(s) {', '.join(adapters.names)}" if adapters else ""), file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_seq_len=context, compile=args.compile,
-                    draft_quantize=args.draft_quantize, pack_weights=True)  # the weights never change here
+                    draft_quantize=args.draft_quantize, pack_weights=True,  # the weights never change here
+                    adapters=adapters)
     return engine, tokenizer
+
+
+def parse_adapter(spec: str) -> tuple[str | None, Path]:
+    """'NAME=DIR' or 'DIR' -> (NAME or None, DIR)."""
+    name, sep, path = spec.partition("=")
+    if not sep or Path(spec).exists():
+        return None, Path(spec)
+    if not name or not path:
+        raise MimoError(f"--adapter {spec!r}: expected NAME=DIR or DIR")
+    return name, Path(path)
+
+
+def attach(specs: list[str], model, model_dir: str):
+    """Load the --adapter directories and stack them on the model: their AdapterSelection (None without)."""
+    from mimo.adapters import load_adapter
+    from mimo.lora import attach_adapters
+
+    if not specs:
+        return None
+    adapters = []
+    for spec in specs:
+        name, path = parse_adapter(spec)
+        adapters.append(load_adapter(path, model, model_dir, name))
+    names = [a.name for a in adapters]
+    if len(set(names)) < len(names):
+        raise MimoError(f"two adapters named {next(n for n in names if names.count(n) > 1)!r}: name them NAME=DIR")
+    return attach_adapters(model, adapters)

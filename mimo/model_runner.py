@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mimo.lora import AdapterSelection, LoRALinear
 from mimo.model import KVCache, MiMoForCausalLM, mtp_embeds
 from mimo.speculative import SamplingFlags
 
@@ -78,6 +79,9 @@ def _fast(linear, pack_rows: tuple[int, ...] = ()):
     kernel for that size: at 16 rows 1.2-2.7x faster than F.linear on the tiny model's shapes and 1.45-1.9x on
     a 7B model's, less at 32-48 rows (bench/packed_linear.py). Same math; the copy does not see later in-place
     weight updates."""
+    if isinstance(linear, LoRALinear):  # the base product as any other, plus the update
+        base = _fast(linear.base, pack_rows)
+        return lambda x: linear.add_update(x, base(x))
     if type(linear) is not torch.nn.Linear:
         return linear.forward  # e.g. quantize.Int8Linear
     w, b = linear.weight, linear.bias
@@ -140,15 +144,19 @@ class ModelRunner:
     MTP's greedy draft-verify step, speculative.py) through torch.compile for small batches (compiled_rows:
     static shapes, attention over the whole cache, weights frozen in: InferenceCompiled). drafter: the MTP
     layers and LM head that draft (Engine.drafter). pack_rows: the input sizes to keep MKL-packed weights for
-    (_fast; Engine.pack_rows).
+    (_fast; Engine.pack_rows). adapters: the LoRA adapters stacked on the model (mimo/lora.py); slot_adapter [n_slots]
+    says which one each slot's row uses, and every main-model pass selects its rows' adapters from it.
     """
 
     def __init__(self, model: MiMoForCausalLM, n_slots: int, capacity: int, compile: bool = False,
                  drafter: tuple[list[torch.nn.Module], torch.nn.Module] | None = None,
-                 pack_rows: tuple[int, ...] = ()):
+                 pack_rows: tuple[int, ...] = (), adapters: AdapterSelection | None = None):
         cfg = model.config
         self.model, self.cfg, self.capacity, self.n_slots = model, cfg, capacity, n_slots
         self.pack_rows = pack_rows
+        self.adapters = adapters
+        self.slot_adapter = torch.full((n_slots,), adapters.base_index if adapters else 0, dtype=torch.long,
+                                       device=model.model.embed_tokens.weight.device)
         self.embed = model.model.embed_tokens.weight
         self.device, self.dtype = self.embed.device, self.embed.dtype
         self.cache = KVCache(cfg, n_slots, capacity, self.dtype, self.device)
@@ -243,6 +251,9 @@ class ModelRunner:
 
     def hidden(self, ids, ctx: RunContext):
         """ids [b, T] -> the main model's final hidden state before model.norm [b, T, H]."""
+        if self.adapters is not None:
+            self.adapters.select(self.slot_adapter[: ids.shape[0]] if ctx.slots is None else
+                                 self.slot_adapter[ctx.slots])
         x = F.embedding(ids, self.embed)
         for blk in self.blocks:
             x = self._block(blk, x, ctx)

@@ -234,6 +234,31 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _linear("bf16", x, weight, weight.shape[1], bias)
 
 
+class _FrozenBlockLinear(torch.autograd.Function):
+    """y = x @ W.T + bias with W in blocks, differentiable w.r.t. x only (the weights stay frozen: LoRA on top of a
+    quantized base, QLoRA): grad_x = grad_y @ W, W dequantized CHUNK_ELEMS weights at a time."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, fmt: str, in_features: int, bias):
+        ctx.save_for_backward(blocks)
+        ctx.fmt, ctx.in_features = fmt, in_features
+        return _linear(fmt, x, blocks, in_features, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (blocks,) = ctx.saved_tensors
+        n, k = blocks.shape[0], ctx.in_features
+        g = grad_y.reshape(-1, n).float()  # [m, n]
+        grad_x = torch.zeros(g.shape[0], k, device=g.device)
+        use_kernel = blocks.is_cpu and kernels.available()
+        step = max(1, CHUNK_ELEMS // k)
+        buf = torch.empty(min(step, n), k) if use_kernel else None
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            grad_x.addmm_(g[:, r0:r1], _weight_rows(ctx.fmt, blocks, r0, r1, k, buf))  # [m, rows] @ [rows, k]
+        return grad_x.to(grad_y.dtype).view(*grad_y.shape[:-1], k), None, None, None, None
+
+
 # ---- the modules -------------------------------------------------------------------------------------------------
 
 class _BlockLinear(nn.Module):
@@ -279,6 +304,8 @@ class _BlockLinear(nn.Module):
         blocks = self._buffers["blocks"]
         if torch.compiler.is_compiling():
             return _OPS[self.FORMAT](x, blocks, self.in_features, self.bias)
+        if x.requires_grad and torch.is_grad_enabled():  # a gradient through the frozen weights (QLoRA)
+            return _FrozenBlockLinear.apply(x, blocks, self.FORMAT, self.in_features, self.bias)
         return _linear(self.FORMAT, x, blocks, self.in_features, self.bias)
 
     def extra_repr(self) -> str:

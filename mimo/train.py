@@ -129,10 +129,38 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, opt, tokenizer, state: dict, keep: int, is_main: bool):
+class ModelStore:
+    """What a run's checkpoints and final output hold: here the whole model, as a model directory (pretraining,
+    SFT); mimo.tune.AdapterStore keeps a LoRA adapter instead. state_dicts is a collective under FSDP2."""
+
+    def state_dicts(self, model, opt) -> tuple[dict, dict | None]:
+        """(full model state, full optimizer state); opt None: the model's only."""
+        if opt is None:
+            return get_model_state_dict(model, options=FULL_STATE), None
+        return get_state_dict(model, opt, options=FULL_STATE)
+
+    def save(self, model, out_dir: Path, tokenizer, state_dict: dict):
+        save_model(model, out_dir, tokenizer=tokenizer, state_dict=state_dict)
+
+    def restore(self, path: Path, model, opt, optim_sd: dict):
+        """Load the weights saved at path (save's out_dir) and the optimizer state into model and opt."""
+        model_sd = load_model(path, dtype=torch.float32).state_dict()
+        set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
+
+    def final_dir(self, run_dir: Path) -> Path:
+        return run_dir / "final"
+
+    def is_saved(self, out_dir: Path) -> bool:
+        return (out_dir / "config.json").exists()
+
+
+def save_checkpoint(run_dir: Path, step: int, model, opt, tokenizer, state: dict, keep: int, is_main: bool,
+                    store: ModelStore | None = None):
     """Gather full model and optimizer state (a collective under FSDP2: every rank calls), rank 0 writes it
     into a temporary directory and renames it into place, so a crash never damages the last good one."""
-    model_sd, optim_sd = get_state_dict(model, opt, options=FULL_STATE)
+    store = store or ModelStore()
+    model_sd, optim_sd = store.state_dicts(model, opt)
     if not is_main:
         return
     ckpt_dir = run_dir / "checkpoints"
@@ -140,7 +168,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, tokenizer, state: dict
     tmp = ckpt_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_model(model, tmp / "model", tokenizer=tokenizer, state_dict=model_sd)
+        store.save(model, tmp / "model", tokenizer, model_sd)
         tensors = {f"{name}::{key}": v.detach().cpu().contiguous()
                    for name, st in optim_sd["state"].items() for key, v in st.items()}
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -154,17 +182,15 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, tokenizer, state: dict
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, opt) -> dict:
+def load_checkpoint(path: Path, model, opt, store: ModelStore | None = None) -> dict:
     """Restore weights, optimizer moments and the RNG; every rank reads the same files."""
+    store = store or ModelStore()
     state = json.loads((path / "trainer_state.json").read_text())
-    model_sd = load_model(path / "model", dtype=torch.float32).state_dict()
     optim_state: dict = {}
     for key, value in load_file(str(path / "optimizer.safetensors")).items():
         name, field = key.split("::")
         optim_state.setdefault(name, {})[field] = value
-    optim_sd = {"state": optim_state, "param_groups": state["optimizer_param_groups"]}
-    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+    store.restore(path / "model", model, opt, {"state": optim_state, "param_groups": state["optimizer_param_groups"]})
     torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu"])
     return state
 
@@ -244,9 +270,11 @@ def evaluate(model, batches, precision: str, device) -> dict:
 
 
 def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, val_batches=None,
-          title: str = "training", extra_state: dict | None = None):
+          title: str = "training", extra_state: dict | None = None, store: ModelStore | None = None):
     """Run (or resume) training; returns the final metrics row. `batches.micro_batches(step)` yields (x, y);
-    `val_batches()` returns an iterable of validation (x, y)."""
+    `val_batches()` returns an iterable of validation (x, y). store: what checkpoints and the final output hold
+    (default: the whole model)."""
+    store = store or ModelStore()
     run_dir = Path(run_dir)
     device = info.device
     torch.manual_seed(cfg.seed)
@@ -257,12 +285,12 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
     metrics_path = run_dir / "metrics.jsonl"
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt)
+        state = load_checkpoint(ckpt, model, opt, store)
         start = state["step"]
         print0(f"resuming from step {start} ({ckpt})")
         if info.is_main:
             trim_metrics(metrics_path, start)
-    if start >= cfg.max_steps and (run_dir / "final" / "config.json").exists():
+    if start >= cfg.max_steps and store.is_saved(store.final_dir(run_dir)):
         print0(f"{run_dir}: already trained to step {start}")
         return {}
     forward = torch.compile(wrapped) if cfg.compile else wrapped
@@ -310,12 +338,12 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             state = {"step": done, "tokens": done * tokens_per_step, "data_position": done * cfg.global_batch_seqs,
                      "config": asdict(cfg), **(extra_state or {})}
-            save_checkpoint(run_dir, done, model, opt, tokenizer, state, cfg.keep_checkpoints, info.is_main)
+            save_checkpoint(run_dir, done, model, opt, tokenizer, state, cfg.keep_checkpoints, info.is_main, store)
             barrier()
     bar.close()
-    final_sd = get_model_state_dict(model, options=FULL_STATE)
+    final_sd, _ = store.state_dicts(model, None)
     if info.is_main:
-        save_model(model, run_dir / "final", tokenizer=tokenizer, state_dict=final_sd)
+        store.save(model, store.final_dir(run_dir), tokenizer, final_sd)
         plot_metrics(metrics_path, run_dir / "loss.png", title, stages)
     barrier()
     return last_row

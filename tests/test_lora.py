@@ -1,0 +1,256 @@
+"""LoRA: `mimo tune` on documents and chats (loss where it belongs, resume after a kill, QLoRA gradients), adapters
+in PEFT's format (names and fields checked without peft; logits equal through peft when it is installed), the
+adapter on generate and merge, several adapters in one batch (with MTP speculation), and bad input."""
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mimo.adapters import load_adapter, save_adapter
+from mimo.checkpoint import load_model, load_model_and_tokenizer, save_model
+from mimo.cli import main
+from mimo.engine import Engine, SamplingParams
+from mimo.lora import DEFAULT_TARGETS, PARENT, LoRAConfig, add_lora, attach_adapters, lora_modules
+from mimo.quantize import quantize_linears
+
+FACTS = [("Ada", "tea", "Porto"), ("Ben", "coffee", "Oslo"), ("Cleo", "juice", "Lima"), ("Dan", "milk", "Kyoto")]
+
+
+@pytest.fixture()
+def notes(tmp_path):
+    """A folder of notes (.md, .txt) and chat transcripts (.jsonl)."""
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "people.md").write_text("\n\n".join(f"# {n}\n{n} drinks {drink} and lives in {city}." for n, drink, city in
+                                             FACTS * 3))
+    (d / "diary.txt").write_text("Today I met Ada in Porto. She ordered tea, as always.\n" * 4)
+    chats = [{"messages": [{"role": "user", "content": f"Where does {n} live?"},
+                           {"role": "assistant", "content": f"{n} lives in {city}."}]} for n, _, city in FACTS * 4]
+    (d / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return d
+
+
+def random_update(model, seed: int, rank: int = 4, targets=DEFAULT_TARGETS, alpha: float = 8.0):
+    """add_lora with B random too (a fresh update is zero), as a trained adapter has it."""
+    add_lora(model, LoRAConfig(r=rank, alpha=alpha, dropout=0.0, target_modules=targets), seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def write_adapter(model_dir, out, seed, **kw):
+    model, _ = load_model_and_tokenizer(model_dir)
+    random_update(model, seed, **kw)
+    cfg = LoRAConfig(r=kw.get("rank", 4), alpha=kw.get("alpha", 8.0), target_modules=kw.get("targets",
+                                                                                           DEFAULT_TARGETS))
+    save_adapter(model, out, cfg, str(model_dir))
+    return model
+
+
+def test_a_fresh_update_changes_nothing_and_qlora_gradients_follow_the_quantized_weights():
+    base = tiny_model(vocab_size=300)
+    x = torch.randint(0, 300, (2, 12))
+    tuned = add_lora(copy.deepcopy(base), LoRAConfig(r=4))
+    assert torch.equal(tuned(x).logits, base(x).logits)
+    assert {n for n, p in tuned.named_parameters() if p.requires_grad} == {
+        f"model.layers.{i}.{PARENT[t]}.{t}.lora_{ab}" for i in range(2) for t in DEFAULT_TARGETS for ab in "AB"}
+
+    # LoRA on int8 weights (QLoRA) gets the gradients of LoRA on the float weights those blocks stand for
+    quantized = quantize_linears(copy.deepcopy(base), "int8")
+    dequantized = copy.deepcopy(base)
+    for name, m in quantized.named_modules():
+        if hasattr(m, "dequantized"):
+            dequantized.get_submodule(name).weight.data = m.dequantized()
+    grads = []
+    for model in (quantized, dequantized):
+        random_update(model, seed=3).train()
+        loss = model(x, targets=x.roll(-1, 1)).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].norm() > 0
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.999  # (the kernels round
+    # activations to int8 blocks in the forward pass, so not exactly equal)
+
+
+def rows_of(run_dir):
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class Killed(BaseException):
+    """Stands in for a kill: raised out of the training loop, caught by nothing in mimo."""
+
+
+def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, notes, tmp_path, monkeypatch, capfd):
+    from mimo import train
+    from mimo import tune as tune_module
+
+    def tune(out, *extra):
+        return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "6",
+                     "--save-every", "3", "--eval-every", "1", "--seq-len", "64", "--rank", "4", "--lr", "3e-2",
+                     "--val-fraction", "0.1", *extra])
+
+    monkeypatch.setattr(tune_module, "TUNE_DEFAULTS", replace(tune_module.TUNE_DEFAULTS, log_every=1, warmup_steps=2))
+    ref = tmp_path / "ref"
+    assert tune(ref) == 0
+    config = json.loads((ref / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "task_type", "r", "lora_alpha", "bias", "target_modules",
+                                   "layers_to_transform", "layers_pattern", "base_model_name_or_path")} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8.0, "bias": "none",
+        "target_modules": sorted(DEFAULT_TARGETS), "layers_to_transform": [0, 1], "layers_pattern": "layers",
+        "base_model_name_or_path": str(model_dir.resolve())}
+    tensors = load_file(str(ref / "adapter_model.safetensors"))
+    # PEFT's names: PeftModelForCausalLM.base_model (LoraModel).model, then the transformers model's module names
+    assert {k: list(v.shape) for k, v in tensors.items()} == {
+        f"base_model.model.model.layers.{i}.{PARENT[t]}.{t}.lora_{ab}.weight": shape
+        for i in range(2) for t, (out, inp) in {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64),
+                                                "o_proj": (64, 64), "gate_proj": (160, 64), "up_proj": (160, 64),
+                                                "down_proj": (64, 160)}.items()
+        for ab, shape in (("A", [4, inp]), ("B", [out, 4]))}
+    stats = json.loads((ref / "tune_config.json").read_text())["data_stats"]
+    assert stats["documents"] == 2 and stats["conversations"] == 16 and stats["validation_examples"] >= 1
+    rows = rows_of(ref)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["mtp_loss"] is None for r in rows)
+    # it learns (a random base, 6 steps; measured: training 6.02 -> 5.68, validation 5.94 -> 5.67)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2 and rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.2
+
+    out = tmp_path / "killed"
+    save = train.save_checkpoint
+
+    def save_or_die(run_dir, step, *a, **kw):
+        if step == 6:
+            raise Killed
+        save(run_dir, step, *a, **kw)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_or_die)
+    with pytest.raises(Killed):
+        tune(out)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    assert not (out / "adapter_model.safetensors").exists()
+    capfd.readouterr()
+    assert tune(out) == 0
+    assert "resuming from step 3" in capfd.readouterr().err
+    assert rows_of(out) == rows
+    again = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+    # QLoRA: the same run on an int4 base trains and writes the same names
+    assert tune(tmp_path / "q4", "--quantize", "int4") == 0
+    assert load_file(str(tmp_path / "q4" / "adapter_model.safetensors")).keys() == tensors.keys()
+
+
+def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
+    from mimo.tune import tokenize
+
+    chat = [{"role": "user", "content": "Where does Ada live?"}, {"role": "assistant", "content": "Porto."}]
+    examples, too_long = tokenize(tokenizer, ["Ada drinks tea. " * 40], [chat, chat * 8], seq_len=64)
+    docs, (_, labels) = examples[:-1], examples[-1]
+    n = len(tokenizer.encode("Ada drinks tea. " * 40)) + 1  # the end of text too (a lone last token: no target)
+    assert too_long == 1 and sum(len(i) for i, _ in docs) >= n - 1 and all(i == lab and len(i) <= 65 for i, lab in docs)
+    assert tokenizer.decode([t for t in labels if t >= 0]) == "Porto.<|im_end|>"
+
+
+def test_adapter_on_the_engine_equals_the_merged_model_and_batches_mix_adapters(model_dir, tmp_path):
+    a = write_adapter(model_dir, tmp_path / "a", seed=1)
+    write_adapter(model_dir, tmp_path / "b", seed=2, rank=2, alpha=32.0, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
+    x = torch.randint(0, 300, (2, 10))
+
+    # the adapter read back, on the model, computes what the model it was saved from computed
+    model, tok = load_model_and_tokenizer(model_dir)
+    adapter_a = load_adapter(tmp_path / "a", model, str(model_dir))
+    attach_adapters(model, [adapter_a])
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, a(x).logits, atol=1e-5)
+    # mimo merge: a standalone model with the same logits
+    assert main(["merge", str(model_dir), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(merged(x).logits, a(x).logits, atol=1e-5)
+    assert torch.equal(merged.model.mtp_layers[0].input_proj.weight, a.model.mtp_layers[0].input_proj.weight)
+
+    # several adapters in one engine: requests for a, b and the base model decode in one batch, each as alone
+    params = SamplingParams(max_new_tokens=12)
+    prompts = [tok.encode("Question: What is 12 + 7?"), tok.encode("The quick brown fox")]
+
+    def engine_of(names):
+        m, _ = load_model_and_tokenizer(model_dir)
+        adapters = [load_adapter(tmp_path / n, m, str(model_dir)) for n in names]
+        return Engine(m, tok, adapters=attach_adapters(m, adapters) if adapters else None)
+
+    alone = {name: [engine_of([name] if name else []).generate([p], params)[0].tokens for p in prompts]
+             for name in ("a", "b", None)}
+    assert alone["a"] != alone[None] and alone["b"] != alone[None]
+    many = engine_of(["a", "b"])
+    for mtp in (False, True):
+        session = many.session(max_batch=6, mtp=mtp)
+        rids = {(name, i): session.add(p, params, adapter=index)
+                for name, index in (("a", 0), ("b", 1), (None, 2)) for i, p in enumerate(prompts)}
+        while session.has_work():
+            session.step()
+        assert {k: session.completion(r).tokens for k, r in rids.items()} == {
+            (name, i): alone[name][i] for name in alone for i in range(len(prompts))}
+        session.close()
+
+
+def test_peft_opens_mimo_adapters_and_mimo_opens_peft_adapters(model_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    x = torch.randint(0, 300, (2, 10))
+    ours = write_adapter(model_dir, tmp_path / "mimo", seed=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tuned = peft.PeftModel.from_pretrained(hf, str(tmp_path / "mimo")).eval()
+    with torch.no_grad():
+        assert (tuned(x).logits - ours(x).logits).abs().max() < 1e-5
+
+    # PEFT's own adapter (its config, its names, per-module rank and alpha): mimo reads it with PEFT's logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj", "up_proj"],
+                          rank_pattern={"up_proj": 2}, alpha_pattern={"o_proj": 3}, init_lora_weights=False)
+    theirs = peft.get_peft_model(hf, cfg).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    model, _ = load_model_and_tokenizer(model_dir)
+    attach_adapters(model, [load_adapter(tmp_path / "peft", model, str(model_dir))])
+    with torch.no_grad():
+        assert (theirs(x).logits - model(x).logits).abs().max() < 1e-5
+
+
+def test_bad_input_gets_one_line(model_dir, notes, tmp_path, capfd, tokenizer):
+    other_shape = save_model(tiny_model(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=96),
+                             tmp_path / "other_shape", tokenizer=tokenizer)
+    other_weights = save_model(tiny_model(seed=5, vocab_size=tokenizer.vocab_size), tmp_path / "other",
+                               tokenizer=tokenizer)
+    write_adapter(model_dir, tmp_path / "ad", seed=1)
+    (tmp_path / "empty.md").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "data.csv").write_text("a,b\n")
+    tune = ["tune", str(model_dir), "--out", str(tmp_path / "out")]
+    cases = {
+        "empty": tune + ["--data", str(tmp_path / "empty.md")],
+        "not UTF-8 text (byte 3)": tune + ["--data", str(tmp_path / "latin1.txt")],
+        "expected .txt or .md documents or .jsonl": tune + ["--data", str(tmp_path / "data.csv")],
+        "no such file": tune + ["--data", str(tmp_path / "nope")],
+        "--rank must be >= 1": tune + ["--data", str(notes), "--rank", "0"],
+        "exceeds the smallest targeted dimension (32)": tune + ["--data", str(notes), "--rank", "48"],
+        "unknown target module(s) attn": tune + ["--data", str(notes), "--target-modules", "q_proj,attn"],
+        "an adapter for another base": ["generate", str(other_weights), "hi", "--adapter", str(tmp_path / "ad")],
+        "needs [r, 96] and [32, r]": ["generate", str(other_shape), "hi", "--adapter", str(tmp_path / "ad")],
+        "not an adapter directory": ["generate", str(model_dir), "hi", "--adapter", str(notes)],
+        "takes one adapter here": ["generate", str(model_dir), "hi", "--adapter", f"x={tmp_path / 'ad'}",
+                                   "--adapter", f"y={tmp_path / 'ad'}"],
+    }
+    for expected, argv in cases.items():
+        capfd.readouterr()
+        assert main(argv) == 2, expected
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mimo: error: ") and expected in err[0], (expected, err)
+    # fingerprint mismatch even when the tensors have the right shapes: the base's name in the safetensors metadata
+    with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
+        assert len(f.metadata()["mimo_base"]) == 16
