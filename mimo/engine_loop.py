@@ -80,6 +80,7 @@ class Handle:
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     stream_interval: int = 1
+    adapter: int | None = None  # the LoRA adapter's index in the engine (None: the engine's default)
     t_submit: float = field(default_factory=time.perf_counter)
     rid: int | None = None
     error: str | None = None
@@ -129,17 +130,17 @@ class EngineLoop:
 
     # ---- called from the event loop -----------------------------------------------------------------
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams]],
-               stream_interval: int = 1) -> tuple[list[Handle], asyncio.Queue]:
+    def submit(self, requests: list[tuple[list[int], SamplingParams]], stream_interval: int = 1,
+               adapter: int | None = None) -> tuple[list[Handle], asyncio.Queue]:
         """Queue sequences all at once or none (QueueFull); their events arrive on the returned queue, one per
-        stream_interval tokens (0: only the finished ones; see Handle)."""
+        stream_interval tokens (0: only the finished ones; see Handle). adapter: the LoRA adapter they use."""
         with self._lock:
             if self._pending + len(requests) > self.capacity:
                 raise QueueFull(f"the server is busy ({self._pending} sequences running or queued, room for "
                                 f"{self.capacity}); retry later")
             self._pending += len(requests)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        handles = [Handle(prompt, params, events, loop, stream_interval) for prompt, params in requests]
+        handles = [Handle(prompt, params, events, loop, stream_interval, adapter) for prompt, params in requests]
         for h in handles:
             self._inbox.put(("add", h))
         return handles, events
@@ -206,7 +207,7 @@ class EngineLoop:
 
     def _add(self, h: Handle):
         try:
-            h.rid = self.session.add(h.prompt, h.params)
+            h.rid = self.session.add(h.prompt, h.params, h.adapter)
         except MimoError as e:
             h.error = str(e)
             self._finish(h, None)

@@ -89,10 +89,23 @@ class Service:
 
     # ---- requests -> engine sequences ---------------------------------------------------------------
 
-    def check_model(self, req: SamplingRequest):
-        if req.model is not None and req.model != self.cfg.model_name:
+    def models(self) -> dict[str, int | None]:
+        """Served model ids -> the engine's adapter index (None: the base model)."""
+        adapters = self.loop.engine.adapters
+        names = adapters.names if adapters is not None else []
+        return {self.cfg.model_name: adapters.base_index if adapters is not None else None,
+                **{name: i for i, name in enumerate(names)}}
+
+    def check_model(self, req: SamplingRequest) -> tuple[str, int | None]:
+        """(the model id answered with, the adapter index its sequences use): the request's `model` picks the base
+        model or one of the --adapter names (absent: the base model)."""
+        models = self.models()
+        if req.model is None:
+            return self.cfg.model_name, models[self.cfg.model_name]
+        if req.model not in models:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves "
-                           f"`{self.cfg.model_name}`.", code="model_not_found", param="model")
+                           f"{', '.join(f'`{m}`' for m in models)}.", code="model_not_found", param="model")
+        return req.model, models[req.model]
 
     def sampling(self, req: SamplingRequest, prompt_len: int, max_tokens: int | None, choice: int) -> SamplingParams:
         if prompt_len >= self.context:
@@ -116,10 +129,11 @@ class Service:
             raise APIError(400, "The prompt is empty.", param="prompt")
         return ids
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams]], stream: bool):
-        """Start the sequences; a reply that is not streamed gets only their finished events."""
+    def submit(self, requests: list[tuple[list[int], SamplingParams]], stream: bool, adapter: int | None = None):
+        """Start the sequences (with the adapter of that index; None: the engine's default); a reply that is not
+        streamed gets only their finished events."""
         try:
-            return self.loop.submit(requests, self.cfg.stream_interval if stream else 0)
+            return self.loop.submit(requests, self.cfg.stream_interval if stream else 0, adapter)
         except QueueFull as e:
             raise APIError(429, str(e), type="server_busy", code="rate_limit_exceeded") from None
 
@@ -220,17 +234,17 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(service)]}
+        return {"object": "list", "data": [_model_card(service, m) for m in service.models()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != cfg.model_name:
+        if model_id not in service.models():
             raise APIError(404, f"The model `{model_id}` does not exist.", code="model_not_found")
-        return _model_card(service)
+        return _model_card(service, model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        service.check_model(body)
+        model_id, adapter = service.check_model(body)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
@@ -239,9 +253,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
             raise APIError(400, str(e), param="messages") from None
         max_tokens = body.max_completion_tokens or body.max_tokens
         seqs = [(prompt, service.sampling(body, len(prompt), max_tokens, i)) for i in range(body.n)]
-        handles, queue = service.submit(seqs, body.stream)
+        handles, queue = service.submit(seqs, body.stream, adapter)
         t0, rid = time.perf_counter(), f"chatcmpl-{uuid.uuid4().hex}"
-        head = {"id": rid, "created": int(time.time()), "model": cfg.model_name}
+        head = {"id": rid, "created": int(time.time()), "model": model_id}
         if body.stream:
             gen = _sse_stream(service, "chat", {**head, "object": "chat.completion.chunk"}, body, len(prompt), t0,
                               _chat_choices(service, handles, queue, request))
@@ -259,7 +273,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        service.check_model(body)
+        model_id, adapter = service.check_model(body)
         if isinstance(body.prompt, str):
             prompts = [service.encode(body.prompt)]
         elif isinstance(body.prompt[0], str):
@@ -273,9 +287,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAPI
                            "sequences this server takes at once", param="n")
         seqs = [(p, service.sampling(body, len(p), body.max_tokens, i)) for p in prompts for i in range(body.n)]
         echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
-        handles, queue = service.submit(seqs, body.stream)
+        handles, queue = service.submit(seqs, body.stream, adapter)
         t0, rid = time.perf_counter(), f"cmpl-{uuid.uuid4().hex}"
-        head = {"id": rid, "created": int(time.time()), "model": cfg.model_name}
+        head = {"id": rid, "created": int(time.time()), "model": model_id}
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             gen = _sse_stream(service, "completions", {**head, "object": "text_completion"}, body, prompt_tokens,
@@ -389,9 +403,13 @@ class RequestGuard:
         return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
 
 
-def _model_card(service: Service) -> dict:
-    return {"id": service.cfg.model_name, "object": "model", "created": service.created, "owned_by": "mimo",
+def _model_card(service: Service, model_id: str) -> dict:
+    """A served model; an adapter's card names its base as `parent` (as vLLM lists LoRA adapters)."""
+    card = {"id": model_id, "object": "model", "created": service.created, "owned_by": "mimo",
             "max_model_len": service.context}
+    if model_id != service.cfg.model_name:
+        card["parent"] = service.cfg.model_name
+    return card
 
 
 async def _collect(service: Service, handles, queue, request: Request) -> list:
@@ -487,10 +505,12 @@ def make_app(args, engine_in_background: bool = True) -> FastAPI:
 
     if args.max_batch < 1 or args.max_queue < 0 or args.stream_interval < 1:
         raise MimoError("--max-batch and --stream-interval must be >= 1 and --max-queue >= 0")
-    engine, tokenizer = load_engine(args, n_slots=args.max_batch)
+    engine, tokenizer = load_engine(args, n_slots=args.max_batch, many_adapters=True)
     temperature, top_p = generation_defaults(Path(args.model))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or Path(args.model).resolve().name
+    if engine.adapters is not None and name in engine.adapters.names:
+        raise MimoError(f"an adapter is named {name!r}, as the base model: name it NAME=DIR")
     cfg = ServeConfig(name, args.max_batch, args.max_queue, args.mtp, args.num_draft, api_key, temperature, top_p,
                       args.stream_interval, engine_in_background)
     return build_app(engine, tokenizer, cfg)

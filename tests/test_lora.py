@@ -254,3 +254,43 @@ def test_bad_input_gets_one_line(model_dir, notes, tmp_path, capfd, tokenizer):
     # fingerprint mismatch even when the tensors have the right shapes: the base's name in the safetensors metadata
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
         assert len(f.metadata()["mimo_base"]) == 16
+
+
+def test_serve_lists_adapters_and_the_model_field_picks_one(model_dir, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from test_server import LiveServer
+
+    from mimo.server import ServeConfig, build_app
+
+    for name, seed in (("a", 1), ("b", 2)):
+        write_adapter(model_dir, tmp_path / name, seed=seed)
+    model, tok = load_model_and_tokenizer(model_dir)
+    selection = attach_adapters(model, [load_adapter(tmp_path / n, model, str(model_dir)) for n in ("a", "b")])
+    engine = Engine(model, tok, max_seq_len=128, adapters=selection)
+    prompt = tok.encode("The quick brown fox")
+    alone = {}
+    for name, index in (("a", 0), ("b", 1), ("tiny", 2)):
+        session = engine.session(max_batch=1)
+        rid = session.add(prompt, SamplingParams(max_new_tokens=10), adapter=index)
+        while session.has_work():
+            session.step()
+        alone[name] = session.completion(rid).text
+        session.close()
+    assert len(set(alone.values())) == 3
+    with LiveServer(build_app(engine, tok, ServeConfig("tiny", max_batch=6, mtp=True))) as server:
+        models = httpx.get(server.url + "/v1/models").json()["data"]
+        assert [(m["id"], m.get("parent")) for m in models] == [("tiny", None), ("a", "tiny"), ("b", "tiny")]
+
+        def complete(name):
+            r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+                "model": name, "prompt": prompt, "max_tokens": 10, "temperature": 0})
+            return r.status_code, r.json()
+
+        with ThreadPoolExecutor(6) as pool:  # two requests per model at once: one batch mixing adapters
+            replies = list(pool.map(complete, ["a", "b", "tiny"] * 2))
+        assert [(code, r["model"], r["choices"][0]["text"]) for code, r in replies] == [
+            (200, name, alone[name]) for name in ["a", "b", "tiny"] * 2]
+        code, body = complete("c")
+        assert code == 404 and "`tiny`, `a`, `b`" in body["error"]["message"]
