@@ -99,14 +99,24 @@ class AttnContext:
     cache: KVCache | None = None
     slots: torch.Tensor | None = None  # [B] cache rows of this batch (None: rows 0..B-1)
     kv_len: int = 0  # attend over cache positions [0, kv_len)
-    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, True = attend
+    mask: torch.Tensor | None = None  # [B, 1, T, kv_len] bool, True = attend (None without a cache: causal)
+
+
+def document_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Causal attention within packed documents: positions [B, T] restart at 0 where each document starts ->
+    [B, 1, T, T] bool, True where query t may attend to key s (s <= t, same document)."""
+    doc = (positions == 0).cumsum(-1)  # [B, T] document index within the row
+    T = positions.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def make_context(cfg: MiMoConfig, positions: torch.Tensor, dtype, cache: KVCache | None = None,
-                 slots: torch.Tensor | None = None) -> AttnContext:
+                 slots: torch.Tensor | None = None, packed: bool = False) -> AttnContext:
+    """packed (no cache): rows hold several documents, positions restart at 0 at each (document_mask)."""
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
     if cache is None:
-        return AttnContext(cos, sin)
+        return AttnContext(cos, sin, mask=document_mask(positions) if packed else None)
     kv_len = int(positions.max()) + 1
     if kv_len > cache.max_seq_len:
         raise ValueError(f"position {kv_len - 1} is past the KV cache length {cache.max_seq_len}")
@@ -133,7 +143,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         gqa = self.n_heads != self.n_kv
         if ctx.cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                               enable_gqa=gqa)
         else:
             k, v = ctx.cache.update(cache_index, k, v, ctx)  # [B, Hkv, kv_len, D]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=gqa)
@@ -259,11 +270,13 @@ class MiMoForCausalLM(nn.Module):
         return torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
 
     def _context(self, input_ids, positions, cache, slots):
+        """Positions given without a cache are packed documents' (attention stays within each)."""
+        packed = positions is not None and cache is None
         positions = self._positions(input_ids, positions)
         dtype = self.model.embed_tokens.weight.dtype
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
-        return make_context(self.config, positions, dtype, cache, slots)
+        return make_context(self.config, positions, dtype, cache, slots, packed)
 
     def hidden_states(self, input_ids, positions=None, cache: KVCache | None = None, slots=None):
         """input_ids [B, T] -> final hidden state before model.norm [B, T, H]."""
@@ -280,15 +293,16 @@ class MiMoForCausalLM(nn.Module):
         """Run MTP layer k on h_prev [B, T, H] and tokens x[t+k+1] [B, T] at positions t.
         Returns (z [B, T, H] before final_layernorm, for chaining; logits [B, T, V] for token t+k+2)."""
         layer = self.model.mtp_layers[k]
-        positions = self._positions(next_ids, positions)
         ctx = self._context(next_ids, positions, cache, slots)
-        embeds = mtp_embeds(self.model.embed_tokens(next_ids), positions)
+        embeds = mtp_embeds(self.model.embed_tokens(next_ids), self._positions(next_ids, positions))
         z, normed = layer(hidden_prev, embeds, ctx, self.config.num_hidden_layers + k)
         return z, self.lm_head(normed)
 
     def forward(self, input_ids, targets=None, *, mtp_weight: float = 0.3, positions=None,
                 cache: KVCache | None = None, slots=None, return_mtp_logits: bool = False) -> CausalLMOutput:
         """input_ids [B, T]; targets [B, T] = input_ids shifted left by one (IGNORE_INDEX where masked).
+        positions [B, T] without a cache: rows of packed documents, positions restarting at 0 at each; attention
+        (the MTP layers' too) stays within a document (document_mask).
 
         With targets: the next-token loss, each MTP layer's loss (layer k's target at t is targets[t+k+1])
         and loss = ntp + mtp_weight * mean(mtp). Without: logits only (MTP layers skipped).

@@ -5,7 +5,8 @@
 Each example is a user turn (question + "put your final answer within \\boxed{}") and an assistant turn that
 thinks inside <think>...</think> and then answers with \\boxed{}. The loss covers assistant tokens only (the
 closing <|im_end|> included, so the model learns to stop); MTP layers train too (weight --mtp-weight).
-Examples are packed into fixed-length rows. Every example with a 16-gram overlap with a shipped benchmark, or
+Examples are packed into fixed-length rows, each attending only to itself (positions restart at 0 at each
+example: mimo.model.document_mask), as MiMo's independent SFT samples would. Every example with a 16-gram overlap with a shipped benchmark, or
 containing a held-out procedural evaluation question, is dropped (the count is reported). Without --data the
 set is procedural: reasoning-gym problems with verified step-by-step traces. Checkpoints, resume, metrics and
 torchrun behave as in pretraining (mimo.train).
@@ -94,37 +95,56 @@ def tokenize_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[i
     return ids, labels
 
 
+def _greedy_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Greedy packing: the example indices of each row of at most seq_len + 1 tokens, in order."""
+    rows, used = [[]], 0
+    for i, n in enumerate(lengths):
+        if used + n > seq_len + 1 and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows if rows[-1] else []
+
+
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int):
     """Greedy packing into rows of seq_len + 1 tokens -> (inputs, targets) [rows, seq_len]."""
-    rows, cur_ids, cur_lab = [], [], []
-    for ids, labels in examples:
-        if len(cur_ids) + len(ids) > seq_len + 1:
-            rows.append((cur_ids, cur_lab))
-            cur_ids, cur_lab = [], []
-        cur_ids, cur_lab = cur_ids + ids, cur_lab + labels
-    if cur_ids:
-        rows.append((cur_ids, cur_lab))
-    n = len(rows)
-    ids_t = torch.full((n, seq_len + 1), pad_id, dtype=torch.long)
-    lab_t = torch.full((n, seq_len + 1), IGNORE_INDEX, dtype=torch.long)
-    for r, (ids, labels) in enumerate(rows):
+    rows = _greedy_rows([len(ids) for ids, _ in examples], seq_len)
+    ids_t = torch.full((len(rows), seq_len + 1), pad_id, dtype=torch.long)
+    lab_t = torch.full((len(rows), seq_len + 1), IGNORE_INDEX, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids = [t for i in row for t in examples[i][0]]
         ids_t[r, : len(ids)] = torch.tensor(ids)
-        lab_t[r, : len(labels)] = torch.tensor(labels)
+        lab_t[r, : len(ids)] = torch.tensor([t for i in row for t in examples[i][1]])
     return ids_t[:, :-1], lab_t[:, 1:]
 
 
-class SFTBatches:
-    """Packed rows, reshuffled every epoch with the seed; step s takes global rows [s*G, (s+1)*G)."""
+def pack_positions(examples: list[tuple[list[int], list[int]]], seq_len: int) -> torch.Tensor:
+    """The positions of pack's inputs [rows, seq_len]: counting from 0 within each example (the padding after the
+    last is a document of its own), so that each example attends only to itself (mimo.model.document_mask)."""
+    rows = _greedy_rows([len(ids) for ids, _ in examples], seq_len)
+    pos = torch.arange(seq_len + 1).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        counts = [p for i in row for p in range(len(examples[i][0]))]
+        pos[r, : len(counts)] = torch.tensor(counts)
+        pos[r, len(counts):] -= len(counts)
+    return pos[:, :-1]
 
-    def __init__(self, inputs, targets, global_seqs, micro, rank, world, seed, device):
+
+class SFTBatches:
+    """Packed rows, reshuffled every epoch with the seed; step s takes global rows [s*G, (s+1)*G). Yields (inputs,
+    targets, positions) [micro, T] (pack's), or (inputs, targets) without positions (rows attend across examples)."""
+
+    def __init__(self, inputs, targets, global_seqs, micro, rank, world, seed, device, positions=None):
         if global_seqs % (micro * world):
             raise MimoError(f"global batch {global_seqs} is not a multiple of micro batch {micro} x {world}")
-        self.inputs, self.targets, self.G, self.micro = inputs, targets, global_seqs, micro
+        self.packed = (inputs, targets) if positions is None else (inputs, targets, positions)
+        self.G, self.micro = global_seqs, micro
         self.rank, self.world, self.seed, self.device = rank, world, seed, device
         self.accum = global_seqs // (micro * world)
 
     def _row(self, i: int) -> int:
-        n = len(self.inputs)
+        n = len(self.packed[0])
         epoch, j = divmod(i, n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))[j].item()
 
@@ -133,7 +153,7 @@ class SFTBatches:
         for m in range(self.accum):
             first = base + (m * self.world + self.rank) * self.micro
             rows = [self._row(i) for i in range(first, first + self.micro)]
-            yield self.inputs[rows].to(self.device), self.targets[rows].to(self.device)
+            yield tuple(t[rows].to(self.device) for t in self.packed)
 
 
 def run(args):
@@ -155,7 +175,9 @@ def run(args):
         raise MimoError(f"only {len(tokenized)} SFT examples left after filtering")
     n_val = max(1, len(tokenized) // 50)
     inputs, targets = pack(tokenized[n_val:], cfg.seq_len, tokenizer.eos_token_id)
-    val_in, val_tg = pack(tokenized[:n_val], cfg.seq_len, tokenizer.eos_token_id)
+    positions = pack_positions(tokenized[n_val:], cfg.seq_len)
+    val_packed = (*pack(tokenized[:n_val], cfg.seq_len, tokenizer.eos_token_id),
+                  pack_positions(tokenized[:n_val], cfg.seq_len))
     print0(f"SFT data: {stats['examples']} examples, dropped {stats['dropped_benchmark_overlap']} for benchmark "
            f"16-gram overlap and {stats['dropped_eval_question']} for held-out questions, {too_long} too long; "
            f"{len(inputs)} packed rows of {cfg.seq_len} tokens")
@@ -166,11 +188,11 @@ def run(args):
         (run_dir / "run_config.json").write_text(json.dumps(
             {"command": "sft", "from": str(args.from_dir), "data": args.data, "train": asdict(cfg)}, indent=2))
     batches = SFTBatches(inputs, targets, cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
-                         args.seed, info.device)
+                         args.seed, info.device, positions)
 
     def val():
-        for i in range(0, min(len(val_in), cfg.micro_batch * cfg.eval_batches), cfg.micro_batch):
-            yield val_in[i: i + cfg.micro_batch].to(info.device), val_tg[i: i + cfg.micro_batch].to(info.device)
+        for i in range(0, min(len(val_packed[0]), cfg.micro_batch * cfg.eval_batches), cfg.micro_batch):
+            yield tuple(t[i: i + cfg.micro_batch].to(info.device) for t in val_packed)
 
     return train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val, title="sft",
                  extra_state={"from": str(args.from_dir)})

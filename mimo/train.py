@@ -248,14 +248,21 @@ def shade_stages(ax, stages: list[tuple[str, int, int]]):
 
 # ---- the loop --------------------------------------------------------------------------------------
 
+def unpack_batch(batch: tuple) -> tuple:
+    """(x, y) or (x, y, positions) -> x, y, positions (None: each row is one causal sequence; else packed
+    documents whose positions restart at 0 at each, attending within it)."""
+    return (*batch, None) if len(batch) == 2 else batch
+
+
 @torch.no_grad()
 def evaluate(model, batches, precision: str, device) -> dict:
     """Validation next-token loss and the first MTP layer's top-1 accuracy on token t+2."""
     model.eval()
     losses, correct, total = [], 0, 0
-    for x, y in batches:
+    for batch in batches:
+        x, y, positions = unpack_batch(batch)
         with autocast_context(precision, device):
-            out = model(x, targets=y, return_mtp_logits=True)
+            out = model(x, targets=y, positions=positions, return_mtp_logits=True)
         losses.append(out.ntp_loss.float())
         if out.mtp_logits:
             t = y[:, 1:]
@@ -306,9 +313,10 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
             g["lr"] = lr
         sums = torch.zeros(3, device=device)  # loss, ntp, mtp
         micro = list(batches.micro_batches(step))
-        for m, (x, y) in enumerate(micro):
+        for m, batch in enumerate(micro):
+            x, y, positions = unpack_batch(batch)
             with no_sync(wrapped, sync=m == len(micro) - 1), autocast_context(cfg.precision, device):
-                out = forward(x, targets=y, mtp_weight=w)
+                out = forward(x, targets=y, mtp_weight=w, positions=positions)
                 (out.loss / len(micro)).backward()
             mtp = torch.stack(out.mtp_losses).mean().detach() if out.mtp_losses else torch.zeros((), device=device)
             sums += torch.stack([out.loss.detach().float(), out.ntp_loss.detach().float(), mtp.float()])

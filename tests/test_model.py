@@ -128,6 +128,30 @@ def test_mtp_ignores_the_token_at_position_0_as_vllm():
             assert not torch.allclose(logits(x, later)[:, 0], logits(changed(k + 1), later)[:, 0])
 
 
+def test_packed_documents_do_not_see_each_other():
+    """A row packing two documents (positions restarting at 0 at the second) gives each document's logits, MTP
+    logits and loss exactly as run alone: attention stays inside a document."""
+    model = tiny_model(num_mtp=2)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randint(0, 400, (1, 9), generator=g), torch.randint(0, 400, (1, 7), generator=g)
+    row = torch.cat([a, b], 1)
+    positions = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    targets = torch.cat([a.roll(-1, 1), b.roll(-1, 1)], 1)
+    targets[0, [8, 15]] = -100  # no target across the boundary or past the end
+    with torch.no_grad():
+        packed = model(row, targets, positions=positions, return_mtp_logits=True)
+        alone = [model(d, t, return_mtp_logits=True) for d, t in ((a, targets[:, :9]), (b, targets[:, 9:]))]
+        plain = model(row, targets, return_mtp_logits=True)  # no positions: one causal sequence
+    assert torch.allclose(packed.logits, torch.cat([o.logits for o in alone], 1), atol=1e-5)
+    assert not torch.allclose(plain.logits[:, 9:], alone[1].logits, atol=1e-3)
+    for k in range(2):  # MTP layer k's rows t < len - k - 1 of each document read only that document
+        assert torch.allclose(packed.mtp_logits[k][:, : 9 - k - 1], alone[0].mtp_logits[k], atol=1e-5)
+        assert torch.allclose(packed.mtp_logits[k][:, 9: 16 - k - 1], alone[1].mtp_logits[k], atol=1e-5)
+    ntp = sum(torch.nn.functional.cross_entropy(o.logits[0, :-1], t[0, :-1], reduction="sum")
+              for o, t in zip(alone, (targets[:, :9], targets[:, 9:]))) / 14
+    assert torch.allclose(packed.ntp_loss, ntp, atol=1e-5)
+
+
 def test_losses_combine_with_mtp_weight():
     model = tiny_model(num_mtp=2)
     x = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(4))

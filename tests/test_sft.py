@@ -9,7 +9,7 @@ from mimo.benchmarks import load_benchmark
 from mimo.checkpoint import save_model
 from mimo.cli import main
 from mimo.model import IGNORE_INDEX
-from mimo.sft import decontaminate, pack, procedural_examples, tokenize_example
+from mimo.sft import decontaminate, pack, pack_positions, procedural_examples, tokenize_example
 
 
 @pytest.fixture()
@@ -28,7 +28,12 @@ def test_loss_only_on_assistant_tokens(tokenizer):
     assert tokenizer.decode(learned) == msgs[1]["content"] + "<|im_end|>"
     seq = 2 * len(ids) + 5
     x, y = pack([(ids, labels), (ids, labels), (ids, labels)], seq, tokenizer.eos_token_id)
+    positions = pack_positions([(ids, labels)] * 3, seq)
     assert x.shape == (2, seq) and (y != IGNORE_INDEX).sum() == 3 * len(learned)  # two fit in a row, one spills
+    # positions restart at each example (and at the padding after the last), so examples never see each other
+    n = len(ids)
+    assert positions[0].tolist() == [*range(n), *range(n), *range(seq - 2 * n)]
+    assert positions[1].tolist() == [*range(n), *range(seq - n)]
 
 
 def test_decontamination_drops_benchmark_and_eval_questions():
