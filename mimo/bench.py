@@ -3,10 +3,15 @@
     mimo bench train PRESET_OR_MODEL_DIR [--dtype fp32|bf16] [--batch B] [--seq T] [--steps N] [--json]
     mimo bench decode PRESET_OR_MODEL_DIR [--batch B] [--new-tokens N] [--prompt-tokens P] [--mtp/--no-mtp]
                       [--num-draft K] [--quantize int8|int4] [--draft-quantize int8|int4]
-                      [--compile] [--dtype auto|float32|bfloat16] [--prefill-tokens N] [--mtp-cost] [--json]
+                      [--compile] [--dtype auto|float32|bfloat16] [--prefill-tokens N] [--mtp-cost]
+                      [--repeats N] [--json]
 
 Training throughput is timed after warm-up on synthetic tokens; MFU is model FLOPs (6 x parameters x tokens
 plus attention) per second against this machine's measured matmul peak in the same precision.
+
+Every timing is repeated (train: each step; decode: --repeats whole runs) and reported as the median with its
+min-max range, beside the machine's load average before and after (mimo.timing: "busy" when another job held a
+core); figures that contradict each other are flagged, not reported.
 
 Decoding is memory-bound: each decode step reads every weight once, so the roofline is weight bytes per step
 x steps per second against the machine's measured read bandwidth (a sum over a 1 GiB array).
@@ -17,13 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import torch
 
 from mimo.checkpoint import build_model
 from mimo.config import QUANTIZATIONS
+from mimo.errors import MimoError
 from mimo.memory import module_bytes
+from mimo.timing import Load, Spread, load_average, speedup_contradiction, spread_warning
 from mimo.train import TrainConfig, autocast_context, make_optimizer
 
 
@@ -58,7 +66,7 @@ def bench_train(spec: str, dtype: str = "fp32", batch: int = 8, seq: int = 512, 
     opt = make_optimizer(model, TrainConfig())
     precision = "bf16" if dtype == "bf16" else "fp32"
     x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=dev)
-    times = []
+    times, load_before = [], load_average()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         with autocast_context(precision, dev):
@@ -71,24 +79,31 @@ def bench_train(spec: str, dtype: str = "fp32", batch: int = 8, seq: int = 512, 
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
-    tps = batch * seq / step_s
+    load = Load(load_before, load_average(), torch.get_num_threads(), os.cpu_count() or 1)
+    step = Spread.of(times)
+    tps = batch * seq / step.median
     peak = matmul_peak_flops(torch.bfloat16 if dtype == "bf16" else torch.float32, dev)
     achieved = tps * train_flops_per_token(model, seq)
+    flags = timing_flags(load, spread_warning("step time", step))
     return {"model": spec, "dtype": dtype, "batch": batch, "seq": seq, "steps": steps,
-            "parameters": model.num_params()["total"], "step_s": step_s, "train_tokens_per_s": tps,
-            "model_flops_per_s": achieved, "matmul_peak_flops_per_s": peak, "mfu": achieved / peak,
-            "threads": torch.get_num_threads()}
+            "parameters": model.num_params()["total"], "step_s": step.median, "step_s_min": step.low,
+            "step_s_max": step.high, "train_tokens_per_s": tps, "model_flops_per_s": achieved,
+            "matmul_peak_flops_per_s": peak, "mfu": achieved / peak, "threads": torch.get_num_threads(),
+            "load": load.as_dict(), "flags": flags}
 
 
 def cmd_bench_train(args):
+    if args.steps < 1:
+        raise MimoError(f"--steps must be at least 1, got {args.steps}")
     r = bench_train(args.model, args.dtype, args.batch, args.seq, args.steps, device=args.device)
     if args.json:
         print(json.dumps(r))
         return
-    print(f"{r['model']} {r['dtype']}: {r['train_tokens_per_s']:.0f} tokens/s ({r['step_s']:.2f} s/step, batch "
-          f"{r['batch']}x{r['seq']}), {r['model_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['mfu']:.1f}% of "
-          f"the measured {r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak")
+    print(f"{r['model']} {r['dtype']}: {r['train_tokens_per_s']:.0f} tokens/s ({r['step_s']:.2f} s/step, median of "
+          f"{r['steps']}: {r['step_s_min']:.2f}-{r['step_s_max']:.2f}; batch {r['batch']}x{r['seq']}), "
+          f"{r['model_flops_per_s'] / 1e9:.1f} GFLOP/s = {100 * r['mfu']:.1f}% of the measured "
+          f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak; {_load_line(r['load'])}")
+    print_flags(r["flags"])
 
 
 def memory_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 3) -> float:
@@ -115,15 +130,39 @@ def decode_step_bytes(model, num_draft: int = 0, drafter=None) -> int:
     return main + drafts
 
 
+def timing_flags(load: Load, *warnings: str | None) -> list[str]:
+    """What a reader of these timings must know: a busy machine, repeats that disagree, contradictions."""
+    busy = [f"another job held a core ({load.numbers()}): the timings are approximate"] if load.busy else []
+    return busy + [w for w in warnings if w]
+
+
+def _load_line(load: dict) -> str:
+    return Load(load["before"], load["after"], load["threads"], load["cores"]).describe()
+
+
+def print_flags(flags: list[str]):
+    for flag in flags:
+        print(f"flagged: {flag}")
+
+
+def median_run(runs: list, seconds) -> tuple:
+    """(the run whose time is the median, Spread of the times); seconds(run) -> its time."""
+    times = [seconds(r) for r in runs]
+    order = sorted(range(len(runs)), key=times.__getitem__)
+    return runs[order[len(order) // 2]], Spread.of(times)
+
+
 def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens: int = 32, mtp: bool = False,
                  num_draft: int = 1, quantize: str | None = None, device: str = "cpu", seed: int = 0,
                  compile: bool = False, draft_quantize: str | None = None, dtype: str | None = None,
-                 prefill_tokens: int = 0, mtp_cost: bool = False) -> dict:
+                 prefill_tokens: int = 0, mtp_cost: bool = False, repeats: int = 3) -> dict:
     """Greedy decoding of random prompts (no stop tokens: every row makes exactly new_tokens tokens), timed
-    after a warm-up run (which also compiles, with compile=True). A model directory loads as stored (dtype None)
-    with quantize applied as each tensor is read; a preset builds random fp32 weights. prefill_tokens: also time
-    one prompt of that many tokens to its first token (prefill tokens/s). mtp_cost: also decode the same prompts
-    with MTP (num_draft drafts a step) and report a draft-and-verify step's time against a plain step's."""
+    after a warm-up run (which also compiles, with compile=True), `repeats` times: the median run's figures,
+    with the range of decode tokens/s and the load average around the timed runs. A model directory loads as
+    stored (dtype None) with quantize applied as each tensor is read; a preset builds random fp32 weights.
+    prefill_tokens: also time one prompt of that many tokens to its first token (prefill tokens/s). mtp_cost:
+    also decode the same prompts with MTP (num_draft drafts a step) and report a draft-and-verify step's time
+    against a plain step's."""
     from pathlib import Path
 
     from mimo.checkpoint import load_model
@@ -155,27 +194,35 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
     params = SamplingParams(max_new_tokens=new_tokens)
     cold = engine.generate(prompts[:1], SamplingParams(max_new_tokens=2), mtp=mtp, num_draft=num_draft)[0]
     engine.warm_up(prompts, params, mtp=mtp, num_draft=num_draft, tokens=4)
-    outs = engine.generate(prompts, params, mtp=mtp, num_draft=num_draft)
+    load_before = load_average()
+    outs, decode = median_run([engine.generate(prompts, params, mtp=mtp, num_draft=num_draft)
+                               for _ in range(repeats)], lambda run: max(o.decode_time_s for o in run))
     decode_s = max(o.decode_time_s for o in outs)
     decoded = sum(len(o.tokens) - 1 for o in outs)
     stats = SpecStats.merge(o.spec for o in outs) if mtp else None
     steps = max(o.spec.verify_steps for o in outs) if mtp else new_tokens - 1
     step_bytes = decode_step_bytes(model, num_draft if mtp else 0, engine.drafter)
     cost = {}
+    warnings = [spread_warning("decode time", decode)]
     if mtp_cost and not mtp and model.config.num_nextn_predict_layers:
         engine.warm_up(prompts, params, mtp=True, num_draft=num_draft, tokens=4)
-        spec_outs = engine.generate(prompts, params, mtp=True, num_draft=num_draft)
+        spec_outs, _ = median_run([engine.generate(prompts, params, mtp=True, num_draft=num_draft)
+                                   for _ in range(repeats)], lambda run: max(o.decode_time_s for o in run))
         spec_s = max(o.decode_time_s for o in spec_outs) / max(o.spec.verify_steps for o in spec_outs)
         merged = SpecStats.merge(o.spec for o in spec_outs)
         cost = {"mtp_step_s": spec_s, "mtp_step_cost": spec_s / (decode_s / steps),
                 "mtp_tokens_per_step": merged.mean_accepted_length,
                 "mtp_decode_tokens_per_s": sum(len(o.tokens) - 1 for o in spec_outs) /
                 max(o.decode_time_s for o in spec_outs)}
+        warnings.append(speedup_contradiction(cost["mtp_decode_tokens_per_s"] * decode_s / decoded,
+                                              merged.mean_accepted_length))
     prefill_tps = None
     if prefill_tokens:
         long = torch.randint(0, model.config.vocab_size, (1, prefill_tokens), generator=g).tolist()
-        first = engine.generate(long, SamplingParams(max_new_tokens=1))[0]
+        first, _ = median_run([engine.generate(long, SamplingParams(max_new_tokens=1))[0] for _ in range(repeats)],
+                              lambda o: o.time_to_first_token_s)
         prefill_tps = prefill_tokens / first.time_to_first_token_s
+    load = Load(load_before, load_average(), torch.get_num_threads(), os.cpu_count() or 1)
     used = step_bytes * steps / decode_s if decode_s > 0 else 0.0
     return {"model": spec, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
             "mtp": mtp, "num_draft": num_draft if mtp else 0, "quantize": quantize, "compile": compile,
@@ -183,7 +230,9 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
             "draft_quantize": draft_quantize if mtp else None, "load_s": load_s,
             "time_to_first_token_s": sum(o.time_to_first_token_s for o in outs) / len(outs),
             "first_request_time_to_first_token_s": cold.time_to_first_token_s,
-            "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
+            "repeats": repeats, "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
+            "decode_tokens_per_s_min": decoded / decode.high if decode.high > 0 else 0.0,
+            "decode_tokens_per_s_max": decoded / decode.low if decode.low > 0 else 0.0,
             "decode_steps_per_s": steps / decode_s if decode_s > 0 else 0.0,
             "decode_step_s": decode_s / steps if steps else 0.0,
             "prefill_tokens": prefill_tokens, "prefill_tokens_per_s": prefill_tps,
@@ -192,14 +241,17 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
             "acceptance_rate": stats.acceptance_rate if stats else None,
             "first_acceptance_rate": stats.first_acceptance_rate if stats else None,
             "mean_accepted_length": stats.mean_accepted_length if stats else None,
-            "peak_resident_bytes": peak_resident_bytes(), "threads": torch.get_num_threads(), **cost}
+            "peak_resident_bytes": peak_resident_bytes(), "threads": torch.get_num_threads(), **cost,
+            "load": load.as_dict(), "flags": timing_flags(load, *warnings)}
 
 
 def cmd_bench_decode(args):
+    if args.repeats < 1:
+        raise MimoError(f"--repeats must be at least 1, got {args.repeats}")
     r = bench_decode(args.model, args.batch, args.new_tokens, args.prompt_tokens, args.mtp, args.num_draft,
                      args.quantize, args.device, compile=args.compile, draft_quantize=args.draft_quantize,
                      dtype=None if args.dtype == "auto" else args.dtype, prefill_tokens=args.prefill_tokens,
-                     mtp_cost=args.mtp_cost)
+                     mtp_cost=args.mtp_cost, repeats=args.repeats)
     drafts = f"{r['num_draft']} {r['draft_quantize']}" if r["draft_quantize"] else str(r["num_draft"])
     mtp = (f", MTP {drafts} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
            f"{r['first_acceptance_rate']:.2f}), {r['mean_accepted_length']:.2f} tokens/step") if r["mtp"] else ""
@@ -207,12 +259,16 @@ def cmd_bench_decode(args):
             "tokens a step)") if "mtp_step_cost" in r else ""
     prefill = (f", prefill of {r['prefill_tokens']} tokens {r['prefill_tokens_per_s']:.1f} tokens/s"
                if r["prefill_tokens"] else "")
-    print(f"{r['model']} {r['quantize'] or r['dtype']} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s, "
-          f"first token {1000 * r['time_to_first_token_s']:.1f} ms "
+    spread = (f" (median of {r['repeats']}: {r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f})"
+              if r["repeats"] > 1 else "")
+    print(f"{r['model']} {r['quantize'] or r['dtype']} batch {r['batch']}: {r['decode_tokens_per_s']:.1f} tokens/s"
+          f"{spread}, first token {1000 * r['time_to_first_token_s']:.1f} ms "
           f"({1000 * r['first_request_time_to_first_token_s']:.1f} ms for the first request after loading), {r['weight_bytes_per_step'] / 2**20:.0f} MiB "
           f"of weights per step x {r['decode_steps_per_s']:.1f} steps/s = {r['bandwidth_used_bytes_per_s'] / 1e9:.1f} "
           f"GB/s, {100 * r['bandwidth_fraction']:.0f}% of the measured {r['measured_bandwidth_bytes_per_s'] / 1e9:.1f} "
-          f"GB/s{mtp}{prefill}{cost}; loaded in {r['load_s']:.1f} s, peak memory {r['peak_resident_bytes'] / 1e9:.2f} GB")
+          f"GB/s{mtp}{prefill}{cost}; loaded in {r['load_s']:.1f} s, peak memory {r['peak_resident_bytes'] / 1e9:.2f} GB"
+          f"; {_load_line(r['load'])}")
+    print_flags(r["flags"])
     if args.json:
         print(json.dumps(r))
 
@@ -223,7 +279,7 @@ def add_arguments(sub):
     t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = bf16 autocast, fp32 master")
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--seq", type=int, default=512)
-    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up; the median is reported")
     t.add_argument("--device", default="cpu")
     t.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     t.set_defaults(func=cmd_bench_train)
@@ -245,6 +301,7 @@ def add_arguments(sub):
     d.add_argument("--prefill-tokens", type=int, default=0, help="also time the first token of a prompt this long")
     d.add_argument("--mtp-cost", action="store_true",
                    help="with --no-mtp: also decode with MTP and report a draft-and-verify step against a plain one")
+    d.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the median is reported")
     d.add_argument("--device", default="cpu")
     d.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     d.set_defaults(func=cmd_bench_decode)

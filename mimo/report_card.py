@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mimo import __version__
 from mimo.report import metric_cell
+from mimo.timing import speedup_contradiction
 
 
 def _json(path: Path):
@@ -74,6 +75,45 @@ def _flag(name: str, value) -> str:
     return f" {name} {value}" if value else ""
 
 
+def _load_cell(load: dict | None) -> str:
+    """'0.4-2.1', with ' busy' when another job held a core."""
+    loads = [x for x in (load.get("before"), load.get("after")) if x is not None] if load else []
+    if not loads:
+        return ""
+    return f"{min(loads):.1f}-{max(loads):.1f}" + (" busy" if load.get("busy") else "")
+
+
+def _tokens_per_s(r: dict) -> str:
+    """'433.9 (412.0-440.1)': the median of the timed runs and their range."""
+    if r.get("repeats", 1) > 1 and "decode_tokens_per_s_min" in r:
+        return f"{r['decode_tokens_per_s']:.1f} ({r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f})"
+    return f"{r['decode_tokens_per_s']:.1f}"
+
+
+def _mtp_section(mtp: dict, plain: dict) -> list[str]:
+    """Decode speed with and without MTP; a speed-up the tokens per verify step rule out is flagged, not given."""
+    acc, per_step = mtp.get("acceptance_rate"), mtp.get("mean_accepted_length") or 0
+    command = (f"`mimo bench decode MODEL{' --compile' if mtp.get('compile') else ''} --num-draft "
+               f"{mtp.get('num_draft')}{_flag('--draft-quantize', mtp.get('draft_quantize'))} --mtp` against "
+               "`--no-mtp`; random prompts, greedy, batch 1")
+    lines = ["## MTP speculative decoding", "",
+             f"Decode tokens/s: the median of {mtp.get('repeats', 1)} timed runs (their range).", "",
+             "| | decode tokens/s | acceptance |", "|---|---|---|",
+             f"| without MTP | {_tokens_per_s(plain)} | |",
+             f"| with MTP | {_tokens_per_s(mtp)} | {'n/a' if acc is None else f'{acc:.2f}'} |", ""]
+    speedup = mtp["decode_tokens_per_s"] / plain["decode_tokens_per_s"] if plain["decode_tokens_per_s"] else 0.0
+    contradiction = speedup_contradiction(speedup, per_step)
+    if contradiction:
+        lines.append(f"**Flagged, not a result:** {contradiction} ({per_step:.2f} tokens per verify step; {command}). "
+                     "Rerun both on a quiet machine.")
+    else:
+        lines.append(f"Speed-up {speedup:.2f}x, {per_step:.2f} tokens per verify step ({command}).")
+    notes = [f"{name}: {flag}" for name, r in (("without MTP", plain), ("with MTP", mtp)) for flag in r.get("flags", [])]
+    if notes:
+        lines += ["", "Flagged timings:", "", *[f"- {n}" for n in notes]]
+    return lines + [""]
+
+
 def write_report_card(out: Path, state: dict, commands: dict):
     out = Path(out)
     env = environment()
@@ -82,13 +122,15 @@ def write_report_card(out: Path, state: dict, commands: dict):
              "## Environment", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
 
-    lines += ["", "## Time per stage", "", "| stage | seconds | commands |", "|---|---|---|"]
+    lines += ["", "## Time per stage", "", ("One run each; the machine's 1-minute load average at the stage's start "
+              "and end (busy: another job held a core, so the stage ran slower than it can)."), "",
+              "| stage | seconds | load | commands |", "|---|---|---|---|"]
     total = 0.0
     for stage, info in state["stages"].items():
         total += info["seconds"]
         cmds = "<br>".join(f"`{c}`" for c in info.get("commands", []))
-        lines.append(f"| {stage} | {info['seconds']:.0f} | {cmds} |")
-    lines.append(f"| total | {total:.0f} | |")
+        lines.append(f"| {stage} | {info['seconds']:.0f} | {_load_cell(info.get('load'))} | {cmds} |")
+    lines.append(f"| total | {total:.0f} | | |")
 
     manifest = _json(out / "data" / "manifest.json")
     if manifest:
@@ -127,15 +169,7 @@ def write_report_card(out: Path, state: dict, commands: dict):
 
     mtp, plain = _last_json_line(out / "eval" / "decode-mtp.json"), _last_json_line(out / "eval" / "decode-no-mtp.json")
     if mtp and plain:
-        speedup = mtp["decode_tokens_per_s"] / plain["decode_tokens_per_s"] if plain["decode_tokens_per_s"] else 0
-        acc = mtp.get("acceptance_rate")
-        lines += ["## MTP speculative decoding", "", "| | decode tokens/s | acceptance |", "|---|---|---|",
-                  f"| without MTP | {plain['decode_tokens_per_s']:.1f} | |",
-                  f"| with MTP | {mtp['decode_tokens_per_s']:.1f} | {'n/a' if acc is None else f'{acc:.2f}'} |", "",
-                  (f"Speed-up {speedup:.2f}x, {mtp.get('mean_accepted_length') or 0:.2f} tokens per verify step "
-                   f"(`mimo bench decode MODEL{' --compile' if mtp.get('compile') else ''} --num-draft "
-                   f"{mtp.get('num_draft')}{_flag('--draft-quantize', mtp.get('draft_quantize'))} --mtp` against "
-                   "`--no-mtp`; random prompts, greedy, batch 1)."), ""]
+        lines += _mtp_section(mtp, plain)
 
     evals = _eval_rows(out)
     if evals:

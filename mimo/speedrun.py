@@ -13,12 +13,16 @@ run data-parallel and rank 0 does the rest.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from mimo.errors import MimoError
 from mimo.parallel import barrier, init_distributed, is_main, print0
+from mimo.timing import Load, load_average
 
 # per preset: steps and sizes of each stage (pretraining itself follows mimo.pretrain.TRAIN_PRESETS); the evals
 # pass their own short length limits (MiMo's protocol, 32,768 new tokens, is for reasoning models)
@@ -100,7 +104,7 @@ def run(args):
             print0(f"[speedrun] {stage}: done earlier ({state['stages'][stage]['seconds']:.0f} s), skipping")
             continue
         print0(f"[speedrun] {stage} ...")
-        t0 = time.time()
+        t0, load_before = time.time(), load_average()
         if stage == "report":
             if is_main():
                 from mimo.report_card import write_report_card
@@ -116,7 +120,8 @@ def run(args):
                 run_command(argv, capture)
         barrier()
         if is_main():
-            state["stages"][stage] = {"done": True, "seconds": time.time() - t0,
+            load = Load(load_before, load_average(), torch.get_num_threads(), os.cpu_count() or 1)
+            state["stages"][stage] = {"done": True, "seconds": time.time() - t0, "load": load.as_dict(),
                                       "commands": [" ".join(["mimo", *c]) for c in commands.get(stage, [])]}
             state_path.write_text(json.dumps(state, indent=2) + "\n")
     print0(f"[speedrun] finished in {time.time() - t_all:.0f} s: {out / 'report.md'}, model in {out / 'final'}")

@@ -114,4 +114,7 @@ def test_bench_decode_json(capsys):
     r = json.loads(out[-1])
     assert r["decode_tokens_per_s"] > 0 and r["acceptance_rate"] is not None and r["mtp"]
     assert r["weight_bytes_per_step"] > 0 and 0 < r["bandwidth_fraction"]
-    assert "tokens/s" in out[0]
+    assert "tokens/s (median of 3: " in out[0] and "load average" in out[0]
+    assert r["repeats"] == 3 and r["decode_tokens_per_s_min"] <= r["decode_tokens_per_s"] <= r["decode_tokens_per_s_max"]
+    assert isinstance(r["load"]["busy"], bool) and isinstance(r["flags"], list)
+    assert main(["bench", "decode", "nano", "--repeats", "0"]) == 2

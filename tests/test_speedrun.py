@@ -81,10 +81,15 @@ def fake_mimo(argv):
         assert argv[1] == "decode" and (Path(argv[2]) / "config.json").exists() and "--json" in argv
         mtp = "--mtp" in argv
         print("a progress line")
-        print(json.dumps({"decode_tokens_per_s": 300.0 if mtp else 200.0, "acceptance_rate": 0.75 if mtp else None,
+        tps = 300.0 if mtp else 200.0
+        print(json.dumps({"decode_tokens_per_s": tps, "decode_tokens_per_s_min": tps - 10,
+                          "decode_tokens_per_s_max": tps + 5, "repeats": 3,
+                          "acceptance_rate": 0.75 if mtp else None,
                           "mean_accepted_length": 2.5 if mtp else None, "compile": "--compile" in argv,
                           "num_draft": int(flag(argv, "--num-draft")) if mtp else None,
-                          "draft_quantize": flag(argv, "--draft-quantize") if mtp else None}))
+                          "draft_quantize": flag(argv, "--draft-quantize") if mtp else None,
+                          "load": {"before": 2.0, "after": 3.5, "threads": 2, "cores": 2, "busy": True},
+                          "flags": ["the machine was busy (load average 3.5 on 2 cores)"] if mtp else []}))
     else:
         raise AssertionError(f"unexpected command {argv}")
 
@@ -155,7 +160,8 @@ def test_speedrun_runs_each_stage_once_resumes_and_writes_the_report_card(tmp_pa
             "Final training loss 1.250 (next-token 1.000, MTP 1.750)",
             ("RL: reward_mean 0.125 -> 0.375, pass_rate 0.250 -> 0.500, response_length 40.000 -> 30.000, "
              "mtp_acceptance 0.500 -> 0.625 over 4 steps."),
-            "| without MTP | 200.0 | |", "| with MTP | 300.0 | 0.75 |",
+            "| without MTP | 200.0 (190.0-205.0) | |", "| with MTP | 300.0 (290.0-305.0) | 0.75 |",
+            "- with MTP: the machine was busy (load average 3.5 on 2 cores)",
             ("Speed-up 1.50x, 2.50 tokens per verify step (`mimo bench decode MODEL --compile --num-draft 2 "
              "--draft-quantize int4 --mtp`"),
             "| base | 48 | 6.2 [3.1, 9.4] | 5 of 48 at 96 tokens |", "| sft | 48 | 25.0 [12.5, 37.5] |",
@@ -164,7 +170,8 @@ def test_speedrun_runs_each_stage_once_resumes_and_writes_the_report_card(tmp_pa
             f"`mimo chat {out / 'final'}`"):
         assert figure in report, figure
     seconds = {name: s["seconds"] for name, s in state["stages"].items()}
-    assert f"| total | {sum(seconds.values()):.0f} | |" in report
+    assert f"| total | {sum(seconds.values()):.0f} | | |" in report
+    assert all(set(s["load"]) == {"before", "after", "threads", "cores", "busy"} for s in state["stages"].values())
 
     stages.seen.clear()
     assert main(["speedrun", "--out", str(out)]) == 0 and stages.seen == []  # finished: nothing runs again
@@ -190,6 +197,35 @@ def test_data_build_cli_writes_a_corpus_the_trainer_reads(tmp_path, capfd):
     assert main(["data", "build", "--config", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
 
 
+def test_report_card_flags_a_speedup_the_tokens_per_step_rule_out():
+    """A nano speedrun next to another job printed 'without MTP 9.4 tokens/s, with MTP 354.5, speed-up 37.60x' at
+    2.41 tokens per verify step: impossible (a verify step costs at least a plain one), so it is flagged."""
+    from mimo.report_card import _mtp_section
+
+    def bench(tps, per_step=None):
+        return {"decode_tokens_per_s": tps, "decode_tokens_per_s_min": tps, "decode_tokens_per_s_max": tps,
+                "repeats": 3, "mean_accepted_length": per_step, "acceptance_rate": 0.7 if per_step else None,
+                "num_draft": 2, "flags": []}
+
+    text = "\n".join(_mtp_section(bench(354.5, 2.41), bench(9.4)))
+    assert "**Flagged, not a result:** the measured speed-up 37.71x exceeds the 2.41 tokens" in text
+    assert "Speed-up 37" not in text
+    text = "\n".join(_mtp_section(bench(20.0, 2.41), bench(9.4)))
+    assert "Speed-up 2.13x, 2.41 tokens per verify step" in text and "Flagged" not in text
+
+
+def test_timings_median_spread_and_load():
+    from mimo.timing import Load, Spread
+
+    s = Spread.of([3.0, 1.0, 2.0, 10.0])
+    assert (s.median, s.low, s.high, s.n) == (2.5, 1.0, 10.0, 4) and s.cell() == "2.5 (1.0-10.0)"
+    assert Spread.of([4.0]).cell() == "4.0" and Spread.of([4.0]).relative == 0
+    assert not Load(1.2, 2.4, threads=2, cores=2).busy  # our own two threads
+    assert Load(2.0, 3.1, threads=2, cores=2).busy and "busy: load average 3.1 on 2 cores, 2 threads" in Load(
+        2.0, 3.1, 2, 2).describe()
+    assert not Load(None, None, 2, 2).busy and Load(None, None, 2, 2).describe() == "load average unknown"
+
+
 def test_bench_train_measures_steps_of_the_model(capsys):
     """Tokens/s is batch x seq over the measured step time, model FLOP/s is that times 6N + attention per token
     (N without the embedding lookup), MFU is that over the measured matmul peak."""
@@ -205,6 +241,8 @@ def test_bench_train_measures_steps_of_the_model(capsys):
     n = model.num_params()["total"]
     assert (r["model"], r["batch"], r["seq"], r["steps"], r["parameters"]) == ("nano", 2, 32, 2, n)
     assert r["step_s"] > 0 and r["train_tokens_per_s"] == pytest.approx(2 * 32 / r["step_s"])
+    assert r["step_s_min"] <= r["step_s"] <= r["step_s_max"] and isinstance(r["flags"], list)
+    assert r["load"]["threads"] == torch.get_num_threads() and isinstance(r["load"]["busy"], bool)
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     per_token = 6 * (n - cfg.vocab_size * cfg.hidden_size) + 6 * layers * cfg.num_attention_heads * cfg.head_dim * 32
     assert train_flops_per_token(model, 32) == pytest.approx(per_token)
