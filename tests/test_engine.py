@@ -240,3 +240,34 @@ def test_packed_weights_decode_like_plain_ones():
     runner = packed._idle_runner
     assert runner.pack_rows == (8, 16)
     assert packed.acquire_runner(8, 32, (8,)) is not runner  # packed for other sizes: not reused
+
+
+@pytest.mark.parametrize("T", [1, 2, 3])
+def test_half_precision_decode_attention_in_fp32_matches_sdpa(T):
+    """A bf16 model's decode-step attention on the CPU (ModelRunner._attention: fp32 matmuls, grouped query heads,
+    an additive causal mask for the draft-verify step's tokens) equals fp32 SDPA to bf16 rounding, and the
+    engine's greedy tokens for a bf16 model are the same with it as with torch's bf16 SDPA."""
+    import torch.nn.functional as F
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.gqa = True
+    g = torch.Generator().manual_seed(T)
+    S = 37
+    q, k, v = (torch.randn(2, heads, n, 16, generator=g).bfloat16() for heads, n in ((8, T), (2, S), (2, S)))
+    pos = torch.tensor([[S - T + i for i in range(T)], [S - T - 5 + i for i in range(T)]])  # [b, T]
+    mask = torch.zeros(2, T, S).masked_fill_(torch.arange(S) > pos[..., None], float("-inf"))[:, None]
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    got = runner._attention(q, k, v, mask.bfloat16())
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max() < 0.02
+
+
+def test_bf16_model_mtp_stays_lossless_with_fp32_decode_attention():
+    """The draft-verify step (2 queries, masked) and the plain step (1 query) compute a bf16 model's attention the
+    same way, so greedy MTP decoding gives the plain greedy tokens."""
+    model = tiny_model(vocab_size=300).bfloat16()
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    params = SamplingParams(max_new_tokens=16)
+    plain = Engine(model, None).generate(prompts, params)
+    spec = Engine(model, None).generate(prompts, params, mtp=True)
+    assert [o.tokens for o in spec] == [o.tokens for o in plain]
