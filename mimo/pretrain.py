@@ -96,8 +96,9 @@ def run(args) -> dict:
            f"{tokens_per_step:,} tokens per step ({batches.accum} accumulation step(s) x "
            f"{info.world_size} process(es)), {cfg.max_steps} steps, corpus {len(train_tokens):,} tokens")
     print0("data stages by share of the run: " + "; ".join(
-        f"{st.name} steps {st.first_step}-{st.end_step} (reads {st.tokens:,} tokens "
-        f"{(st.end_step - st.first_step) * tokens_per_step / st.tokens:.2f} times)" for st in batches.stages))
+        f"{st.name} steps {st.first_step}-{st.end_step} ({(st.end_step - st.first_step) * tokens_per_step:,} tokens "
+        f"of its {st.tokens:,}: {(st.end_step - st.first_step) * tokens_per_step / st.tokens:.2f} passes)"
+        for st in batches.stages))
 
     def val():
         return eval_batches(val_tokens, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, info.device)
