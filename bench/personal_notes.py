@@ -8,7 +8,8 @@ reasoning accuracy (`mimo eval --task reasoning`) of the base and of the merged 
 
 Accuracy: a question is answered right when, among every value the notes give that attribute (one per person:
 30 cities, 30 birthdays...), the right one makes the likeliest assistant reply (the model's log-probability of
-the whole reply, the chat template around it); chance is 1 / people. Reported for all questions, for the people
+the whole reply, the chat template around it); chance is 1 / people. A finished adapter already in DIR/adapter is
+scored again rather than retuned. Reported for all questions, for the people
 the chats asked about (in other words) and for the people only the notes mention. Writes DIR/results.json.
 """
 
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+# before torch loads, as every mimo command: spin-waiting OpenMP threads stall on a busy machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -191,7 +195,10 @@ def main():
                "before": scored(args.model, None, questions, values)}
     print(json.dumps(results), flush=True)
     adapter = args.work / "adapter"
-    results["tune_seconds"] = round(mimo("tune", args.model, "--data", args.work / "data", "--out", adapter), 1)
+    if (adapter / "adapter_model.safetensors").exists():  # a finished run in --work: scored again, not retimed
+        results["tune_seconds"] = None
+    else:
+        results["tune_seconds"] = round(mimo("tune", args.model, "--data", args.work / "data", "--out", adapter), 1)
     results["after"] = scored(args.model, adapter, questions, values)
     rows = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
     results["tune_steps"], results["final_val_loss"] = rows[-1]["step"], rows[-1].get("val_loss")

@@ -194,7 +194,6 @@ class ModelRunner:
             return kernels.torch_ops_single_threaded()
         return contextlib.nullcontext()
 
-
     def context(self, positions, slots=None, kv_len: int | None = None, mask: bool = True) -> RunContext:
         """positions [b, T] (absolute); kv_len: any bound >= max(positions) + 1 (a host int: no sync).
         mask=False: every row attends to all of [0, kv_len) (one query per row, at position kv_len - 1)."""

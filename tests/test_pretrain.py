@@ -146,11 +146,13 @@ def test_sigkill_while_checkpointing_then_resume_ends_exactly_where_the_uninterr
 
 def close_weights(run_dir, reference):
     """Final weights equal the one-process run's up to fp32 rounding (accumulating the micro-batches' gradients
-    in another order; measured: at most 6e-7 apart)."""
+    in another order; measured: DDP at most 7e-7 apart, FSDP 1.1e-5 in the embedding and below 1e-6 elsewhere:
+    Adam divides a rounding-level gradient difference of a rarely seen token's row by its tiny second moment)."""
     a, b = weights(reference), weights(run_dir)
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=3e-5 if k == "model.embed_tokens.weight" else 1e-5,
+                                   msg=k)
     for x, y in zip(metrics(reference), metrics(run_dir)):
         assert x["step"] == y["step"] and x["tokens"] == y["tokens"]
         for key in ("loss", "ntp_loss", "mtp_loss", "val_loss"):
