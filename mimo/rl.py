@@ -74,6 +74,7 @@ from mimo.train import (
 @dataclass
 class RLConfig:
     max_steps: int = 40  # about 10 minutes for the tiny model on 2 cores (docs/benchmarks.md)
+    max_minutes: float = 0.0  # this process's training-time budget (0: none): stop after the step that passes it
     save_every: int = 10
     keep_checkpoints: int = 2
     group_size: int = 8
@@ -124,6 +125,8 @@ class RLConfig:
             raise MimoError("--easy-prob must be in [0, 1]; --eps-low, --eps-high, --max-resample-rounds >= 0")
         if self.filter_samples == 1 or self.filter_samples < 0:
             raise MimoError(f"--filter-samples must be 0 (off) or at least 2, got {self.filter_samples}")
+        if self.max_minutes < 0:
+            raise MimoError(f"--max-minutes must be >= 0 (0: no budget), got {self.max_minutes}")
         if self.rollout_slots < 0:
             raise MimoError(f"--rollout-slots must be >= 0 (0: batch prompts x group size), got {self.rollout_slots}")
         if self.early_termination not in EARLY_TERMINATION:
@@ -408,6 +411,7 @@ def run(args) -> dict:
         mode = "naive" if cfg.naive_rollout else f"continuous ({cfg.early_termination} early termination)"
         print0(f"GRPO on {len(problems)} problems: {cfg.batch_prompts} groups x {cfg.group_size} samples per step, "
                f"{mode} rollout, {cfg.max_steps} steps, device {device}")
+        t_train = time.perf_counter()
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             stream.begin_step(step)
@@ -427,9 +431,13 @@ def run(args) -> dict:
                    f"len {last['response_length']:.0f} (trained {last['trained_response_length'] or 0:.0f}) "
                    f"groups {roll['groups_valid']}/{roll['groups_sampled']} "
                    f"easy {len(stream.easy)} {last['step_s']:.1f}s")
-            if done % cfg.save_every == 0 or done == cfg.max_steps:
+            out_of_time = cfg.max_minutes > 0 and time.perf_counter() - t_train >= 60 * cfg.max_minutes
+            if done % cfg.save_every == 0 or done == cfg.max_steps or out_of_time:
                 state = {"step": done, "stream": stream.state(), "config": asdict(cfg)}
                 save_checkpoint(run_dir, done, model, opt, tokenizer, state, cfg.keep_checkpoints, True)
+            if out_of_time:
+                print0(f"--max-minutes {cfg.max_minutes:g}: stopping after step {done}")
+                break
     save_model(model, run_dir / "final", tokenizer=tokenizer)
     plot_rl_metrics(metrics_path, run_dir / "rl.png", f"GRPO {run_dir.name}")
     return last
@@ -485,6 +493,9 @@ def add_arguments(p):
                    help="code reward per difficulty level (ours: MiMo does not publish them)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="rollout batches")
+    g.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="wall-clock budget for this process's training steps (0: none); stops after the step that "
+                   "passes it, with a checkpoint and final/")
     g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (constant)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")

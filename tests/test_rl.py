@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from mimo import rewards, rl, rollout
 from mimo.engine import Engine
+from mimo.errors import MimoError
 from mimo.rewards import Graded, RLProblem
 from mimo.train import TrainConfig, make_optimizer
 
@@ -351,3 +352,16 @@ def test_run_end_to_end_then_killed_and_resumed_equals_uninterrupted(model_dir, 
     assert metric_rows(out) == rows
     resumed = load_file(str(out / "final" / "model.safetensors"))
     assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_max_minutes_stops_after_the_step_that_passes_the_budget(model_dir, tmp_path, capfd, parity_rewards):
+    out = tmp_path / "budget"
+    args = rl_args(model_dir, out, steps=5, save_every=10)
+    args.max_minutes = 1e-9  # passed by the first step
+    rl.run(args)
+    assert [r["step"] for r in metric_rows(out)] == [1]
+    assert "--max-minutes 1e-09: stopping after step 1" in capfd.readouterr().err
+    assert (out / "checkpoints" / "step_000001").is_dir() and (out / "final" / "config.json").exists()
+    args.max_minutes = -1
+    with pytest.raises(MimoError, match="--max-minutes"):
+        rl.run(args)
