@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The bench-only environment: peer tools that mimo's benchmarks compare against, never mimo's own dependencies.
 #   bash bench/setup_bench_env.sh          # makes bench/.venv: torch (CPU, as scripts/setup.sh), mimo, transformers +
-#                                          # peft, llama-cpp-python
+#                                          # peft + trl, llama-cpp-python
 # llama-cpp-python builds llama.cpp from source (about 30 minutes on 2 cores). Its AMX code is switched off (on
 # some VMs that advertise AMX it dies with an illegal instruction on q4_0/q8_0); everything else is native.
 set -euo pipefail
@@ -16,6 +16,8 @@ $ENV/bin/python -m pip install -q -e .
 # transformers + PEFT (and pytest): adapters from `mimo tune` open in peft.PeftModel and PEFT's own load in mimo,
 # with equal logits: bench/.venv/bin/python -m pytest -q tests/test_lora.py -k opens
 $ENV/bin/python -m pip install -q "${torch_spec[@]}" "transformers==5.25.0" "peft==0.21.2" pytest
+# TRL's GRPOTrainer, the RL peer of bench/rl_vs_trl.py (its own generation, on the CPU)
+$ENV/bin/python -m pip install -q "${torch_spec[@]}" "transformers==5.25.0" "trl==1.16.0"
 CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_BLAS=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-2} \
   $ENV/bin/python -m pip install -q --no-binary llama-cpp-python "llama-cpp-python${LLAMA_CPP_VERSION:+==$LLAMA_CPP_VERSION}"
