@@ -273,7 +273,7 @@ class MiMoForCausalLM(nn.Module):
         """Positions given without a cache are packed documents' (attention stays within each)."""
         packed = positions is not None and cache is None
         positions = self._positions(input_ids, positions)
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.model.norm.weight.dtype  # the compute dtype (a frozen embedding may be stored narrower)
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
         return make_context(self.config, positions, dtype, cache, slots, packed)

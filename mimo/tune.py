@@ -11,19 +11,24 @@ ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, a
 mimo/adapters.py) beside metrics.jsonl, loss.png, tune_config.json and checkpoints/; rerunning the command after
 a kill resumes from the newest checkpoint. Only the update's weights train (AdamW, no weight decay), so a
 QLoRA run (--quantize int4|int8: the update on top of ggml Q4_0 / Q8_0 weights, gradients through mimo's
-kernels) holds the base in a quarter or an eighth of its float32 bytes. The MTP layers are not loaded for
-tuning: the adapter changes the main model only (speculative decoding stays lossless with it). Nothing leaves
-the machine: mimo makes no network calls.
+kernels) holds the base in a quarter or an eighth of its float32 bytes. The frozen token embedding stays in the
+checkpoint's bf16/fp16 (looked up, then upcast: exact), and a quantized base recomputes each layer's activations
+in the backward pass instead of holding them (--activation-checkpointing, default on with --quantize): a 1.5B
+int4 base tunes within 3 GB (docs/benchmarks.md). The MTP layers are not loaded for tuning: the adapter changes
+the main model only (speculative decoding stays lossless with it). Nothing leaves the machine: mimo makes no
+network calls.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -31,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
+from torch.utils.checkpoint import checkpoint
 
 from mimo.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, save_adapter
 from mimo.errors import MimoError
@@ -135,7 +141,19 @@ def load_base(model_dir: str, quantize: str | None):
     model, tokenizer = load_model_and_tokenizer(model_dir, "float32", quantize=quantize)
     model.model.mtp_layers = nn.ModuleList()
     model.config = replace(model.config, num_nextn_predict_layers=0)
+    stored = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model.config.torch_dtype)
+    embedding = model.model.embed_tokens
+    if stored is not None and getattr(model.lm_head, "weight", None) is not embedding.weight:
+        embedding.weight.data = embedding.weight.data.to(stored)  # [vocab, hidden]: half the float32 bytes, exact
+        embedding.register_forward_hook(lambda module, args, out: out.float())
     return model, tokenizer
+
+
+def checkpoint_activations(model):
+    """Each decoder layer's activations recomputed in the backward pass rather than kept (torch.utils.checkpoint):
+    about one more forward pass of time for a fraction of the memory."""
+    for layer in model.model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
 def run(args):
@@ -149,6 +167,9 @@ def run(args):
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize)
     add_lora(model, lora, seed=args.seed)
+    recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
+    if recompute:
+        checkpoint_activations(model)
     cfg = replace(TUNE_DEFAULTS, seed=args.seed, precision=args.precision, seq_len=args.seq_len)
     cfg = cfg.with_overrides(args, info.world_size)
     examples, too_long = tokenize(tokenizer, documents, conversations, cfg.seq_len)
@@ -174,6 +195,7 @@ def run(args):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tune_config.json").write_text(json.dumps(
             {"command": "tune", "model": str(args.model), "data": str(args.data), "quantize": args.quantize,
+             "activation_checkpointing": bool(recompute),
              "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
     batches = SFTBatches(*packed[:2], cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
                          args.seed, info.device, *packed[2:])
@@ -205,6 +227,9 @@ def add_arguments(p):
                    help="comma-separated projections of each layer to adapt (default: attention and MLP)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="hold the frozen base in ggml Q8_0 / Q4_0 blocks (QLoRA: less memory)")
+    p.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="recompute each layer's activations in the backward pass (less memory, ~10%% slower); "
+                   "auto: on with --quantize")
     p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")

@@ -147,6 +147,30 @@ def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, n
     assert load_file(str(tmp_path / "q4" / "adapter_model.safetensors")).keys() == tensors.keys()
 
 
+def test_tune_base_keeps_a_bf16_embedding_exactly_and_recomputed_activations_change_no_gradient(model_dir, tmp_path):
+    from mimo.tune import checkpoint_activations, load_base
+
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    save_model(model, tmp_path / "bf16", tokenizer=tokenizer, dtype=torch.bfloat16)
+    base = load_base(tmp_path / "bf16", None)[0]
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16  # half the bytes of the frozen table
+    reference = load_model_and_tokenizer(tmp_path / "bf16", "float32")[0]
+    x = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(base(x).logits, reference(x).logits)
+
+    grads = []
+    for recompute in (False, True):
+        tuned = random_update(copy.deepcopy(base), seed=1)
+        if recompute:
+            checkpoint_activations(tuned)
+        tuned(x, targets=x).loss.backward()
+        grads.append({n: p.grad for n, p in tuned.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=1e-7, msg=n)
+
+
 def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
     from mimo.tune import tokenize
 
