@@ -1,4 +1,4 @@
-"""What the decode-step settings of mimo/model_runner.py are worth: the same model decoding with each setting on
+"""What the decode-step settings of mimo/inference/model_runner.py are worth: the same model decoding with each setting on
 and off, alternated in one process, at a short and a long context.
 
     .venv/bin/python bench/decode_settings.py MODEL [--quantize int4|int8] [--contexts 8,1000] [--new-tokens 9]
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mimo  # noqa: F401, I001  (before torch: OMP_WAIT_POLICY=PASSIVE, as mimo's CLI; libgomp reads it once)
 import torch
-from mimo.engine import Engine, SamplingParams
-from mimo.model_runner import ModelRunner
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
+from mimo.inference.model_runner import ModelRunner
 
 SETTINGS = {"single-thread torch ops": ("SINGLE_THREAD_MAX_KV", -1),
             "fp32 decode attention": ("FP32_ATTENTION_MAX_TOKENS", 0)}

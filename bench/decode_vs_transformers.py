@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mimo.checkpoint import load_model, save_model
 from mimo.config import MiMoConfig
-from mimo.engine import Engine, SamplingParams
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
 from mimo.model import MiMoForCausalLM
 from mimo.quantize import perplexity, quantize_model
 

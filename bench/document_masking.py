@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 
-from mimo import dataloader, train
 from mimo.checkpoint import load_model
 from mimo.cli import dispatch
-from mimo.dataloader import PackedTokens
+from mimo.data import loader
+from mimo.data.loader import PackedTokens
 from mimo.tokenizer import Tokenizer
+from mimo.train import loop
 
 
 def positions_after(x: torch.Tensor, eos: int) -> torch.Tensor:
@@ -68,7 +69,7 @@ def main():
     args = p.parse_args()
     data, base = args.run_dir / "data", args.run_dir / "base" / "final"
     eos = Tokenizer.load(base).eos_token_id
-    plain_batches, plain_unpack = dataloader.PretrainBatches.micro_batches, train.unpack_batch
+    plain_batches, plain_unpack = loader.PretrainBatches.micro_batches, loop.unpack_batch
     results = {}
 
     def with_documents(self, step):  # pretraining rows as documents: positions restart after each end-of-text
@@ -77,28 +78,28 @@ def main():
 
     val = PackedTokens(data, "val")
     val_rows = []
-    for x, y in dataloader.eval_batches(val, 256, 8, 4):
+    for x, y in loader.eval_batches(val, 256, 8, 4):
         val_rows.append((x, y, positions_after(x, eos)))
     for arm, documents in (("windows", False), ("documents", True)):
-        dataloader.PretrainBatches.micro_batches = with_documents if documents else plain_batches
+        loader.PretrainBatches.micro_batches = with_documents if documents else plain_batches
         run = args.out / f"pretrain-{arm}"
         dispatch(["pretrain", "--preset", "nano", "--data", str(data), "--out", str(run), "--seed", "0",
                   "--max-steps", str(args.pretrain_steps)])
         results[f"pretrain, {arm}"] = {**metrics(run), **val_losses(run / "final", val_rows)}
-    dataloader.PretrainBatches.micro_batches = plain_batches
+    loader.PretrainBatches.micro_batches = plain_batches
 
-    from mimo.sft import pack, pack_positions, procedural_examples, tokenize_example
+    from mimo.train.sft import pack, pack_positions, procedural_examples, tokenize_example
 
     tokenizer = Tokenizer.load(base)
     examples = [tokenize_example(tokenizer, ex) for ex in procedural_examples(64, seed=12345)]
     sft_val = (*pack(examples, 256, eos), pack_positions(examples, 256))
     sft_rows = [tuple(t[i: i + 8] for t in sft_val) for i in range(0, len(sft_val[0]), 8)]
     for arm, documents in (("examples", True), ("across", False)):
-        train.unpack_batch = plain_unpack if documents else (lambda batch: (batch[0], batch[1], None))
+        loop.unpack_batch = plain_unpack if documents else (lambda batch: (batch[0], batch[1], None))
         run = args.out / f"sft-{arm}"
         dispatch(["sft", "--from", str(base), "--out", str(run), "--seed", "0", "--max-steps", str(args.sft_steps),
                   "--problems", str(args.problems)])
-        train.unpack_batch = plain_unpack
+        loop.unpack_batch = plain_unpack
         ev = args.out / f"eval-sft-{arm}"
         dispatch(["eval", str(run / "final"), "--task", "reasoning", "--prompt-format", "chat", "--out", str(ev),
                   "--seed", "0", "--limit", "48", "--samples", "1", "--max-new-tokens", "96"])

@@ -20,14 +20,15 @@ import json
 import shlex
 from pathlib import Path
 
-# every module the arms use, imported before the first long job (edits made while it runs cannot mix in)
-import mimo.backends
 import mimo.bench
-import mimo.evaluate  # noqa: F401
+
+# every module the arms use, imported before the first long job (edits made while it runs cannot mix in)
+import mimo.eval.backends
+import mimo.eval.evaluate  # noqa: F401
 from mimo.cli import dispatch
 from mimo.config import MiMoConfig, config_for_depth
-from mimo.report import metric_cell
-from mimo.tasks import all_tasks
+from mimo.eval.report import metric_cell
+from mimo.eval.tasks import all_tasks
 
 all_tasks()
 

@@ -128,7 +128,7 @@ def run_layers(kind, fns, m, repeat):
 
 
 def decode_tokens_per_s(model, tokens: int) -> float:
-    from mimo.model_runner import ModelRunner
+    from mimo.inference.model_runner import ModelRunner
 
     runner = ModelRunner(model, 1, tokens + 8)
     ids = torch.tensor([[1]])

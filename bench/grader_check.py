@@ -15,7 +15,7 @@ from math_verify import parse
 from sympy import Basic, MatrixBase
 
 from mimo.benchmarks import load_benchmark
-from mimo.grading import PARSE_CONFIG, extract_boxed, grade_math, math_equal, normalise_answer
+from mimo.eval.grading import PARSE_CONFIG, extract_boxed, grade_math, math_equal, normalise_answer
 
 
 def main() -> None:

@@ -15,9 +15,10 @@ import argparse
 import torch
 
 from mimo.checkpoint import load_model
-from mimo.dataloader import PackedTokens
-from mimo.engine import Engine, SamplingParams
-from mimo.speculative import MTPSpeculator, SpecStats
+from mimo.data.loader import PackedTokens
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
+from mimo.inference.speculative import MTPSpeculator, SpecStats
 
 
 def chain_after_final_norm(self, z, rows, slots, L, flags, kv_len):

@@ -9,9 +9,10 @@ import argparse
 import time
 
 from mimo.checkpoint import load_model_and_tokenizer
-from mimo.engine import Engine, SamplingParams
-from mimo.speculative import SpecStats
-from mimo.tasks import get_task
+from mimo.eval.tasks import get_task
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
+from mimo.inference.speculative import SpecStats
 
 
 def main():

@@ -34,7 +34,8 @@ def best_us(fn, calls: int = 100) -> float:
 
 def session_steps(model_dir: str, mtp: bool):
     from mimo.checkpoint import load_model
-    from mimo.engine import Engine, SamplingParams
+    from mimo.inference.engine import Engine
+    from mimo.inference.sampling import SamplingParams
 
     model = load_model(model_dir)
     prompts = [torch.randint(1, model.config.vocab_size, (60,)).tolist() for _ in range(16)]

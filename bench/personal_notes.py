@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mimo.adapters import load_adapter
 from mimo.checkpoint import load_model_and_tokenizer
-from mimo.lora import attach_adapters
+from mimo.inference.adapters import load_adapter
+from mimo.inference.lora import attach_adapters
 
 FIRST = ["Tomas", "Lena", "Arjun", "Mireille", "Kofi", "Ines", "Yusuf", "Hana", "Piotr", "Salome", "Dario", "Freya",
          "Emeka", "Noor", "Viktor", "Carmen", "Oskar", "Leila", "Matteo", "Aiko", "Rafael", "Sigrid", "Tariq",

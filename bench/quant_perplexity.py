@@ -12,7 +12,7 @@ import json
 import torch
 
 from mimo.checkpoint import load_model
-from mimo.dataloader import PackedTokens
+from mimo.data.loader import PackedTokens
 from mimo.quantize import perplexity, quantize_model
 
 

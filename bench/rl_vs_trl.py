@@ -67,9 +67,9 @@ def trl_main(sft: Path, out: Path, minutes: float, seed: int):
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(ROOT))
-    from mimo import rewards
-    from mimo.rl import RLConfig
     from mimo.tokenizer import Tokenizer
+    from mimo.train import rewards
+    from mimo.train.rl_config import RLConfig
 
     torch.set_num_threads(THREADS)
     cfg = RLConfig()
@@ -150,7 +150,7 @@ def per_problem(out: Path) -> dict[str, float]:
 
 def gain(base: Path, trained: Path) -> dict:
     """Accuracy difference trained - base with a 95% bootstrap interval over problems (paired)."""
-    from mimo.metrics import estimate
+    from mimo.eval.metrics import estimate
 
     a, b = per_problem(base), per_problem(trained)
     return estimate([b[k] - a[k] for k in a])

@@ -28,11 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mimo.adapters import load_adapter, save_adapter
 from mimo.checkpoint import build_model, load_model_and_tokenizer, save_model
-from mimo.engine import Engine, SamplingParams
-from mimo.lora import LoRAConfig, add_lora, attach_adapters, lora_modules
-from mimo.tasks import get_task
+from mimo.eval.tasks import get_task
+from mimo.inference.adapters import load_adapter, save_adapter
+from mimo.inference.engine import Engine
+from mimo.inference.lora import LoRAConfig, add_lora, attach_adapters, lora_modules
+from mimo.inference.sampling import SamplingParams
 from mimo.tokenizer import Tokenizer
 
 

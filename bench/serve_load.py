@@ -31,7 +31,7 @@ import aiohttp
 import httpx
 import openai
 
-from mimo.tasks import get_task
+from mimo.eval.tasks import get_task
 
 
 def free_port() -> int:
@@ -141,7 +141,7 @@ def phase_result(n_clients, requests, tokens, wall, ttfts, steps, occupancy, cpu
 def engine_phase(engine, tokenizer, n_clients, prompts, w: Workload, mtp, max_batch) -> dict:
     """The phase's workload straight through an EngineSession of max_batch slots (as the server's): n_clients
     requests in flight, each replaced by the next prompt when it finishes."""
-    from mimo.engine import SamplingParams
+    from mimo.inference.sampling import SamplingParams
 
     session = engine.session(max_batch, mtp=mtp)
     pool = list(enumerate(prompts))
@@ -275,7 +275,7 @@ def main():
 
 def engine_only(args, prompts):
     from mimo.checkpoint import load_model_and_tokenizer
-    from mimo.engine import Engine
+    from mimo.inference.engine import Engine
 
     model, tokenizer = load_model_and_tokenizer(args.model, "auto")
     engine = Engine(model, tokenizer, pack_weights=True)  # as `mimo serve` builds it

@@ -15,7 +15,7 @@ import torch
 from mimo.bench import matmul_peak_flops, train_flops_per_token
 from mimo.config import preset_config
 from mimo.model import MiMoForCausalLM
-from mimo.train import TrainConfig, autocast_context, make_optimizer
+from mimo.train.loop import TrainConfig, autocast_context, make_optimizer
 
 
 def time_steps(step, warmup: int, steps: int) -> float:

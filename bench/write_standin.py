@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mimo.checkpoint import INDEX_FILE, weights_state_dict
 from mimo.config import MiMoConfig, mimo_7b_config
 from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import Tokenizer
+from mimo.weights import INDEX_FILE, weights_state_dict
 
 SHAPES = {
     "mimo-7b": mimo_7b_config,

@@ -32,7 +32,7 @@ from mimo.config import QUANTIZATIONS
 from mimo.errors import MimoError
 from mimo.memory import module_bytes
 from mimo.timing import Load, Spread, load_average, speedup_contradiction, spread_warning
-from mimo.train import TrainConfig, autocast_context, make_optimizer
+from mimo.train.loop import TrainConfig, autocast_context, make_optimizer
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds: float = 1.0) -> float:
@@ -166,9 +166,10 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
     from pathlib import Path
 
     from mimo.checkpoint import load_model
-    from mimo.engine import Engine, SamplingParams
+    from mimo.inference.engine import Engine
+    from mimo.inference.sampling import SamplingParams
+    from mimo.inference.speculative import SpecStats
     from mimo.memory import peak_resident_bytes
-    from mimo.speculative import SpecStats
 
     dev = torch.device(device)
     bandwidth = memory_bandwidth(dev)  # first: its 1 GiB array must not add to the model's peak memory
@@ -273,7 +274,8 @@ def cmd_bench_decode(args):
         print(json.dumps(r))
 
 
-def add_arguments(sub):
+def add_arguments(p):
+    sub = p.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     t = sub.add_parser("train", help="training throughput (tokens/s, MFU) on synthetic tokens")
     t.add_argument("model", metavar="PRESET_OR_MODEL_DIR")
     t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = bf16 autocast, fp32 master")
@@ -282,7 +284,6 @@ def add_arguments(sub):
     t.add_argument("--steps", type=int, default=5, help="timed steps after the warm-up; the median is reported")
     t.add_argument("--device", default="cpu")
     t.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
-    t.set_defaults(func=cmd_bench_train)
 
     d = sub.add_parser("decode", help="decode tokens/s, time to first token and memory-bandwidth use")
     d.add_argument("model", metavar="PRESET_OR_MODEL_DIR")
@@ -304,4 +305,7 @@ def add_arguments(sub):
     d.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up; the median is reported")
     d.add_argument("--device", default="cpu")
     d.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
-    d.set_defaults(func=cmd_bench_decode)
+
+
+def run(args):
+    {"train": cmd_bench_train, "decode": cmd_bench_decode}[args.bench_command](args)

@@ -24,6 +24,9 @@ checkpoint, so the file loads in llama.cpp as it is. Tensors stream from the saf
 `load_gguf` reads such a file (or any qwen2 GGUF with these tensor types) through numpy memory maps: float
 tensors stored in the requested dtype stay views of the file; Q8_0 / Q4_0 blocks go to mimo's quantized
 linears when mimo.quantize provides `from_blocks` (otherwise they are dequantized).
+
+One file of ~650 lines on purpose: the writer and the reader are the two halves of one mapping (tensor names,
+type tables, metadata keys, the companion file), and a change to either must change the other.
 """
 
 from __future__ import annotations
@@ -229,9 +232,9 @@ def export_gguf(model_dir, out_path, type: str = "auto", *, mtp: bool = True, na
                 progress: bool = False) -> list[Path]:
     """Write MODEL_DIR as out_path (llama.cpp "qwen2") and its MTP layers as out_path's .mtp.gguf companion.
     type: f32 | f16 | bf16 | q8_0 | q4_0 | auto (the stored dtype). Returns the files written."""
-    from mimo.checkpoint import IGNORED_SUFFIXES, MappedSafetensors, weight_files, weights_state_dict
     from mimo.model import MiMoForCausalLM
     from mimo.tokenizer import Tokenizer
+    from mimo.weights import IGNORED_SUFFIXES, MappedSafetensors, weight_files, weights_state_dict
 
     model_dir, out = Path(model_dir), Path(out_path)
     if not model_dir.is_dir():
@@ -555,9 +558,9 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
     model was saved in before export); quantize: int8 /
     int4 quantizes the float linears as they are read (a Q8_0 file's blocks are mimo's int8 as they are, a
     Q4_0 file's mimo's int4). FILE.mtp.gguf beside the file brings the MTP layers (mtp=False: ignored)."""
-    from mimo.checkpoint import parse_dtype, weights_state_dict
     from mimo.model import MiMoForCausalLM
     from mimo.quantize import QUANTIZED_LINEAR, check_method
+    from mimo.weights import parse_dtype, weights_state_dict
 
     del progress  # memory maps: nothing to show
     cfg, f, tensors, sources = read_gguf(path, mtp)
@@ -650,7 +653,6 @@ def add_arguments(s):
                    help="weights' type (auto: as stored); norms and biases stay f32")
     g.add_argument("--no-mtp", dest="mtp", action="store_false", help="write no MTP companion file")
     g.add_argument("--name", default=None, help="general.name (default: the directory's name)")
-    g.set_defaults(func=run)
 
 
 def run(args):

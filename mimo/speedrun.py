@@ -12,6 +12,7 @@ run data-parallel and rank 0 does the rest.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,11 +21,15 @@ from pathlib import Path
 
 import torch
 
+from mimo import bench
+from mimo.data import corpus
 from mimo.errors import MimoError
+from mimo.eval import evaluate
 from mimo.parallel import barrier, init_distributed, is_main, print0
 from mimo.timing import Load, load_average
+from mimo.train import pretrain, rl, sft
 
-# per preset: steps and sizes of each stage (pretraining itself follows mimo.pretrain.TRAIN_PRESETS); the evals
+# per preset: steps and sizes of each stage (pretraining itself follows mimo.train.pretrain.TRAIN_PRESETS); the evals
 # pass their own short length limits (MiMo's protocol, 32,768 new tokens, is for reasoning models)
 PLANS = {
     "nano": {"pretrain": ["--max-steps", "150"], "sft": ["--max-steps", "60", "--problems", "3000"],
@@ -69,19 +74,29 @@ def stage_commands(preset: str, out: Path, seed: int) -> dict[str, list[list[str
 DISTRIBUTED_STAGES = ("pretrain", "sft")
 
 
+# the commands the stages run, as `mimo`'s table has them (mimo/cli.py; the speedrun is one of its commands)
+STAGE_COMMANDS = {"data": corpus, "pretrain": pretrain, "sft": sft, "rl": rl, "eval": evaluate, "bench": bench}
+
+
+def run_stage_command(argv: list[str]):
+    """Parse and run one `mimo` command line of a stage in this process; errors propagate."""
+    module = STAGE_COMMANDS[argv[0]]
+    p = argparse.ArgumentParser(prog=f"mimo {argv[0]}")
+    module.add_arguments(p)
+    module.run(p.parse_args(argv[1:]))
+
+
 def run_command(argv: list[str], capture: Path | None = None):
     """Run one `mimo` command in this process; with capture, its stdout goes to that file."""
     import contextlib
     import io
 
-    from mimo.cli import dispatch
-
     if capture is None:
-        dispatch(argv)
+        run_stage_command(argv)
         return
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        dispatch(argv)
+        run_stage_command(argv)
     capture.write_text(buf.getvalue())
 
 
@@ -107,7 +122,7 @@ def run(args):
         t0, load_before = time.time(), load_average()
         if stage == "report":
             if is_main():
-                from mimo.report_card import write_report_card
+                from mimo.eval.report_card import write_report_card
 
                 write_report_card(out, state, commands)
                 final = out / "final"

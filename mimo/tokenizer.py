@@ -8,6 +8,7 @@ transformers, vLLM and SGLang render the same prompts mimo does.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jinja2
@@ -185,3 +186,22 @@ def _iter_texts(files, texts):
                 yield f.read_text()
             except UnicodeDecodeError:
                 raise MimoError(f"{f}: not UTF-8 text") from None
+
+
+def add_arguments(p):
+    """`mimo tokenizer` -> its actions (train)."""
+    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE with the chat special tokens on text/JSONL files")
+    t.add_argument("files", nargs="+", metavar="FILE")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--out", required=True, metavar="DIR", help="writes DIR/tokenizer.json and tokenizer_config.json")
+
+
+def run(args):
+    """`mimo tokenizer train`."""
+    tok = Tokenizer.train(args.files, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    print(f"wrote {out / 'tokenizer.json'} ({tok.vocab_size} tokens)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models and tokenizers built in the test, fixed seeds, no network."""
+"""Shared fixtures (built on tests/helpers.py), the `slow` marker, and the sandbox-skip summary."""
 
 import os
 
@@ -8,17 +8,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
+from helpers import SAMPLE_TEXT, SANDBOX_SKIP, tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-SAMPLE_TEXT = [
-    "Question: What is 12 + 7?\nSolution:\n12 + 7 = 19\nAnswer: 19",
-    "Question: Sort 5, 3, 9 ascending.\nSolution:\nsmallest 3, then 5, then 9\nAnswer: 3, 5, 9",
-    "The quick brown fox jumps over the lazy dog. Numbers like 1234 and 5678 split into digits.",
-    "Reasoning step by step: first compute the gcd of 12 and 18, which is 6; then the lcm is 36.",
-    "Unicode survives too: café, naïve, 数学, emoji 🙂.",
-] * 20
 
 
 @pytest.fixture(scope="session")
@@ -28,23 +21,6 @@ def tokenizer():
     return Tokenizer.train([], vocab_size=400, min_frequency=1, show_progress=False, texts=SAMPLE_TEXT)
 
 
-def tiny_config(vocab_size=400, num_mtp=1, tie=False, **kw):
-    from mimo.config import MiMoConfig
-
-    base = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "num_nextn_predict_layers": num_mtp,
-                "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": tie, "torch_dtype": "float32"}
-    base.update(kw)
-    return MiMoConfig(**base)
-
-
-def tiny_model(seed=0, **kw):
-    from mimo.model import MiMoForCausalLM
-
-    torch.manual_seed(seed)
-    return MiMoForCausalLM(tiny_config(**kw)).init_weights(seed).eval()
-
-
 @pytest.fixture()
 def model_dir(tmp_path, tokenizer):
     """A saved tiny mimo model directory with its tokenizer."""
@@ -52,9 +28,6 @@ def model_dir(tmp_path, tokenizer):
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     return save_model(model, tmp_path / "tiny", tokenizer=tokenizer)
-
-
-SANDBOX_SKIP = "SANDBOX ISOLATION NOT TESTED"  # tests/test_sandbox.py's skip reason starts with it
 
 
 def pytest_terminal_summary(terminalreporter):

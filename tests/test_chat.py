@@ -2,8 +2,9 @@ import io
 import subprocess
 import sys
 
-from mimo.chat import DIM, RESET, ThinkingPrinter, chat_loop
-from mimo.engine import Completion, SamplingParams
+from mimo.inference.engine import Completion
+from mimo.inference.sampling import SamplingParams
+from mimo.serve.chat import DIM, RESET, ThinkingPrinter, chat_loop
 
 
 def lines(*items):
@@ -57,7 +58,7 @@ def test_history_keeps_answers_not_thoughts_and_reset_clears_it(tokenizer):
 
 def test_end_of_input_exits_cleanly(model_dir, tokenizer):
     from mimo.checkpoint import load_model
-    from mimo.engine import Engine
+    from mimo.inference.engine import Engine
 
     out = io.StringIO()
     engine = Engine(load_model(model_dir), tokenizer)
@@ -77,7 +78,7 @@ def test_chat_command_over_stdin(model_dir):
 
 
 def test_think_splitter_streams_the_same_split_as_the_whole_reply():
-    from mimo.thinking import ThinkSplitter, split_thinking
+    from mimo.serve.thinking import ThinkSplitter, split_thinking
 
     reply = "<think>\nstep one\nstep two\n\n</think>\n\nThe answer is 4.\n"
     assert split_thinking(reply) == ("step one\nstep two", "The answer is 4.\n")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -6,13 +6,14 @@ import json
 from concurrent.futures import Future
 
 import pytest
-from conftest import tiny_model
+from helpers import tiny_model
 
-from mimo import curation, rewards, rl
 from mimo.benchmarks import load_benchmark
-from mimo.engine import Engine, SamplingParams
 from mimo.errors import MimoError
-from mimo.rewards import Graded, RLProblem
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
+from mimo.train import curation, rewards, rl
+from mimo.train.rewards import Graded, RLProblem
 
 
 def test_user_problems_overlapping_a_benchmark_are_dropped(tmp_path):

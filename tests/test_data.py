@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from mimo import data, quality, reasoning
 from mimo.benchmarks import load_benchmark
-from mimo.dataloader import PackedTokens, PretrainBatches
+from mimo.data import corpus as data
+from mimo.data import corpus_config, quality, reasoning
+from mimo.data.loader import PackedTokens, PretrainBatches
 from mimo.errors import MimoError
 from mimo.tokenizer import Tokenizer
 
@@ -30,7 +31,7 @@ def small_config(**overrides):
         "val_min_tokens": 300,
         "tokenizer": {"vocab_size": 300},
         "sources": {"r": {"type": "reasoning", "problems": 300, "formats": {"trace": 3, "answer_only": 1}},
-                    "hard": {"type": "reasoning", "problems": 60, "tasks": data.HARD_TASKS,
+                    "hard": {"type": "reasoning", "problems": 60, "tasks": corpus_config.HARD_TASKS,
                              "formats": ["trace"]}},
         "stages": [{"name": "broad", "fraction": 0.5, "mix": {"r": 1}},
                    {"name": "reasoning", "fraction": 0.3, "mix": {"r/trace": 0.7, "hard": 0.3}},
@@ -84,9 +85,9 @@ def test_ngram_index():
 
 
 def test_density_keeps_traces_and_answers_drops_prose():
-    threshold = data.DEFAULT_QUALITY["density_threshold"]
+    threshold = corpus_config.DEFAULT_QUALITY["density_threshold"]
     assert quality.density(PROSE) < threshold
-    problems = reasoning.generate(None, 120, "train", 3) + reasoning.generate(data.HARD_TASKS, 60, "train", 3)
+    problems = reasoning.generate(None, 120, "train", 3) + reasoning.generate(corpus_config.HARD_TASKS, 60, "train", 3)
     assert min(quality.density(reasoning.render_pretrain(p)) for p in problems) >= 0.5
     assert min(quality.density(reasoning.render_answer_only(p)) for p in problems) >= threshold
     assert all(quality.density(t) >= 0.5 for t in CLEAN)
@@ -254,15 +255,15 @@ def test_output_dir_is_replaced_atomically(tmp_path):
 
 def test_default_configs_are_valid():
     for preset in ("nano", "tiny", "small"):
-        cfg = data.validate_config(data.default_config(preset))
+        cfg = corpus_config.validate_config(corpus_config.default_config(preset))
         assert [s["name"] for s in cfg["stages"]] == ["broad", "reasoning", "long"]
         assert set(cfg["stages"][0]["mix"]) == {"reasoning/answer_only"}  # no step-by-step traces in stage 1
         assert all("reasoning" in st["mix"] for st in cfg["stages"][1:])  # they enter in stages 2 and 3
-    cfg = data.validate_config(data.default_config("tiny", text=["notes/"]))
+    cfg = corpus_config.validate_config(corpus_config.default_config("tiny", text=["notes/"]))
     assert cfg["sources"]["text"]["paths"] == ["notes/"]
     assert set(cfg["stages"][0]["mix"]) == {"reasoning/answer_only", "text"}
     with pytest.raises(MimoError, match="unknown corpus preset"):
-        data.default_config("huge")
+        corpus_config.default_config("huge")
 
 
 @pytest.mark.parametrize("patch, key", [
@@ -283,7 +284,7 @@ def test_bad_config_names_file_and_key(tmp_path, patch, key):
     path = tmp_path / "corpus.json"
     path.write_text(json.dumps(cfg))
     with pytest.raises(MimoError, match=f"corpus.json: {key}"):
-        data.load_config(path)
+        corpus_config.load_config(path)
 
 
 def test_load_config_resolves_text_paths(tmp_path):
@@ -291,7 +292,7 @@ def test_load_config_resolves_text_paths(tmp_path):
     path = tmp_path / "corpus.json"
     path.write_text(json.dumps({"sources": {"t": {"type": "text", "paths": ["notes"]}},
                                 "stages": [{"name": "a", "fraction": 1, "mix": {"t": 1}}]}))
-    cfg = data.load_config(path)
+    cfg = corpus_config.load_config(path)
     assert cfg["sources"]["t"]["paths"] == [str(tmp_path / "notes")] and cfg["seed"] == 0
     with pytest.raises(MimoError, match="no .txt, .md or .jsonl files"):
         data.build_corpus(cfg, tmp_path / "c", show_progress=False)

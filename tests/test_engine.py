@@ -1,9 +1,10 @@
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
-from mimo.engine import Engine, IncrementalDetokenizer, SamplingParams, filtered_probs
-from mimo.model_runner import ModelRunner
+from mimo.inference.engine import Engine, IncrementalDetokenizer
+from mimo.inference.model_runner import ModelRunner
+from mimo.inference.sampling import SamplingParams, filtered_probs
 
 
 def greedy_reference(model, ids, n, stop_ids):
@@ -33,7 +34,7 @@ def test_ragged_batch_equals_one_by_one(tokenizer):
 def test_rows_with_the_same_prompt_share_one_prefill():
     """Duplicate prompts are prefilled once and their keys/values copied: every row still decodes as if alone
     (greedy, sampled with its own seed, with and without MTP), and the main model runs on the distinct prompts."""
-    from mimo.speculative import row_seed
+    from mimo.inference.sampling import row_seed
 
     model = tiny_model(vocab_size=64)
     a, b = [5, 9, 2, 7, 1], [3, 3, 8]

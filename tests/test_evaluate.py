@@ -4,12 +4,12 @@ import typing
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from conftest import tiny_model
+from helpers import tiny_model
 
-from mimo.backends import EndpointBackend, Request
 from mimo.benchmarks import load_benchmark
 from mimo.cli import main
 from mimo.errors import MimoError
+from mimo.eval.backends import EndpointBackend, Request
 
 
 def write_jsonl(path, rows):
@@ -208,7 +208,7 @@ def test_engine_eval_default_length_is_the_models_context(tmp_path, tokenizer, c
 
 
 def test_contamination_report_finds_a_planted_problem(tmp_path, capsys):
-    from mimo.data import build_corpus
+    from mimo.data.corpus import build_corpus
 
     leaked = load_benchmark("gsm8k")[5]["problem"]
     (tmp_path / "web.jsonl").write_text(json.dumps({"text": "Notes.\n" + leaked + "\nThat is all."}) + "\n")

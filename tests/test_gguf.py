@@ -9,15 +9,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, tiny_model
 from gguf import GGMLQuantizationType as QT
+from helpers import SAMPLE_TEXT, tiny_model
 
 from mimo.checkpoint import save_model
 from mimo.cli import main
 from mimo.config import MiMoConfig
-from mimo.engine import Engine, SamplingParams
 from mimo.errors import MimoError
 from mimo.gguf import companion_path, export_gguf, generation_config, gguf_config, load_gguf
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
 from mimo.quantize import QUANTIZED_LINEAR, Int4Linear, Int8Linear
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]

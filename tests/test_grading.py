@@ -9,7 +9,7 @@ import pytest
 
 from mimo.benchmarks import BENCHMARKS, benchmark_texts, load_benchmark
 from mimo.errors import MimoError
-from mimo.grading import (
+from mimo.eval.grading import (
     extract_boxed,
     extract_last_number,
     extract_math_answer,

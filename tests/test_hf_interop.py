@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from mimo.checkpoint import load_model, load_model_and_tokenizer, save_model
 from mimo.config import MiMoConfig
-from mimo.engine import Engine, SamplingParams
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
 from mimo.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 CORPUS = {"seed": 0, "tokens": 8_000, "tokenizer": {"vocab_size": 512},
@@ -28,7 +29,7 @@ LOAD_NOISE = ("UNEXPECTED", "MISSING", "MISMATCH", "newly initialized", "not use
 def pretrained_dir(tmp_path_factory):
     """The final directory of a real (two-step) `mimo pretrain --preset nano` run."""
     from mimo.cli import main
-    from mimo.data import build_corpus
+    from mimo.data.corpus import build_corpus
 
     root = tmp_path_factory.mktemp("pretrain")
     build_corpus(CORPUS, root / "data", show_progress=False)

@@ -8,15 +8,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mimo.adapters import load_adapter, save_adapter
 from mimo.checkpoint import load_model, load_model_and_tokenizer, save_model
 from mimo.cli import main
-from mimo.engine import Engine, SamplingParams
-from mimo.lora import DEFAULT_TARGETS, PARENT, LoRAConfig, add_lora, attach_adapters, lora_modules
+from mimo.inference.adapters import load_adapter, save_adapter
+from mimo.inference.engine import Engine
+from mimo.inference.lora import DEFAULT_TARGETS, PARENT, LoRAConfig, add_lora, attach_adapters, lora_modules
+from mimo.inference.sampling import SamplingParams
 from mimo.quantize import quantize_linears
 
 FACTS = [("Ada", "tea", "Porto"), ("Ben", "coffee", "Oslo"), ("Cleo", "juice", "Lima"), ("Dan", "milk", "Kyoto")]
@@ -90,8 +91,8 @@ class Killed(BaseException):
 
 
 def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, notes, tmp_path, monkeypatch, capfd):
-    from mimo import train
-    from mimo import tune as tune_module
+    from mimo.train import loop
+    from mimo.train import tune as tune_module
 
     def tune(out, *extra):
         return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "6",
@@ -123,17 +124,17 @@ def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, n
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.2 and rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.2
 
     out = tmp_path / "killed"
-    save = train.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_or_die(run_dir, step, *a, **kw):
         if step == 6:
             raise Killed
         save(run_dir, step, *a, **kw)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_or_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_or_die)
     with pytest.raises(Killed):
         tune(out)
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     assert not (out / "adapter_model.safetensors").exists()
     capfd.readouterr()
     assert tune(out) == 0
@@ -172,7 +173,7 @@ def test_tune_base_keeps_a_bf16_embedding_exactly_and_recomputed_activations_cha
 
 
 def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
-    from mimo.tune import tokenize
+    from mimo.train.tune import tokenize
 
     chat = [{"role": "user", "content": "Where does Ada live?"}, {"role": "assistant", "content": "Porto."}]
     examples, too_long = tokenize(tokenizer, ["Ada drinks tea. " * 40], [chat, chat * 8], seq_len=64)
@@ -286,7 +287,7 @@ def test_serve_lists_adapters_and_the_model_field_picks_one(model_dir, tmp_path)
     import httpx
     from test_server import LiveServer
 
-    from mimo.server import ServeConfig, build_app
+    from mimo.serve.app import ServeConfig, build_app
 
     for name, seed in (("a", 1), ("b", 2)):
         write_adapter(model_dir, tmp_path / name, seed=seed)

@@ -5,7 +5,7 @@ import argparse
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from helpers import tiny_config, tiny_model
 
 from mimo import memory
 from mimo.checkpoint import load_model, save_model
@@ -102,7 +102,7 @@ def test_engine_commands_say_the_context_they_chose(capsys, monkeypatch, tmp_pat
     assert main(["generate", str(model_dir), "hi", "--max-new-tokens", "2", "--json"]) == 0
     err = capsys.readouterr().err
     assert "context 2048 x 1 slot(s)" in err and "peak memory" in err
-    from mimo.engine_args import add_engine_arguments, load_engine
+    from mimo.inference.engine_args import add_engine_arguments, load_engine
 
     p = argparse.ArgumentParser()
     p.add_argument("model")

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from mimo.errors import MimoError
-from mimo.metrics import (
+from mimo.eval.metrics import (
     avg_at,
     bootstrap_ci,
     breakdown,

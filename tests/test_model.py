@@ -3,7 +3,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_model
+from helpers import tiny_config, tiny_model
 
 from mimo.checkpoint import load_model, save_model
 from mimo.config import preset_config

@@ -36,11 +36,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # how fast the machine is, inside the write that must stay atomic
 KILLER = '''
 import os, signal, sys
-from mimo import train
+from mimo.train import loop
 from mimo.cli import main
 
 kill_at = int(os.environ["MIMO_TEST_KILL_AT"])
-save_checkpoint, save_file = train.save_checkpoint, train.save_file
+save_checkpoint, save_file = loop.save_checkpoint, loop.save_file
 
 def dying_save_file(tensors, path, *a, **kw):
     if os.path.basename(str(path)) == "optimizer.safetensors":
@@ -49,17 +49,17 @@ def dying_save_file(tensors, path, *a, **kw):
 
 def checkpoint(run_dir, step, *a, **kw):
     if step == kill_at:
-        train.save_file = dying_save_file
+        loop.save_file = dying_save_file
     return save_checkpoint(run_dir, step, *a, **kw)
 
-train.save_checkpoint = checkpoint
+loop.save_checkpoint = checkpoint
 sys.exit(main(sys.argv[1:]))
 '''
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from mimo.data import build_corpus
+    from mimo.data.corpus import build_corpus
 
     out = tmp_path_factory.mktemp("corpus") / "data"
     build_corpus(CORPUS, out, show_progress=False)
@@ -193,23 +193,24 @@ def test_gradients_sync_only_on_each_steps_last_micro_batch(tmp_path, monkeypatc
     """Accumulation skips the gradient all-reduce (DDP no_sync, FSDP2 set_requires_gradient_sync(False)) on every
     micro-batch but a step's last; that is what no_sync turns off and on in both."""
     import torch.distributed as dist
-    from conftest import tiny_model
+    from helpers import tiny_model
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from mimo import parallel, train
+    from mimo import parallel
+    from mimo.train import loop
 
     flags = []
-    real = train.no_sync
+    real = loop.no_sync
 
     def spy(model, sync):
         flags.append(sync)
         return real(model, sync)
 
-    monkeypatch.setattr(train, "no_sync", spy)
-    cfg = train.TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, log_every=1, save_every=2, precision="fp32")
+    monkeypatch.setattr(loop, "no_sync", spy)
+    cfg = loop.TrainConfig(max_steps=2, lr=1e-3, warmup_steps=1, log_every=1, save_every=2, precision="fp32")
     (tmp_path / "run").mkdir()
-    train.train(tiny_model(vocab_size=64), None, FakeBatches(), cfg, tmp_path / "run", parallel.DistInfo())
+    loop.train(tiny_model(vocab_size=64), None, FakeBatches(), cfg, tmp_path / "run", parallel.DistInfo())
     assert flags == [False, False, True] * 2
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -232,7 +233,7 @@ def test_gradients_sync_only_on_each_steps_last_micro_batch(tmp_path, monkeypatc
 
 
 def test_depth_dial_overrides_the_preset_shape():
-    from mimo.pretrain import model_for
+    from mimo.train.pretrain import model_for
 
     model = model_for("nano", 500, num_mtp=0, seed=0, depth=3)
     cfg = model.config

@@ -3,12 +3,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from mimo import kernels
 from mimo import quantize as Q
-from mimo.engine import Engine, SamplingParams
 from mimo.errors import MimoError
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams
 from mimo.quantize import Int4Linear, Int8Linear, perplexity, quantize_int8, quantize_model
 
 gguf = pytest.importorskip("gguf")
@@ -253,7 +254,7 @@ def test_compiled_step_freezes_each_models_own_weights(method):
     """compile=True freezes the weights into the compiled graph (model_runner.InferenceCompiled). A second model of
     the same shapes must get its own graph, never the first one's frozen weights (with inductor's FX graph
     cache on, int8 got the first model's prepacked weights back)."""
-    from mimo.model_runner import ModelRunner
+    from mimo.inference.model_runner import ModelRunner
 
     ids, positions = torch.tensor([[5], [9]]), torch.tensor([[0], [0]])
     for seed in (0, 1):
@@ -342,7 +343,7 @@ def test_decode_steps_run_torch_ops_on_one_thread_and_kernels_on_all(monkeypatch
     the thread setting is restored after each step."""
     if not kernels.available():
         pytest.skip("no C kernels here")
-    from mimo.model_runner import ModelRunner, products_in_kernels
+    from mimo.inference.model_runner import ModelRunner, products_in_kernels
 
     model = quantize_model(tiny_model(vocab_size=400), "int4")
     assert products_in_kernels(model) and not products_in_kernels(tiny_model(vocab_size=400))

@@ -1,8 +1,8 @@
-"""Tests for mimo.reasoning: verified step-by-step problems, the seed split, rendering and scoring."""
+"""Tests for mimo.data.reasoning: verified step-by-step problems, the seed split, rendering and scoring."""
 
 import pytest
 
-from mimo import reasoning as R
+from mimo.data import reasoning as R
 from mimo.errors import MimoError
 
 

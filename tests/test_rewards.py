@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from mimo import reasoning, rewards
+from mimo.data import reasoning
 from mimo.errors import MimoError
-from mimo.rewards import CodeReward, Graded, RLProblem, code_reward, difficulty_levels, group_rewards
+from mimo.train import rewards
+from mimo.train.rewards import CodeReward, Graded, RLProblem, code_reward, difficulty_levels, group_rewards
 
 # median(xs): easy tests (odd lengths), a medium one (even length), a hard one (the empty list)
 MEDIAN = RLProblem(
@@ -134,6 +135,6 @@ def test_problem_files(tmp_path):
 
 
 def reasoning_instruction():
-    from mimo.tasks import BOXED_INSTRUCTION
+    from mimo.eval.tasks import BOXED_INSTRUCTION
 
     return BOXED_INSTRUCTION

@@ -8,14 +8,14 @@ from concurrent.futures import Future
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors.torch import load_file
 
-from mimo import rewards, rl, rollout
-from mimo.engine import Engine
 from mimo.errors import MimoError
-from mimo.rewards import Graded, RLProblem
-from mimo.train import TrainConfig, make_optimizer
+from mimo.inference.engine import Engine
+from mimo.train import rewards, rl, rl_config, rollout
+from mimo.train.loop import TrainConfig, make_optimizer
+from mimo.train.rewards import Graded, RLProblem
 
 
 def test_group_advantages():
@@ -129,7 +129,8 @@ def test_kl_term_by_hand():
 
 def test_rollout_decoder_stops_and_refills(tokenizer):
     """Continuous batching (2 slots, 5 prompts, refilled as rows end) decodes exactly what the engine does."""
-    from mimo.engine import Engine, SamplingParams
+    from mimo.inference.engine import Engine
+    from mimo.inference.sampling import SamplingParams
 
     model = tiny_model(vocab_size=tokenizer.vocab_size)
     prompts = [tokenizer.encode(t) for t in ("Question: 12 + 7", "gcd", "The quick brown fox", "1234 5678", "x")]
@@ -155,7 +156,7 @@ def problems(n):
 
 
 def test_easy_pool_moves_and_redraws():
-    stream = rl.ProblemStream(problems(10), easy_prob=0.0, seed=3)
+    stream = rollout.ProblemStream(problems(10), easy_prob=0.0, seed=3)
     stream.begin_step(0)
     assert [p.id for p, easy in stream.draw(3)] == ["p0", "p1", "p2"]
     stream.mark_easy(stream.by_id["p3"])
@@ -171,7 +172,7 @@ def test_easy_pool_moves_and_redraws():
     state = stream.state()  # what a checkpoint stores; the draws are seeded by the step
     stream.begin_step(8)
     first = [(p.id, easy) for p, easy in stream.draw(50)]
-    again = rl.ProblemStream(problems(10), easy_prob=0.1, seed=3)
+    again = rollout.ProblemStream(problems(10), easy_prob=0.1, seed=3)
     again.load_state(json.loads(json.dumps(state)))
     again.begin_step(8)
     assert [(p.id, easy) for p, easy in again.draw(50)] == first and again.easy == ["p3", "p5"]
@@ -218,10 +219,10 @@ def test_rollout_dynamic_sampling_and_easy_pool(tokenizer, fake_grade, mode):
              for i in range(4) for kind in ("easy", "hard", "mixed")]
     prompt_ids = {p.id: tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}]))
                   for p in items}
-    cfg = rl.RLConfig(group_size=4, batch_prompts=2, max_new_tokens=6, max_resample_rounds=3, easy_prob=0.0,
+    cfg = rl_config.RLConfig(group_size=4, batch_prompts=2, max_new_tokens=6, max_resample_rounds=3, easy_prob=0.0,
                       naive_rollout=mode == "naive", early_termination="first-finished" if mode == "naive" else mode,
                       rollout_slots=5)
-    stream = rl.ProblemStream(items, easy_prob=0.0)
+    stream = rollout.ProblemStream(items, easy_prob=0.0)
     seen = []
     real_accepted = rollout.accepted
 
@@ -260,7 +261,7 @@ def test_update_freezes_mtp_and_recomputes_old_logprobs():
     assert mtp and not any(id(p) in in_opt for p in mtp.values())
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     seqs = [torch.randint(0, 64, (n,)).tolist() for n in (9, 12, 7, 10)]
-    cfg = rl.RLConfig(mini_batch=2, micro_batch=1, epochs=2, precision="fp32")
+    cfg = rl_config.RLConfig(mini_batch=2, micro_batch=1, epochs=2, precision="fp32")
     stats = rl.policy_update(model, opt, seqs, [4, 5, 3, 6], [1.0, -1.0, 0.5, -0.5], cfg, seed=1)
     assert stats["first_ratio_dev"] == 0.0  # old log-probs from the same forward path: ratio exactly 1
     assert stats["optimizer_steps"] == 4 and stats["clip_fraction"] >= 0 and stats["entropy"] > 0

@@ -15,11 +15,11 @@ import time
 import uuid
 
 import pytest
-from conftest import SANDBOX_SKIP
+from helpers import SANDBOX_SKIP
 
-from mimo import sandbox
 from mimo.errors import MimoError
-from mimo.sandbox import SandboxResult, run_many, run_python
+from mimo.eval import sandbox
+from mimo.eval.sandbox import SandboxResult, run_many, run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 SLEEP = shutil.which("sleep") or "/bin/sleep"

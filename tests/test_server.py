@@ -15,11 +15,11 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import tiny_model
+from helpers import tiny_model
 
-from mimo.engine import Engine
-from mimo.engine_loop import EngineLoop
-from mimo.server import ServeConfig, build_app
+from mimo.inference.engine import Engine
+from mimo.serve.app import ServeConfig, build_app
+from mimo.serve.engine_loop import EngineLoop
 
 QUESTION = "What is 2 + 3?"
 THOUGHT, ANSWER = "add 2 and 3", "The answer is 5."
@@ -199,7 +199,7 @@ def test_requests_become_the_prompts_and_sampling_the_engine_receives(tokenizer)
     """What the engine loop is handed for each request: developer -> system, content given as text parts, a
     multi-turn history with assistant turns (their reasoning_content not sent back), text, batched and token-id
     completion prompts, echo, and integral floats (5.0 is 5) for counts, seeds and token ids."""
-    from mimo.speculative import row_seed
+    from mimo.inference.sampling import row_seed
 
     with serve(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, max_batch=4) as s:
         service = s.server.config.app.state.service

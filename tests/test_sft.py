@@ -3,13 +3,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from mimo.benchmarks import load_benchmark
 from mimo.checkpoint import save_model
 from mimo.cli import main
 from mimo.model import IGNORE_INDEX
-from mimo.sft import decontaminate, pack, pack_positions, procedural_examples, tokenize_example
+from mimo.train.sft import decontaminate, pack, pack_positions, procedural_examples, tokenize_example
 
 
 @pytest.fixture()
@@ -37,7 +37,7 @@ def test_loss_only_on_assistant_tokens(tokenizer):
 
 
 def test_decontamination_drops_benchmark_and_eval_questions():
-    from mimo import reasoning
+    from mimo.data import reasoning
 
     clean = procedural_examples(20, seed=0)
     leaked_math = [{"role": "user", "content": load_benchmark("math500")[3]["problem"]},
@@ -52,7 +52,7 @@ def test_decontamination_drops_benchmark_and_eval_questions():
 def small_batches(monkeypatch):
     """SFT's schedule with a smaller batch (8 rows a step, in micro-batches of 4), a 2-step warm-up and a metrics
     row every step: the same loop, a few seconds a run."""
-    from mimo import sft
+    from mimo.train import sft
 
     monkeypatch.setattr(sft, "SFT_DEFAULTS", replace(sft.SFT_DEFAULTS, global_batch_seqs=8, micro_batch=4,
                                                      warmup_steps=2, log_every=1))
@@ -72,7 +72,7 @@ def test_sft_learns_then_killed_and_resumed_equals_uninterrupted(base_dir, tmp_p
                                                                 capfd):
     from safetensors.torch import load_file
 
-    from mimo import train
+    from mimo.train import loop
 
     def sft(out):
         return main(["sft", "--from", str(base_dir), "--out", str(out), "--problems", "200", "--max-steps", "6",
@@ -93,17 +93,17 @@ def test_sft_learns_then_killed_and_resumed_equals_uninterrupted(base_dir, tmp_p
     # killed in step 6 (rows 4-6 written, the checkpoint of step 3 the newest), rerun: it resumes from step 3 and
     # ends exactly where the uninterrupted run did
     out = tmp_path / "killed"
-    save = train.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_or_die(run_dir, step, *a, **kw):
         if step == 6:
             raise Killed
         save(run_dir, step, *a, **kw)
 
-    monkeypatch.setattr(train, "save_checkpoint", save_or_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_or_die)
     with pytest.raises(Killed):
         sft(out)
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     assert len(rows_of(out)) == 6 and not (out / "final").exists()
     capfd.readouterr()
     assert sft(out) == 0

@@ -5,12 +5,13 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from test_engine import greedy_reference
 
-from mimo.engine import Engine, SamplingParams, filtered_probs
+from mimo.inference.engine import Engine
+from mimo.inference.sampling import SamplingParams, filtered_probs
+from mimo.inference.speculative import SpecStats
 from mimo.model import KVCache
-from mimo.speculative import SpecStats
 
 PROMPTS = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11], [3, 3]]
 
@@ -232,7 +233,7 @@ def test_compiled_engine_decodes_and_speculates_exactly_as_eager(monkeypatch):
     """compile=True: the plain decode step and MTP's greedy draft-verify step run through torch.compile (static
     shapes: every slot, the whole cache) for batches of up to COMPILED_MAX_ROWS rows; outputs stay token-for-token
     those of the eager engine, and the compiled steps are the ones that ran."""
-    from mimo import model_runner, speculative
+    from mimo.inference import model_runner, speculative
 
     assert model_runner.ModelRunner.COMPILED_MAX_ROWS == 2
     ran = []  # the compiled callables called, in order

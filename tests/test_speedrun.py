@@ -104,19 +104,17 @@ class Stages:
 @pytest.fixture
 def stages(monkeypatch):
     """Every `mimo` command the speedrun runs, answered by fake_mimo."""
-    from mimo import cli
+    from mimo import speedrun
 
-    record, dispatch = Stages(), cli.dispatch
+    record = Stages()
 
-    def fake_dispatch(argv):
-        if argv[0] == "speedrun":  # main() -> the real speedrun
-            return dispatch(argv)
+    def fake_command(argv):
         record.seen.append(list(argv))
         if argv[0] == record.kill_at:
             raise Killed
         fake_mimo(argv)
 
-    monkeypatch.setattr(cli, "dispatch", fake_dispatch)
+    monkeypatch.setattr(speedrun, "run_stage_command", fake_command)
     return record
 
 
@@ -180,7 +178,7 @@ def test_speedrun_runs_each_stage_once_resumes_and_writes_the_report_card(tmp_pa
 
 
 def test_data_build_cli_writes_a_corpus_the_trainer_reads(tmp_path, capfd):
-    from mimo.dataloader import PackedTokens
+    from mimo.data.loader import PackedTokens
     from mimo.tokenizer import Tokenizer
 
     config = tmp_path / "corpus.json"
@@ -200,7 +198,7 @@ def test_data_build_cli_writes_a_corpus_the_trainer_reads(tmp_path, capfd):
 def test_report_card_flags_a_speedup_the_tokens_per_step_rule_out():
     """A nano speedrun next to another job printed 'without MTP 9.4 tokens/s, with MTP 354.5, speed-up 37.60x' at
     2.41 tokens per verify step: impossible (a verify step costs at least a plain one), so it is flagged."""
-    from mimo.report_card import _mtp_section
+    from mimo.eval.report_card import _mtp_section
 
     def bench(tps, per_step=None):
         return {"decode_tokens_per_s": tps, "decode_tokens_per_s_min": tps, "decode_tokens_per_s_max": tps,

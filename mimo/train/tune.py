@@ -1,0 +1,243 @@
+"""`mimo tune`: LoRA on your own material, on your own machine; the base stays frozen (and may be quantized).
+
+    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank 16] [--epochs 30]
+
+Data: plain .txt / .md documents (language-modelling loss on every token) and .jsonl chat transcripts, one
+{"messages": [...]} (or {"prompt", "response"}) a line, loss on assistant turns only (as `mimo sft`); a
+directory is read recursively. Documents are cut into pieces of the sequence length and packed with the
+conversations into rows; a validation split (--val-fraction) is held out and scored as training goes.
+
+ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
+mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json and checkpoints/; rerunning the command after
+a kill resumes from the newest checkpoint. Only the update's weights train (AdamW, no weight decay), so a
+QLoRA run (--quantize int4|int8: the update on top of ggml Q4_0 / Q8_0 weights, gradients through mimo's
+kernels) holds the base in a quarter or an eighth of its float32 bytes. The frozen token embedding stays in the
+checkpoint's bf16/fp16 (looked up, then upcast: exact), and a quantized base recomputes each layer's activations
+in the backward pass instead of holding them (--activation-checkpointing, default on with --quantize): a 1.5B
+int4 base tunes within 3 GB (docs/benchmarks.md). The MTP layers are not loaded for tuning: the adapter changes
+the main model only (speculative decoding stays lossless with it). Nothing leaves the machine: mimo makes no
+network calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.utils.checkpoint import checkpoint
+
+from mimo.errors import MimoError
+from mimo.inference.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, save_adapter
+from mimo.inference.lora import DEFAULT_TARGETS, LoRAConfig, add_lora
+from mimo.model import IGNORE_INDEX
+from mimo.parallel import init_distributed, print0
+from mimo.train.loop import FULL_STATE, ModelStore, TrainConfig, train
+
+TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=2e-3, min_lr_ratio=0.1,
+                            warmup_steps=10, decay_fraction=0.5, weight_decay=0.0, mtp_weight=0.0,
+                            mtp_weight_late=0.0, log_every=5, eval_every=25, eval_batches=4, save_every=25)
+TEXT_SUFFIXES = (".txt", ".md")
+CHAT_SUFFIXES = (".jsonl",)
+
+
+def data_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise MimoError(f"{path}: no such file or directory")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) if path.is_dir() \
+        else [path]
+    files = [f for f in files if f.suffix.lower() in TEXT_SUFFIXES + CHAT_SUFFIXES or not path.is_dir()]
+    if not files:
+        raise MimoError(f"{path}: no .txt, .md or .jsonl files")
+    for f in files:
+        if f.suffix.lower() not in TEXT_SUFFIXES + CHAT_SUFFIXES:
+            raise MimoError(f"{f}: expected .txt or .md documents or .jsonl chat transcripts")
+    return files
+
+
+def read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MimoError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise MimoError(f"{path}: empty")
+    return text
+
+
+def read_data(path: Path) -> tuple[list[str], list[list[dict]]]:
+    """(documents, conversations) from a file or a directory of them."""
+    from mimo.train.sft import read_examples
+
+    documents, conversations = [], []
+    for f in data_files(path):
+        if f.suffix.lower() in CHAT_SUFFIXES:
+            read_text(f)  # the same one-line errors for an empty or non-UTF-8 file
+            conversations += read_examples(f)
+        else:
+            documents.append(read_text(f))
+    return documents, conversations
+
+
+def tokenize(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int):
+    """-> examples (ids, labels), none longer than seq_len + 1 tokens: documents (each ending with the end of
+    text) cut into pieces, conversations whole (labels on assistant tokens; longer ones are dropped, counted)."""
+    from mimo.train.sft import tokenize_example
+
+    examples = []
+    for doc in documents:
+        ids = tokenizer.encode(doc) + [tokenizer.eos_token_id]
+        examples += [(ids[i: i + seq_len + 1],) * 2 for i in range(0, len(ids) - 1, seq_len + 1)]
+    chats = [tokenize_example(tokenizer, c) for c in conversations]
+    kept = [c for c in chats if len(c[0]) <= seq_len + 1]
+    return examples + kept, len(chats) - len(kept)
+
+
+class AdapterStore(ModelStore):
+    """Checkpoints and the final output of a tuning run hold the adapter only (PEFT's files), in the run
+    directory itself: ADAPTER_DIR is the run directory."""
+
+    def __init__(self, lora: LoRAConfig, base: str):
+        self.lora, self.base = lora, base
+
+    def state_dicts(self, model, opt):
+        weights = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        return weights, None if opt is None else get_optimizer_state_dict(model, opt, options=FULL_STATE)
+
+    def save(self, model, out_dir: Path, tokenizer, state_dict: dict):
+        save_adapter(model, out_dir, self.lora, self.base)
+
+    def restore(self, path: Path, model, opt, optim_sd: dict):
+        saved = load_file(str(path / WEIGHTS_FILE))
+        weights = {k.removeprefix(PREFIX).removesuffix(".weight"): v for k, v in saved.items()}
+        missing, _ = model.load_state_dict(weights, strict=False)
+        if missing := [k for k in missing if ".lora_" in k]:
+            raise MimoError(f"{path}: the checkpoint lacks {missing[0]} (tuned with other settings?)")
+        set_optimizer_state_dict(model, opt, optim_sd, options=StateDictOptions(full_state_dict=True))
+
+    def final_dir(self, run_dir: Path) -> Path:
+        return run_dir
+
+    def is_saved(self, out_dir: Path) -> bool:
+        return (out_dir / WEIGHTS_FILE).exists() and (out_dir / CONFIG_FILE).exists()
+
+
+def load_base(model_dir: str, quantize: str | None):
+    """The frozen base without its MTP layers, in float32 (linears quantized with --quantize), and its tokenizer."""
+    from mimo.checkpoint import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(model_dir, "float32", quantize=quantize)
+    model.model.mtp_layers = nn.ModuleList()
+    model.config = replace(model.config, num_nextn_predict_layers=0)
+    stored = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model.config.torch_dtype)
+    embedding = model.model.embed_tokens
+    if stored is not None and getattr(model.lm_head, "weight", None) is not embedding.weight:
+        embedding.weight.data = embedding.weight.data.to(stored)  # [vocab, hidden]: half the float32 bytes, exact
+        embedding.register_forward_hook(lambda module, args, out: out.float())
+    return model, tokenizer
+
+
+def checkpoint_activations(model):
+    """Each decoder layer's activations recomputed in the backward pass rather than kept (torch.utils.checkpoint):
+    about one more forward pass of time for a fraction of the memory."""
+    for layer in model.model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def run(args):
+    info = init_distributed(args.device)
+    lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+                      dropout=args.dropout, target_modules=tuple(args.target_modules.split(",")))
+    if not 0.0 <= args.val_fraction < 0.5:
+        raise MimoError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
+    if args.epochs <= 0:
+        raise MimoError(f"--epochs must be > 0, got {args.epochs}")
+    documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
+    model, tokenizer = load_base(args.model, args.quantize)
+    add_lora(model, lora, seed=args.seed)
+    recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
+    if recompute:
+        checkpoint_activations(model)
+    cfg = replace(TUNE_DEFAULTS, seed=args.seed, precision=args.precision, seq_len=args.seq_len)
+    cfg = cfg.with_overrides(args, info.world_size)
+    examples, too_long = tokenize(tokenizer, documents, conversations, cfg.seq_len)
+    if not examples:
+        raise MimoError(f"{args.data}: no example fits --seq-len {cfg.seq_len}")
+    random.Random(args.seed).shuffle(examples)
+    n_val = round(len(examples) * args.val_fraction) if len(examples) >= 10 else 0
+    from mimo.train.sft import SFTBatches, pack
+
+    packed = pack(examples[n_val:], cfg.seq_len, tokenizer.eos_token_id)  # inputs, targets (, positions)
+    inputs, targets = packed[:2]
+    if args.max_steps is None:
+        cfg = replace(cfg, max_steps=max(1, math.ceil(args.epochs * len(inputs) / cfg.global_batch_seqs)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stats = {"documents": len(documents), "conversations": len(conversations), "dropped_too_long": too_long,
+             "examples": len(examples), "validation_examples": n_val, "train_rows": len(inputs),
+             "train_tokens": int((targets != IGNORE_INDEX).sum()), "trainable_parameters": trainable}
+    print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s) ({too_long} too long) -> "
+           f"{len(inputs)} rows of {cfg.seq_len} tokens, {n_val} validation example(s); LoRA rank {lora.r} on "
+           f"{', '.join(lora.target_modules)}: {trainable:,} trainable parameters; {cfg.max_steps} steps")
+    run_dir = Path(args.out)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "tune_config.json").write_text(json.dumps(
+            {"command": "tune", "model": str(args.model), "data": str(args.data), "quantize": args.quantize,
+             "activation_checkpointing": bool(recompute),
+             "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
+    batches = SFTBatches(*packed[:2], cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
+                         args.seed, info.device, *packed[2:])
+    val_packed = pack(examples[:n_val], cfg.seq_len, tokenizer.eos_token_id) if n_val else ()
+
+    def val():
+        for i in range(0, min(len(val_packed[0]), cfg.micro_batch * cfg.eval_batches), cfg.micro_batch):
+            yield tuple(t[i: i + cfg.micro_batch].to(info.device) for t in val_packed)
+
+    store = AdapterStore(lora, str(Path(args.model).resolve()))
+    row = train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val if n_val else None, title="tune",
+                store=store)
+    print0(f"tune: adapter in {run_dir} (PEFT format)")
+    return row
+
+
+def add_arguments(p):
+    d = LoRAConfig()
+    p.add_argument("model", metavar="MODEL_DIR", help="the base model (stays frozen)")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help=".txt/.md documents and .jsonl chat transcripts ('messages'), a file or a directory")
+    p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="the adapter (PEFT format), metrics, "
+                   "checkpoints; rerunning resumes")
+    p.add_argument("--rank", type=int, default=d.r, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r; "
+                   "default 2 r)")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the update's input")
+    p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated projections of each layer to adapt (default: attention and MLP)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="hold the frozen base in ggml Q8_0 / Q4_0 blocks (QLoRA: less memory)")
+    p.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="recompute each layer's activations in the backward pass (less memory, ~10%% slower); "
+                   "auto: on with --quantize")
+    p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")
+    p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TUNE_DEFAULTS.lr:g})")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of the examples held out for validation")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--device", default="auto")
