@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mimo.config import PRESETS, MiMoConfig, preset_config
+from mimo.config import MiMoConfig, preset_config
 from mimo.errors import MimoError
 from mimo.model import MiMoForCausalLM
+from mimo.presets import PRESETS
 from mimo.weights import (
     DTYPE_NAMES,
     IGNORED_SUFFIXES,

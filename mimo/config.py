@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mimo.errors import MimoError
+from mimo.presets import PRESETS
 
 SUPPORTED_MODEL_TYPES = ("mimo", "qwen2")
 
@@ -199,20 +200,14 @@ def mimo_7b_config() -> MiMoConfig:
     )
 
 
-# name -> (depth, vocab_size, max_seq_len); mimo-7b is special-cased
-PRESET_SHAPES = {
-    "nano": (2, 512, 512),
-    "tiny": (6, 2048, 512),
-    "small": (12, 32000, 2048),
-}
-PRESETS = (*PRESET_SHAPES, "mimo-7b")
 QUANTIZATIONS = ("int8", "int4")  # weight-only, mimo/quantize.py
 
 
 def preset_config(name: str) -> MiMoConfig:
-    if name == "mimo-7b":
-        return mimo_7b_config()
-    if name not in PRESET_SHAPES:
+    """The model of a preset (mimo/presets.py)."""
+    if name not in PRESETS:
         raise MimoError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
-    depth, vocab, seq = PRESET_SHAPES[name]
+    if PRESETS[name].model is None:
+        return mimo_7b_config()
+    depth, vocab, seq = PRESETS[name].model
     return config_for_depth(depth, vocab, max_seq_len=seq)

@@ -26,30 +26,16 @@ from mimo.data import corpus
 from mimo.errors import MimoError
 from mimo.eval import evaluate
 from mimo.parallel import barrier, init_distributed, is_main, print0
+from mimo.presets import PRESETS, presets_with
 from mimo.timing import Load, load_average
 from mimo.train import pretrain, rl, sft
 
-# per preset: steps and sizes of each stage (pretraining itself follows mimo.train.pretrain.TRAIN_PRESETS); the evals
-# pass their own short length limits (MiMo's protocol, 32,768 new tokens, is for reasoning models)
-PLANS = {
-    "nano": {"pretrain": ["--max-steps", "150"], "sft": ["--max-steps", "60", "--problems", "3000"],
-             "rl": ["--max-steps", "4", "--batch-prompts", "8", "--group-size", "4", "--max-new-tokens", "96",
-                    "--num-problems", "400"],
-             "reasoning_eval": ["--limit", "48", "--samples", "1", "--max-new-tokens", "96"],
-             "bench_eval": ["--limit", "10", "--max-new-tokens", "96"], "decode_tokens": "64"},
-    "tiny": {"pretrain": [], "sft": [], "rl": [],
-             "reasoning_eval": ["--limit", "200", "--samples", "4", "--max-new-tokens", "256"],
-             "bench_eval": ["--limit", "50", "--max-new-tokens", "256"], "decode_tokens": "128"},
-    "small": {"pretrain": [], "sft": [], "rl": ["--max-steps", "100"],
-              "reasoning_eval": ["--limit", "200", "--samples", "4", "--max-new-tokens", "256"],
-              "bench_eval": ["--limit", "100", "--max-new-tokens", "512"], "decode_tokens": "256"},
-}
 STAGES = ("data", "pretrain", "sft", "rl", "eval", "report")
 
 
 def stage_commands(preset: str, out: Path, seed: int) -> dict[str, list[list[str]]]:
     """Every stage as the `mimo` command lines it runs."""
-    plan, s = PLANS[preset], str(seed)
+    plan, s = PRESETS[preset].speedrun, str(seed)
     ev = out / "eval"
     models = {"base": (out / "base" / "final", "raw"), "sft": (out / "sft" / "final", "chat"),
               "rl": (out / "rl" / "final", "chat")}
@@ -101,8 +87,9 @@ def run_command(argv: list[str], capture: Path | None = None):
 
 
 def run(args):
-    if args.preset not in PLANS:
-        raise MimoError(f"unknown preset {args.preset!r} for the speedrun (choose from {', '.join(PLANS)})")
+    if args.preset not in presets_with("speedrun"):
+        raise MimoError(f"unknown preset {args.preset!r} for the speedrun "
+                        f"(choose from {', '.join(presets_with('speedrun'))})")
     init_distributed(args.device)
     out = Path(args.out)
     state_path = out / "speedrun.json"

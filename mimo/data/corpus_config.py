@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mimo.benchmarks import BENCHMARKS
 from mimo.errors import MimoError
+from mimo.presets import PRESETS, presets_with
 
 FORMATS = ("trace", "answer_only")
 
@@ -62,20 +63,14 @@ DEFAULTS = {
     "quality": DEFAULT_QUALITY,
     "stages": [{"name": "broad", "fraction": 1.0, "mix": {"reasoning": 1.0}}],
 }
-# preset -> (tokens, vocab, problems, hard problems, tokenizer sample)
-PRESETS = {
-    "nano": (1_000_000, 512, 8_000, 2_000, 10_000),
-    "tiny": (4_000_000, 2048, 45_000, 9_000, 20_000),
-    "small": (200_000_000, 32000, 1_200_000, 300_000, 200_000),
-}
 
 
 def default_config(preset: str = "tiny", text: list[str] | None = None) -> dict:
     """The corpus config of a size preset (nano / tiny / small); `text` adds a user text source ("text")
     to every stage: half of stage 1, 30% of stage 2, 10% of stage 3. Stage 1 has no step-by-step traces."""
-    if preset not in PRESETS:
-        raise MimoError(f"unknown corpus preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    tokens, vocab, problems, hard, sample = PRESETS[preset]
+    if preset not in presets_with("corpus"):
+        raise MimoError(f"unknown corpus preset {preset!r}; choose one of: {', '.join(presets_with('corpus'))}")
+    tokens, vocab, problems, hard, sample = PRESETS[preset].corpus
     sources = {
         "reasoning": {"type": "reasoning", "problems": problems, "tasks": None,
                       "formats": {"trace": 3.0, "answer_only": 1.0}},

@@ -17,23 +17,14 @@ from pathlib import Path
 
 import torch
 
-from mimo.config import PRESET_SHAPES, config_for_depth, preset_config
+from mimo.config import config_for_depth, preset_config
 from mimo.data.loader import PackedTokens, PretrainBatches, eval_batches
 from mimo.errors import MimoError
 from mimo.model import MiMoForCausalLM
 from mimo.parallel import barrier, broadcast_object, init_distributed, is_main, print0
+from mimo.presets import PRESETS, presets_with
 from mimo.tokenizer import Tokenizer
 from mimo.train.loop import TrainConfig, train
-
-# global batch = global_batch_seqs x seq_len tokens; micro_batch is per process and forward pass
-TRAIN_PRESETS = {
-    "nano": TrainConfig(max_steps=300, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=3e-3, warmup_steps=20,
-                        log_every=10, eval_every=100, eval_batches=4, save_every=100),
-    "tiny": TrainConfig(max_steps=480, seq_len=256, global_batch_seqs=32, micro_batch=16, lr=2e-3, warmup_steps=30,
-                        log_every=10, eval_every=60, eval_batches=8, save_every=60),
-    "small": TrainConfig(max_steps=5000, seq_len=1024, global_batch_seqs=256, micro_batch=8, lr=6e-4,
-                         warmup_steps=200, log_every=10, eval_every=250, eval_batches=16, save_every=250),
-}
 
 
 def cache_dir() -> Path:
@@ -71,10 +62,11 @@ def model_for(preset: str, vocab_size: int, num_mtp: int | None, seed: int, dept
 
 
 def run(args) -> dict:
-    if args.preset not in TRAIN_PRESETS:
-        raise MimoError(f"unknown preset {args.preset!r} for pretraining (choose from {', '.join(PRESET_SHAPES)})")
+    if args.preset not in presets_with("pretrain"):
+        raise MimoError(f"unknown preset {args.preset!r} for pretraining "
+                        f"(choose from {', '.join(presets_with('pretrain'))})")
     info = init_distributed(args.device)
-    cfg = replace(TRAIN_PRESETS[args.preset], seed=args.seed, precision=args.precision, compile=args.compile,
+    cfg = replace(TrainConfig(**PRESETS[args.preset].pretrain), seed=args.seed, precision=args.precision, compile=args.compile,
                   fsdp=args.fsdp)
     cfg = cfg.with_overrides(args, info.world_size)
     data_dir = Path(args.data) if args.data else default_corpus(args.preset, args.seed)

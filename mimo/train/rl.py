@@ -68,7 +68,7 @@ from mimo.train.loop import (
     save_checkpoint,
     trim_metrics,
 )
-from mimo.train.rl_config import EARLY_TERMINATION, RLConfig
+from mimo.train.rl_config import FLAG_GROUPS, RLConfig, add_flags
 from mimo.train.rollout import Group, ProblemStream, rollout
 
 # ---- GRPO pieces -----------------------------------------------------------------------------------
@@ -337,62 +337,9 @@ def run(args) -> dict:
 
 def add_arguments(p):
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    d = RLConfig()
     p.add_argument("--from", dest="from_dir", required=True, metavar="MODEL_DIR", help="the SFT model to start from")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
-    g = p.add_argument_group("problems")
-    g.add_argument("--tasks", default=None, help="comma-separated mimo.data.reasoning tasks (None: all; 'none': none)")
-    g.add_argument("--num-problems", type=int, default=d.num_problems, help="procedural train problems")
-    g.add_argument("--math", metavar="JSONL", help='math problems, lines {"problem", "answer"}')
-    g.add_argument("--code", metavar="JSONL", help='code problems, lines {"prompt", "tests": [...], "entry_point"}')
-    g.add_argument("--filter-samples", type=int, default=d.filter_samples,
-                   help="pass-rate filter before training: sample each problem N times with the starting model and "
-                   "drop those it solves N/N or 0/N (MiMo: 16; 0: off). --math/--code problems are always "
-                   "decontaminated against the benchmarks")
-    g = p.add_argument_group("GRPO")
-    g.add_argument("--group-size", type=int, default=d.group_size, help="samples per problem")
-    g.add_argument("--batch-prompts", type=int, default=d.batch_prompts, help="valid groups per step")
-    g.add_argument("--mini-batch", type=int, default=d.mini_batch, help="sequences per optimizer step")
-    g.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per forward pass")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over each rollout batch")
-    g.add_argument("--eps-low", type=float, default=d.eps_low, help="ratio clipped below at 1 - eps_low")
-    g.add_argument("--eps-high", type=float, default=d.eps_high, help="clip-higher: clipped above at 1 + eps_high")
-    g.add_argument("--adv-std", action="store_true", default=d.adv_std, help="divide advantages by the group std")
-    g.add_argument("--no-adv-std", dest="adv_std", action="store_false", help="advantage = r - group mean")
-    g.add_argument("--loss-norm", default=d.loss_norm, choices=["token", "sequence"],
-                   help="token: sum over all tokens / token count; sequence: mean of per-sequence means")
-    g.add_argument("--kl-coef", type=float, default=d.kl_coef, help="KL penalty to the starting model (0: none)")
-    g.add_argument("--max-resample-rounds", type=int, default=d.max_resample_rounds,
-                   help="dynamic sampling: extra batches' worth of problems drawn at most")
-    g.add_argument("--easy-prob", type=float, default=d.easy_prob, help="chance a problem comes from the easy pool")
-    g = p.add_argument_group("rollout")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="response length limit")
-    g.add_argument("--naive-rollout", action="store_true", help="generate whole rounds, then grade (baseline)")
-    g.add_argument("--early-termination", default=d.early_termination, choices=list(EARLY_TERMINATION),
-                   help="fifo: accept the first valid groups in start order once all before them finished (MiMo); "
-                   "first-finished: the first valid groups to finish (biased to short responses)")
-    g.add_argument("--rollout-slots", type=int, default=d.rollout_slots,
-                   help="rows decoding at once (0: batch prompts x group size)")
-    g.add_argument("--reward-workers", type=int, default=d.reward_workers,
-                   help="reward threads (sandboxes at once)")
-    g.add_argument("--code-reward", default=d.code_reward, choices=list(rewards.CODE_MODES),
-                   help="test-difficulty-driven code reward")
-    g.add_argument("--level-thresholds", type=float, nargs=2, default=d.level_thresholds, metavar=("EASY", "MEDIUM"),
-                   help="a test is easy above pass rate EASY, medium above MEDIUM, else hard")
-    g.add_argument("--level-scores", type=float, nargs=3, default=d.level_scores,
-                   metavar=("EASY", "MEDIUM", "HARD"),
-                   help="code reward per difficulty level (ours: MiMo does not publish them)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="rollout batches")
-    g.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                   help="wall-clock budget for this process's training steps (0: none); stops after the step that "
-                   "passes it, with a checkpoint and final/")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
-    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (constant)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="gradient norm clip")
-    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
-                   help="autocast of the update (rollouts decode in fp32)")
-    g.add_argument("--seed", type=int, default=d.seed, help="problems, sampling and easy-pool draws")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    groups = {title: p.add_argument_group(title) for title in FLAG_GROUPS}
+    for title, names in FLAG_GROUPS.items():
+        add_flags(groups[title], names)
+    groups["optimisation"].add_argument("--device", default="auto", help="auto | cpu | cuda")
