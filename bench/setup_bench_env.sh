@@ -14,7 +14,7 @@ read -r -a torch_spec <<< "${MIMO_TORCH:-torch==2.13.0}"
 $ENV/bin/python -m pip install -q "${torch_spec[@]}"
 $ENV/bin/python -m pip install -q -e .
 # transformers + PEFT (and pytest): adapters from `mimo tune` open in peft.PeftModel and PEFT's own load in mimo,
-# with equal logits: bench/.venv/bin/python -m pytest -q tests/test_lora.py -k opens
+# with equal logits: bench/.venv/bin/python -m pytest -q tests/inference/test_lora.py -k opens
 $ENV/bin/python -m pip install -q "${torch_spec[@]}" "transformers==5.25.0" "peft==0.21.2" pytest
 # TRL's GRPOTrainer, the RL peer of bench/rl_vs_trl.py (its own generation, on the CPU)
 $ENV/bin/python -m pip install -q "${torch_spec[@]}" "transformers==5.25.0" "trl==1.16.0"

@@ -1,4 +1,4 @@
-"""Shared fixtures (built on tests/helpers.py), the `slow` marker, and the sandbox-skip summary."""
+"""Shared fixtures (built on tests/helpers.py) and the summary line for skipped sandbox tests."""
 
 import os
 

@@ -123,6 +123,7 @@ def test_endpoint_retries_and_auth(fake_server, monkeypatch):
         backend.complete([Request("bad", 8, 0.6, 0.95, 0, [])])
 
 
+@pytest.mark.slow
 def test_endpoint_eval_end_to_end(fake_server, tmp_path):
     assert main(["eval", "--endpoint", fake_server, "--model", "m", "--task", "aime2024", "--limit", "2",
                  "--samples", "3", "--out", str(tmp_path / "o"), "--retries", "1"]) == 0

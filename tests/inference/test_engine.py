@@ -1,23 +1,10 @@
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import greedy_reference, tiny_model
 
 from mimo.inference.engine import Engine, IncrementalDetokenizer
 from mimo.inference.model_runner import ModelRunner
 from mimo.inference.sampling import SamplingParams, filtered_probs
-
-
-def greedy_reference(model, ids, n, stop_ids):
-    seq = torch.tensor([ids])
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(model(seq).logits[0, -1].argmax())
-            if nxt in stop_ids:
-                break
-            out.append(nxt)
-            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
-    return out
 
 
 def test_ragged_batch_equals_one_by_one(tokenizer):

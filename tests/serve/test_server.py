@@ -7,65 +7,16 @@ the reasoning/answer split is checked on real generated text; a random tiny mode
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
-from helpers import tiny_model
+from helpers import ANSWER, QUESTION, THOUGHT, overfit_chat_model, serve, tiny_model
 
 from mimo.inference.engine import Engine
-from mimo.serve.app import ServeConfig, build_app
 from mimo.serve.engine_loop import EngineLoop
-
-QUESTION = "What is 2 + 3?"
-THOUGHT, ANSWER = "add 2 and 3", "The answer is 5."
-
-
-class LiveServer:
-    """A FastAPI app served by uvicorn on a free localhost port, in a thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-def serve(model, tokenizer, **kw):
-    context = kw.pop("context", 256)
-    cfg = ServeConfig(model_name=kw.pop("name", "tiny"), **kw)
-    return LiveServer(build_app(Engine(model, tokenizer, max_seq_len=context), tokenizer, cfg))
-
-
-def overfit_chat_model(tokenizer, steps=150):
-    """A tiny model that answers QUESTION with '<think>\\nTHOUGHT\\n</think>\\n\\nANSWER' (greedy)."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}])
-    ids = torch.tensor([tokenizer.encode(prompt + f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}<|im_end|>")])
-    model = tiny_model(vocab_size=tokenizer.vocab_size).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        out = model(ids[:, :-1], targets=ids[:, 1:])
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    return model.eval()
 
 
 def endless_model(tokenizer):
@@ -436,6 +387,7 @@ def test_warm_up_steps_every_compiled_batch_size_and_leaves_the_session_empty():
     assert loop.session.requests == {} and not loop.session.has_work()
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokenizer, tmp_path):
     """Property-based requests from the server's own OpenAPI spec (schemathesis' CLI): never a 5xx, and every
     status code, content type and response body is the one the spec documents."""
@@ -455,6 +407,7 @@ def test_schemathesis_finds_no_server_errors_and_responses_match_the_spec(tokeni
         assert httpx.get(s.url + "/health").json()["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_mimo_eval_runs_against_mimo_serve(tokenizer, tmp_path):
     """`mimo eval --endpoint` (the evaluation's OpenAI backend) against our own server, end to end."""
     from mimo.cli import main
@@ -468,6 +421,7 @@ def test_mimo_eval_runs_against_mimo_serve(tokenizer, tmp_path):
     assert json.loads((out / "summary.json").read_text())["settings"]["backend"] == "endpoint"
 
 
+@pytest.mark.slow
 def test_mimo_serve_command_with_int8_and_the_api_key_from_the_environment(model_dir):
     import os
     import subprocess

@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_model
-from test_engine import greedy_reference
+from helpers import greedy_reference, tiny_model
 
 from mimo.inference.engine import Engine
 from mimo.inference.sampling import SamplingParams, filtered_probs

@@ -99,6 +99,7 @@ def weights(run_dir):
     return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_nano_pretrain_learns_and_writes_everything(corpus, reference, capfd):
     rows = metrics(reference)
     assert [r["step"] for r in rows] == [10, STEPS]
@@ -126,6 +127,7 @@ def test_nano_pretrain_learns_and_writes_everything(corpus, reference, capfd):
     assert "already trained to step 16" in capfd.readouterr().err and len(metrics(reference)) == 2
 
 
+@pytest.mark.slow
 def test_sigkill_while_checkpointing_then_resume_ends_exactly_where_the_uninterrupted_run_does(
         corpus, reference, killer, tmp_path):
     out = tmp_path / "killed"
@@ -159,6 +161,7 @@ def close_weights(run_dir, reference):
             assert y[key] == pytest.approx(x[key], rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_ddp_with_gradient_accumulation_matches_one_process(corpus, reference, tmp_path):
     out = tmp_path / "ddp"
     res = run([*TORCHRUN, "-m", "mimo.cli", *RUN, "--data", str(corpus), "--out", str(out)])
@@ -167,6 +170,7 @@ def test_ddp_with_gradient_accumulation_matches_one_process(corpus, reference, t
     close_weights(out, reference)
 
 
+@pytest.mark.slow
 def test_fsdp_killed_then_resumed_matches_one_process(corpus, reference, killer, tmp_path):
     out = tmp_path / "fsdp"
     cmd = [*RUN, "--data", str(corpus), "--out", str(out), "--fsdp"]

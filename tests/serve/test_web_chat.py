@@ -4,10 +4,11 @@ import shutil
 
 import pytest
 import torch
-from test_server import ANSWER, QUESTION, THOUGHT, overfit_chat_model, serve
+from helpers import ANSWER, QUESTION, THOUGHT, overfit_chat_model, serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (scripts/setup.sh installs Debian's)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (scripts/setup.sh installs Debian's)")]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

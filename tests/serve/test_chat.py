@@ -2,6 +2,8 @@ import io
 import subprocess
 import sys
 
+import pytest
+
 from mimo.inference.engine import Completion
 from mimo.inference.sampling import SamplingParams
 from mimo.serve.chat import DIM, RESET, ThinkingPrinter, chat_loop
@@ -68,6 +70,7 @@ def test_end_of_input_exits_cleanly(model_dir, tokenizer):
     assert "tokens/s" in text and "acceptance" in text and text.endswith("\n")
 
 
+@pytest.mark.slow
 def test_chat_command_over_stdin(model_dir):
     run = subprocess.run([sys.executable, "-m", "mimo.cli", "chat", str(model_dir), "--max-new-tokens", "5",
                           "--no-mtp"], input="hi\n/reset\nhello\n/exit\n", capture_output=True, text=True,

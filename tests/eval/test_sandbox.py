@@ -23,7 +23,7 @@ from mimo.eval.sandbox import SandboxResult, run_many, run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 SLEEP = shutil.which("sleep") or "/bin/sleep"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/eval/ -> the repository
 
 
 WEAK_OK = "MIMO_ALLOW_WEAK_SANDBOX"

@@ -68,6 +68,7 @@ def rows_of(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sft_learns_then_killed_and_resumed_equals_uninterrupted(base_dir, tmp_path, small_batches, monkeypatch,
                                                                 capfd):
     from safetensors.torch import load_file
@@ -113,6 +114,7 @@ def test_sft_learns_then_killed_and_resumed_equals_uninterrupted(base_dir, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sft_from_jsonl_and_frozen_mtp(base_dir, tmp_path, small_batches):
     from mimo.checkpoint import load_model
 

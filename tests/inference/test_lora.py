@@ -90,6 +90,7 @@ class Killed(BaseException):
     """Stands in for a kill: raised out of the training loop, caught by nothing in mimo."""
 
 
+@pytest.mark.slow
 def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, notes, tmp_path, monkeypatch, capfd):
     from mimo.train import loop
     from mimo.train import tune as tune_module
@@ -285,7 +286,7 @@ def test_serve_lists_adapters_and_the_model_field_picks_one(model_dir, tmp_path)
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
-    from test_server import LiveServer
+    from helpers import LiveServer
 
     from mimo.serve.app import ServeConfig, build_app
 
