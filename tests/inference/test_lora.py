@@ -150,7 +150,7 @@ def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, n
 
 
 def test_tune_base_keeps_a_bf16_embedding_exactly_and_recomputed_activations_change_no_gradient(model_dir, tmp_path):
-    from mimo.tune import checkpoint_activations, load_base
+    from mimo.train.tune import checkpoint_activations, load_base
 
     model, tokenizer = load_model_and_tokenizer(model_dir)
     save_model(model, tmp_path / "bf16", tokenizer=tokenizer, dtype=torch.bfloat16)

@@ -156,7 +156,7 @@ def test_requests_become_the_prompts_and_sampling_the_engine_receives(tokenizer)
         service = s.server.config.app.state.service
         got = []
         submit = service.submit
-        service.submit = lambda seqs, stream: (got.append(seqs), submit(seqs, stream))[1]
+        service.submit = lambda seqs, stream, *adapter: (got.append(seqs), submit(seqs, stream, *adapter))[1]
         http = httpx.Client(base_url=s.url + "/v1", timeout=60)
 
         def post(path, **body):
