@@ -249,6 +249,7 @@ def test_custom_ops_trace_without_graph_breaks():
         assert rel_err(compiled(x), f(x)) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [None, "int8", "int4"])
 def test_compiled_step_freezes_each_models_own_weights(method):
     """compile=True freezes the weights into the compiled graph (model_runner.InferenceCompiled). A second model of

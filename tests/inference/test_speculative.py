@@ -228,6 +228,7 @@ def test_seeded_sampling_with_mtp_is_reproducible():
     assert len({tuple(o.tokens) for o in engine.generate([[5]] * 4, params, mtp=True)}) > 1  # rows differ
 
 
+@pytest.mark.slow
 def test_compiled_engine_decodes_and_speculates_exactly_as_eager(monkeypatch):
     """compile=True: the plain decode step and MTP's greedy draft-verify step run through torch.compile (static
     shapes: every slot, the whole cache) for batches of up to COMPILED_MAX_ROWS rows; outputs stay token-for-token

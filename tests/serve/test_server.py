@@ -376,6 +376,7 @@ def test_sixteen_concurrent_clients_get_the_same_text_as_sequential_requests(tok
     assert len(set(sequential)) > 4  # different prompts, different texts
 
 
+@pytest.mark.slow
 def test_warm_up_steps_every_compiled_batch_size_and_leaves_the_session_empty():
     engine = Engine(tiny_model(vocab_size=64), None, max_seq_len=64, compile=True)
     loop = EngineLoop(engine, max_batch=6, max_queue=4, mtp=True, num_draft=1)
