@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 
+import pytest
 import torch
 
 SAMPLE_TEXT = [
@@ -15,6 +16,26 @@ SAMPLE_TEXT = [
     "Reasoning step by step: first compute the gcd of 12 and 18, which is 6; then the lcm is 36.",
     "Unicode survives too: café, naïve, 数学, emoji 🙂.",
 ] * 20
+
+
+class Killed(BaseException):
+    """Stands in for a kill: raised out of a training loop or a stage, caught by nothing in mimo."""
+
+
+def run_killed_at_checkpoint(monkeypatch, module, step: int, run):
+    """run() with module.save_checkpoint raising Killed when asked to save `step` (the kill lands after that step's
+    metrics row, before its checkpoint); save_checkpoint is put back afterwards."""
+    save = module.save_checkpoint
+
+    def save_or_die(run_dir, at, *a, **kw):
+        if at == step:
+            raise Killed
+        save(run_dir, at, *a, **kw)
+
+    monkeypatch.setattr(module, "save_checkpoint", save_or_die)
+    with pytest.raises(Killed):
+        run()
+    monkeypatch.setattr(module, "save_checkpoint", save)
 
 
 def tiny_config(vocab_size=400, num_mtp=1, tie=False, **kw):

@@ -11,16 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Killed
 
 from mimo.cli import main
 
 CORPUS = {"seed": 0, "tokens": 6000, "val_min_tokens": 200, "tokenizer": {"vocab_size": 300},
           "sources": {"reasoning": {"type": "reasoning", "problems": 200}},
           "stages": [{"name": "broad", "fraction": 1.0, "mix": {"reasoning": 1.0}}]}
-
-
-class Killed(BaseException):
-    """Stands in for a kill: raised out of a stage, caught by nothing in mimo."""
 
 
 def flag(argv, name):

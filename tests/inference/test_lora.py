@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import run_killed_at_checkpoint, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -86,10 +86,6 @@ def rows_of(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-class Killed(BaseException):
-    """Stands in for a kill: raised out of the training loop, caught by nothing in mimo."""
-
-
 @pytest.mark.slow
 def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, notes, tmp_path, monkeypatch, capfd):
     from mimo.train import loop
@@ -125,17 +121,7 @@ def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, n
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.2 and rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.2
 
     out = tmp_path / "killed"
-    save = loop.save_checkpoint
-
-    def save_or_die(run_dir, step, *a, **kw):
-        if step == 6:
-            raise Killed
-        save(run_dir, step, *a, **kw)
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_or_die)
-    with pytest.raises(Killed):
-        tune(out)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    run_killed_at_checkpoint(monkeypatch, loop, 6, lambda: tune(out))
     assert not (out / "adapter_model.safetensors").exists()
     capfd.readouterr()
     assert tune(out) == 0

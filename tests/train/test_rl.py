@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import run_killed_at_checkpoint, tiny_model
 from safetensors.torch import load_file
 
 from mimo.errors import MimoError
@@ -281,10 +281,6 @@ def rl_args(model_dir, out, steps, save_every=1):
                          "--easy-prob", "0.5", "--filter-samples", "0"])
 
 
-class Killed(BaseException):
-    """Stands in for a kill: raised out of the training loop at a chosen point, caught by nothing in mimo."""
-
-
 @pytest.fixture
 def parity_rewards(monkeypatch):
     """Reward = parity of the completion's length (problems .../1 always solved: they join the easy pool), graded
@@ -335,17 +331,7 @@ def test_run_end_to_end_then_killed_and_resumed_equals_uninterrupted(model_dir, 
     # killed during step 3 (its metrics row written, its checkpoint not), then rerun: it resumes from step 2,
     # redoes step 3, and ends exactly where the uninterrupted run did
     out = tmp_path / "killed"
-    save = rl.save_checkpoint
-
-    def save_or_die(run_dir, step, *a, **kw):
-        if step == 3:
-            raise Killed
-        save(run_dir, step, *a, **kw)
-
-    monkeypatch.setattr(rl, "save_checkpoint", save_or_die)
-    with pytest.raises(Killed):
-        rl.run(rl_args(model_dir, out, steps=3, save_every=2))
-    monkeypatch.setattr(rl, "save_checkpoint", save)
+    run_killed_at_checkpoint(monkeypatch, rl, 3, lambda: rl.run(rl_args(model_dir, out, steps=3, save_every=2)))
     assert [r["step"] for r in metric_rows(out)] == [1, 2, 3] and not (out / "final").exists()
     capfd.readouterr()
     rl.run(rl_args(model_dir, out, steps=3, save_every=2))

@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import run_killed_at_checkpoint, tiny_model
 
 from mimo.benchmarks import load_benchmark
 from mimo.checkpoint import save_model
@@ -58,10 +58,6 @@ def small_batches(monkeypatch):
                                                      warmup_steps=2, log_every=1))
 
 
-class Killed(BaseException):
-    """Stands in for a kill: raised out of the training loop, caught by nothing in mimo."""
-
-
 def rows_of(run_dir):
     """metrics.jsonl without the wall-clock throughput."""
     return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
@@ -94,17 +90,7 @@ def test_sft_learns_then_killed_and_resumed_equals_uninterrupted(base_dir, tmp_p
     # killed in step 6 (rows 4-6 written, the checkpoint of step 3 the newest), rerun: it resumes from step 3 and
     # ends exactly where the uninterrupted run did
     out = tmp_path / "killed"
-    save = loop.save_checkpoint
-
-    def save_or_die(run_dir, step, *a, **kw):
-        if step == 6:
-            raise Killed
-        save(run_dir, step, *a, **kw)
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_or_die)
-    with pytest.raises(Killed):
-        sft(out)
-    monkeypatch.setattr(loop, "save_checkpoint", save)
+    run_killed_at_checkpoint(monkeypatch, loop, 6, lambda: sft(out))
     assert len(rows_of(out)) == 6 and not (out / "final").exists()
     capfd.readouterr()
     assert sft(out) == 0
