@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mimo.errors import MimoError
+from mimo.jsonl import read_json
 from mimo.presets import PRESETS
 
 SUPPORTED_MODEL_TYPES = ("mimo", "qwen2")
@@ -150,14 +151,7 @@ class MiMoConfig:
 
     @classmethod
     def load(cls, path: Path) -> MiMoConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise MimoError(f"{path}: not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MimoError(f"{path}: malformed JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,5 @@
-"""JSON Lines input (corpora, SFT data, RL problems, completions to score) with errors naming file and line."""
+"""JSON and JSON Lines input (configs, manifests; corpora, SFT data, RL problems, completions to score) with errors
+naming file and line."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mimo.errors import MimoError
+
+
+def read_json(path, missing: str = "not found") -> object:
+    """One JSON file's value; a missing file (`missing` says what to do) or malformed JSON is a one-line MimoError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MimoError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MimoError(f"{path}: malformed JSON ({e})") from None
 
 
 def read_jsonl(path, objects_only: bool = False) -> Iterator[tuple[int, object]]:

@@ -17,7 +17,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from mimo.errors import MimoError
-from mimo.jsonl import read_jsonl
+from mimo.jsonl import read_json, read_jsonl
 
 END_OF_TEXT = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -94,10 +94,7 @@ class Tokenizer:
         config, template = {}, None
         cfg_file = tk_file.with_name("tokenizer_config.json")
         if cfg_file.is_file():
-            try:
-                config = json.loads(cfg_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise MimoError(f"{cfg_file}: malformed JSON ({e})") from None
+            config = read_json(cfg_file)
         jinja_file = tk_file.with_name("chat_template.jinja")  # transformers 5 stores it apart
         if jinja_file.is_file():
             template = jinja_file.read_text()

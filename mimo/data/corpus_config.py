@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mimo.benchmarks import BENCHMARKS
 from mimo.errors import MimoError
+from mimo.jsonl import read_json
 from mimo.presets import PRESETS, presets_with
 
 FORMATS = ("trace", "answer_only")
@@ -98,13 +99,7 @@ def default_config(preset: str = "tiny", text: list[str] | None = None) -> dict:
 def load_config(path) -> dict:
     """A corpus config from a JSON file, validated, with text paths made relative to the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise MimoError(f"{path}: not found")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MimoError(f"{path}: malformed JSON ({e})") from None
-    config = validate_config(config, where=str(path))
+    config = validate_config(read_json(path), where=str(path))
     for src in config["sources"].values():
         if src["type"] == "text":
             src["paths"] = [p if os.path.isabs(p) else str(path.parent / p) for p in src["paths"]]

@@ -12,7 +12,6 @@ processes, and the data position of a run is a function of its step and planned 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +19,11 @@ import numpy as np
 import torch
 
 from mimo.errors import MimoError
+from mimo.jsonl import read_json
 
 
 def read_manifest(data_dir) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise MimoError(f"{path}: not found (build a corpus with `mimo data build`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MimoError(f"{path}: malformed JSON ({e})") from None
+    return read_json(Path(data_dir) / "manifest.json", missing="not found (build a corpus with `mimo data build`)")
 
 
 class PackedTokens:
