@@ -33,14 +33,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MIMO_CLI = [sys.executable, "-c", "import sys; from mimo.cli import main; sys.exit(main())"]
 THREADS = 2
 
 
-def mimo(*argv, env=None) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([*MIMO_CLI, *map(str, argv)], check=True, cwd=ROOT, env=env)
-    return time.perf_counter() - t0
+def mimo(*argv):
+    subprocess.run([sys.executable, "-m", "mimo.cli", *map(str, argv)], check=True, cwd=ROOT)
 
 
 def run_mimo(sft: Path, out: Path, minutes: float, seed: int) -> dict:
@@ -141,9 +138,10 @@ def evaluate(model: Path, out: Path, limit: int, samples: int, seed: int) -> dic
 
 
 def per_problem(out: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
+    from mimo.eval.evaluate import read_samples
+
     by: dict[str, list[bool]] = {}
-    for r in rows:
+    for r in read_samples(out / "samples.jsonl"):
         by.setdefault(r["id"], []).append(r["correct"])
     return {k: sum(v) / len(v) for k, v in by.items()}
 

@@ -44,6 +44,7 @@ from mimo.inference.lora import DEFAULT_TARGETS, LoRAConfig, add_lora
 from mimo.model import IGNORE_INDEX
 from mimo.parallel import init_distributed, print0
 from mimo.train.loop import FULL_STATE, ModelStore, TrainConfig, train
+from mimo.weights import DTYPES
 
 TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=2e-3, min_lr_ratio=0.1,
                             warmup_steps=10, decay_fraction=0.5, weight_decay=0.0, mtp_weight=0.0,
@@ -141,9 +142,9 @@ def load_base(model_dir: str, quantize: str | None):
     model, tokenizer = load_model_and_tokenizer(model_dir, "float32", quantize=quantize)
     model.model.mtp_layers = nn.ModuleList()
     model.config = replace(model.config, num_nextn_predict_layers=0)
-    stored = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model.config.torch_dtype)
+    stored = DTYPES.get(model.config.torch_dtype)
     embedding = model.model.embed_tokens
-    if stored is not None and getattr(model.lm_head, "weight", None) is not embedding.weight:
+    if stored in (torch.bfloat16, torch.float16) and getattr(model.lm_head, "weight", None) is not embedding.weight:
         embedding.weight.data = embedding.weight.data.to(stored)  # [vocab, hidden]: half the float32 bytes, exact
         embedding.register_forward_hook(lambda module, args, out: out.float())
     return model, tokenizer
