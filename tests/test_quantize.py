@@ -266,10 +266,15 @@ def test_compiled_step_freezes_each_models_own_weights(method):
         assert rel_err(compiled, eager) < 1e-5
 
 
-def test_portable_scalar_kernels(tmp_path):
-    """The kernels built without AVX2 (the code non-x86 CPUs run) compute what the torch path computes."""
+@pytest.mark.parametrize("flags,simd", [("-O2", 0), ("-O3 -march=native -mno-avx512f", 1)],
+                         ids=["portable", "avx2-only"])
+def test_kernel_builds_without_the_wider_instructions(tmp_path, flags, simd):
+    """The kernels built without AVX2 (the code non-x86 CPUs run) and, on a CPU with AVX-512, built with AVX2 only
+    (the tiles every other x86 CPU runs) compute what the torch path computes."""
     if not kernels.available():
         pytest.skip("no C kernels here")
+    if simd and kernels.library().mimo_simd() != 2:
+        pytest.skip("the default build here has no AVX-512 tiles: it is the AVX2 build")
     import os
     import subprocess
     import sys
@@ -278,7 +283,7 @@ def test_portable_scalar_kernels(tmp_path):
 import torch
 from mimo import kernels, quantize as Q
 lib = kernels.library()
-assert lib is not None and lib.mimo_simd() == 0, kernels._reason
+assert lib is not None and lib.mimo_simd() == SIMD, kernels._reason
 torch.manual_seed(0)
 w = torch.randn(45, 320)
 for fmt in ("q8_0", "q4_0"):
@@ -297,7 +302,8 @@ want = torch.nn.functional.linear(x, wb.float())
 assert float((got - want).norm() / want.norm()) < 2e-6
 print("ok")
 """
-    env = {**os.environ, "MIMO_KERNEL_FLAGS": "-O2", "MIMO_KERNEL_CACHE": str(tmp_path)}
+    code = code.replace("SIMD", str(simd))
+    env = {**os.environ, "MIMO_KERNEL_FLAGS": flags, "MIMO_KERNEL_CACHE": str(tmp_path)}
     env.pop("MIMO_NO_KERNELS", None)
     r = subprocess.run([sys.executable, "-c", code], env=env, check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
