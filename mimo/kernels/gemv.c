@@ -659,9 +659,15 @@ static inline __attribute__((always_inline)) __m256i quad(__m256i t01, __m256i t
 /* Prefetching: the 8 rows of a tile are one contiguous stretch of memory, the next tile's the next stretch; each
  * block step prefetches its share of the next tile (8 blocks' bytes). Rows of a few KB are too short for the
  * hardware's stream prefetchers to ramp up on 8 interleaved streams (Q4_0 rows of 4096 weights, 2.3 KB, read at
- * ~60% of the bandwidth without this). */
+ * ~60% of the bandwidth without this). Into L2, not L1: the next tile (18-32 KB) beside the current one overflows
+ * a 32 KB L1; on a 2-core Zen 4, T1 instead of T0 took decode products from 25-26 to 29-33 GB/s (Q4_0, bf16;
+ * bench/gemv_bandwidth.py) and a 7B int4 decode from 4.5-5.5 to 5.6-6.0 tokens/s (MIMO_KERNEL_FLAGS="-O3
+ * -march=native -DMIMO_PREFETCH_HINT=_MM_HINT_T0" builds the old hint). */
+#ifndef MIMO_PREFETCH_HINT
+#define MIMO_PREFETCH_HINT _MM_HINT_T1
+#endif
 static inline __attribute__((always_inline)) void prefetch_next(const uint8_t *next, int64_t bytes) {
-    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)next + l, _MM_HINT_T0);
+    for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch((const char *)next + l, MIMO_PREFETCH_HINT);
 }
 
 static inline __attribute__((always_inline)) void tile8(const int fmt, const uint8_t *w, int64_t rb, const qact *a,
