@@ -53,6 +53,10 @@ GEMV_MAX_ROWS = {"q8_0": 1 << 62, "q4_0": 1 << 62, "bf16": 64}
 # against 19.0, 512 rows (prefill) 110 against 250 ms (fp32 chunks + MKL). A decode step's 1-4 rows stay in the
 # kernel (3.0 against 4.7 ms at one row).
 NATIVE_BF16_MIN_ROWS = 8
+# Likewise Q8_0 / Q4_0 products of at least this many bf16 rows (prefill) dequantize the weight in chunks to bf16 for
+# oneDNN's GEMM instead of the kernels' GEMM tile: 11008 x 4096, 512 rows, 165 against 486 ms (Q8_0) and 131
+# against 176 ms (Q4_0); the tiles win below (Q8_0 64 rows 52 against 62 ms, Q4_0 128 rows 54 against 51 ms).
+QUANT_BF16_MIN_ROWS = {"q8_0": 64, "q4_0": 256}
 PORTABLE_MAX_ROWS = 8
 CHUNK_ELEMS = 1 << 22  # weights per chunk when quantizing or dequantizing (16 MiB of fp32 at a time)
 
@@ -153,15 +157,16 @@ def _weight_rows(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, buf: 
 
 
 def _chunked_linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, n: int, k: int, use_kernel: bool) -> torch.Tensor:
-    """x [m, k] float32 @ W.T in float32, W dequantized CHUNK_ELEMS weights at a time (never all of a big one)."""
+    """x [m, k] @ W.T in x's dtype (float32, or bfloat16: native bf16 GEMM), W dequantized CHUNK_ELEMS weights at a
+    time (never all of a big one)."""
     step = max(1, CHUNK_ELEMS // k)
     buf = torch.empty(min(step, n), k) if use_kernel else None
     if n <= step:
-        return torch.mm(x, _weight_rows(fmt, weight, 0, n, k, buf).t())
-    y = torch.empty(x.shape[0], n, device=x.device)
+        return torch.mm(x, _weight_rows(fmt, weight, 0, n, k, buf).to(x.dtype).t())
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        torch.mm(x, _weight_rows(fmt, weight, r0, r1, k, buf).t(), out=y[:, r0:r1])
+        torch.mm(x, _weight_rows(fmt, weight, r0, r1, k, buf).to(x.dtype).t(), out=y[:, r0:r1])
     return y
 
 
@@ -174,6 +179,12 @@ def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, b
     x [..., k] (fp32, bf16 or fp16: the kernels take each; other dtypes go through fp32); y in x's dtype."""
     n, k = weight.shape[0], in_features
     lib = kernels.library()
+    if (fmt != "bf16" and x.dtype == torch.bfloat16 and x.is_cpu and weight.is_cpu and x.numel() >= QUANT_BF16_MIN_ROWS[fmt] * k
+            and kernels.native_bf16()):  # prefill of a bf16 model on a CPU with bf16 products
+        y = _chunked_linear(fmt, x.reshape(-1, k), weight, n, k, lib is not None)
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y.view(*x.shape[:-1], n)
     if lib is not None and x.is_cpu and weight.is_cpu:
         m = x.numel() // k
         xdt = _KERNEL_DTYPES.get(x.dtype)

@@ -369,3 +369,17 @@ def test_decode_steps_run_torch_ops_on_one_thread_and_kernels_on_all(monkeypatch
     both = Engine(model, None).generate(prompts, params, mtp=True)
     assert [o.tokens for o in single] == [o.tokens for o in both]
     assert seen and all(t == (2, 2) for t in seen)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_many_bf16_rows_close_to_the_dequantized_product(fmt):
+    """Prefill of a bf16 model: many bf16 rows (through the kernels' GEMM tile, or oneDNN's bf16 GEMM on a CPU with
+    bf16 products) against the dequantized weight in fp32, within bf16's rounding."""
+    torch.manual_seed(0)
+    w, b = torch.randn(72, 320), torch.randn(72).bfloat16()
+    blocks = Q.quantize_blocks(w, fmt)
+    x = torch.randn(2, 150, 320).bfloat16()  # 300 rows: above QUANT_BF16_MIN_ROWS
+    got = Q._linear(fmt, x, blocks, 320, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 150, 72)
+    want = F_linear(x.float(), Q._dequantize_torch(blocks, fmt), b.float())
+    assert rel_err(got.float(), want) < 1e-2
