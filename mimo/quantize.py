@@ -48,15 +48,13 @@ BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2}
 # a core (MKL's OpenMP threads then lose half of theirs): always the kernels. bf16 up to 64 rows (MKL wins beyond).
 # Kernels built without AVX2 (the portable scalar code) stop at PORTABLE_MAX_ROWS. bench/gemv_bandwidth.py --rows.
 GEMV_MAX_ROWS = {"q8_0": 1 << 62, "q4_0": 1 << 62, "bf16": 64}
-# On a CPU with native bf16 products (kernels.native_bf16), bf16 activations of more rows than this go to oneDNN's
-# bf16 GEMM: on a 2-core Zen 4, an 11008 x 4096 product of 8 rows 5.2 against 5.5 ms in the kernel, 32 rows 10.1
-# against 19.0, 512 rows (prefill) 110 against 250 ms (fp32 chunks + MKL). A decode step's 1-4 rows stay in the
-# kernel (3.0 against 4.7 ms at one row).
-NATIVE_BF16_MIN_ROWS = 8
-# Likewise Q8_0 / Q4_0 products of at least this many bf16 rows (prefill) dequantize the weight in chunks to bf16 for
-# oneDNN's GEMM instead of the kernels' GEMM tile: 11008 x 4096, 512 rows, 165 against 486 ms (Q8_0) and 131
-# against 176 ms (Q4_0); the tiles win below (Q8_0 64 rows 52 against 62 ms, Q4_0 128 rows 54 against 51 ms).
-QUANT_BF16_MIN_ROWS = {"q8_0": 64, "q4_0": 256}
+# On a CPU with native bf16 products (kernels.native_bf16), bf16 activations of at least this many rows (prefill) go
+# to oneDNN's bf16 GEMM, a quantized weight dequantized in chunks to bf16. 2-core Zen 4, 11008 x 4096: bf16 8 rows 5.2
+# against 5.5 ms in the kernel, 32 rows 10.1 against 19.0, 512 rows 110 against 250 ms (fp32 chunks + MKL), a decode
+# step's 1-4 rows stay in the kernel (3.0 against 4.7 ms at one row); 512 rows Q8_0 165 against 486 ms and Q4_0 131
+# against 176 ms in the kernels' GEMM tile, which wins below (Q8_0 64 rows 52 against 62 ms, Q4_0 128 rows 54
+# against 51 ms).
+BF16_GEMM_MIN_ROWS = {"bf16": 8, "q8_0": 64, "q4_0": 256}
 PORTABLE_MAX_ROWS = 8
 CHUNK_ELEMS = 1 << 22  # weights per chunk when quantizing or dequantizing (16 MiB of fp32 at a time)
 
@@ -179,8 +177,10 @@ def _linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, in_features: int, b
     x [..., k] (fp32, bf16 or fp16: the kernels take each; other dtypes go through fp32); y in x's dtype."""
     n, k = weight.shape[0], in_features
     lib = kernels.library()
-    if (fmt != "bf16" and x.dtype == torch.bfloat16 and x.is_cpu and weight.is_cpu and x.numel() >= QUANT_BF16_MIN_ROWS[fmt] * k
+    if (x.dtype == torch.bfloat16 and x.is_cpu and weight.is_cpu and x.numel() >= BF16_GEMM_MIN_ROWS[fmt] * k
             and kernels.native_bf16()):  # prefill of a bf16 model on a CPU with bf16 products
+        if fmt == "bf16":
+            return F.linear(x, weight, bias)
         y = _chunked_linear(fmt, x.reshape(-1, k), weight, n, k, lib is not None)
         if bias is not None:
             y += bias.to(y.dtype)
@@ -242,11 +242,9 @@ _OPS = {"q8_0": q8_0_linear, "q4_0": q4_0_linear}
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for a bf16 weight [n, k] on the CPU: few rows through the bf16 GEMV kernel (fp32
     accumulation; x fp32 or bf16, y in x's dtype), many through fp32 GEMM on chunks converted to fp32 (oneDNN's bf16
-    GEMM is slow without AVX-512 BF16), or, bf16 rows on a CPU with it, oneDNN's (NATIVE_BF16_MIN_ROWS). Anything
+    GEMM is slow without AVX-512 BF16), or, bf16 rows on a CPU with it, oneDNN's (BF16_GEMM_MIN_ROWS). Anything
     else is F.linear."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not weight.is_contiguous():
-        return F.linear(x, weight, bias)
-    if x.dtype == torch.bfloat16 and x.numel() >= NATIVE_BF16_MIN_ROWS * x.shape[-1] and kernels.native_bf16():
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
         return _bf16_linear_op(x, weight, bias)

@@ -378,7 +378,7 @@ def test_many_bf16_rows_close_to_the_dequantized_product(fmt):
     torch.manual_seed(0)
     w, b = torch.randn(72, 320), torch.randn(72).bfloat16()
     blocks = Q.quantize_blocks(w, fmt)
-    x = torch.randn(2, 150, 320).bfloat16()  # 300 rows: above QUANT_BF16_MIN_ROWS
+    x = torch.randn(2, 150, 320).bfloat16()  # 300 rows: above BF16_GEMM_MIN_ROWS
     got = Q._linear(fmt, x, blocks, 320, b)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 150, 72)
     want = F_linear(x.float(), Q._dequantize_torch(blocks, fmt), b.float())

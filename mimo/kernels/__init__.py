@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -52,16 +53,10 @@ def cache_dir() -> Path:
     return Path(base) / "mimo" / "kernels"
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): oneDNN's bf16 GEMM is then fast."""
-    global _NATIVE_BF16
-    if _NATIVE_BF16 is None:
-        flags = set(_cpu_flags().split())
-        _NATIVE_BF16 = bool(flags & {"avx512_bf16", "amx_bf16"})
-    return _NATIVE_BF16
-
-
-_NATIVE_BF16: bool | None = None
+    return bool(set(_cpu_flags().split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def _cpu_flags() -> str:
