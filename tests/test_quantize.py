@@ -131,8 +131,10 @@ def test_big_layers_and_chunked_products(method, monkeypatch):
     assert rel_err(q(x), x @ q.dequantized().t()) < 2e-6  # 15 rows > GEMV_MAX_ROWS: dequantized in chunks
 
 
-@pytest.mark.parametrize("m", [1, 3, 8, 64, 100])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 64, 100])
 def test_bf16_linear(m):
+    """bf16 weights against fp32 and bf16 activations (bf16 ones by vdpbf16ps on CPUs with AVX-512 BF16), every
+    tile shape: 1-4 activation rows, 45 weight rows (tiles of 4 or 2 and single rows), k = 272 (a tail of 16)."""
     torch.manual_seed(0)
     w, b = torch.randn(45, 272).bfloat16(), torch.randn(45).bfloat16()
     x = torch.randn(m, 272)
