@@ -46,7 +46,7 @@ class MimoWorker:
         from mimo.inference.sampling import SamplingParams
 
         torch.set_num_threads(threads)
-        self.model = load_gguf(path)[0]
+        self.model = load_gguf(path, mtp=False)[0]
         self.engine = Engine(self.model, None, max_seq_len=context)
         self.params = SamplingParams
 

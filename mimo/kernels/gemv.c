@@ -821,7 +821,10 @@ static inline __attribute__((always_inline)) void tile8_q8_shared(const uint8_t 
  * 128), and 128 x sum(a) taken off the same way. Measured on a 2-core Zen 4 (bench/gemv_bandwidth.py;
  * MIMO_KERNEL_FLAGS="-O3 -march=native -mno-avx512f" for the AVX2 tiles): Q8_0 decode products 19.2-21.0 ->
  * 21.2-24.7 GB/s from memory, a 2-row Q8_0 product (the MTP verify step) 1.35x faster from cache; Q4_0 the same as
- * AVX2 (memory-bound on this machine either way). */
+ * AVX2 (memory-bound on this machine either way: from cache a core reads 25 GB/s of Q4_0 in these tiles, two cores
+ * 45, above the 26-30 they read from memory). Tried: Q4_0 tiled by 8 rows at load (a block's 8 scales and 4 rows'
+ * nibbles a load each, as llama.cpp's repacked q4_0x8): 1.7x from cache, 1.05x from memory in a C harness, 0.94-1.05x
+ * in 7B decode taking turns with the row layout, and 4-6 s more to load; not kept. */
 
 static inline __attribute__((always_inline)) __m512i load_rows_x4(const uint8_t *q, int64_t rb) {
     /* 16 bytes of each of rows 0..3 (q, q + rb, ...) -> one zmm, a row a 128-bit lane */
