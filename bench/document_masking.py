@@ -3,9 +3,10 @@
     python bench/document_masking.py RUN_DIR OUT_DIR [--pretrain-steps 150] [--sft-steps 60] [--problems 3000]
 
 RUN_DIR: a nano speedrun (its data/ corpus and base/final model). Four runs, each the plain `mimo` command:
-  pretrain  `mimo pretrain --preset nano --data RUN_DIR/data`, rows as windows of the token stream (documents
-            run into each other; mimo's default) against positions restarting after every end-of-text token, so
-            attention stays within a document (mimo.model.document_mask);
+  pretrain  `mimo pretrain --preset nano --data RUN_DIR/data`, positions restarting after every end-of-text
+            token so attention stays within a document (loader.document_positions; mimo's default since this
+            measurement) against `--no-document-masking`: rows as windows of the token stream, documents running
+            into each other;
   sft       `mimo sft --from RUN_DIR/base/final`, packed examples each attending to itself (mimo's default)
             against rows that attend across examples.
 For every run: the final validation loss both ways (the same rows read with and without document masks), the
@@ -29,16 +30,6 @@ from mimo.data import loader
 from mimo.data.loader import PackedTokens
 from mimo.tokenizer import Tokenizer
 from mimo.train import loop
-
-
-def positions_after(x: torch.Tensor, eos: int) -> torch.Tensor:
-    """x [B, T] -> positions [B, T] restarting at 0 after every eos (and at the start of each row)."""
-    T = x.shape[1]
-    start = torch.zeros_like(x, dtype=torch.bool)
-    start[:, 0] = True
-    start[:, 1:] = x[:, :-1] == eos
-    idx = torch.arange(T).expand_as(x)
-    return idx - torch.where(start, idx, 0).cummax(1).values
 
 
 @torch.no_grad()
@@ -69,24 +60,14 @@ def main():
     args = p.parse_args()
     data, base = args.run_dir / "data", args.run_dir / "base" / "final"
     eos = Tokenizer.load(base).eos_token_id
-    plain_batches, plain_unpack = loader.PretrainBatches.micro_batches, loop.unpack_batch
+    plain_unpack = loop.unpack_batch
     results = {}
-
-    def with_documents(self, step):  # pretraining rows as documents: positions restart after each end-of-text
-        for x, y in plain_batches(self, step):
-            yield x, y, positions_after(x, eos)
-
-    val = PackedTokens(data, "val")
-    val_rows = []
-    for x, y in loader.eval_batches(val, 256, 8, 4):
-        val_rows.append((x, y, positions_after(x, eos)))
-    for arm, documents in (("windows", False), ("documents", True)):
-        loader.PretrainBatches.micro_batches = with_documents if documents else plain_batches
+    val_rows = list(loader.eval_batches(PackedTokens(data, "val"), 256, 8, 4, eos=eos))
+    for arm, flags in (("windows", ["--no-document-masking"]), ("documents", [])):
         run = args.out / f"pretrain-{arm}"
         dispatch(["pretrain", "--preset", "nano", "--data", str(data), "--out", str(run), "--seed", "0",
-                  "--max-steps", str(args.pretrain_steps)])
+                  "--max-steps", str(args.pretrain_steps), *flags])
         results[f"pretrain, {arm}"] = {**metrics(run), **val_losses(run / "final", val_rows)}
-    loader.PretrainBatches.micro_batches = plain_batches
 
     from mimo.train.sft import pack, pack_positions, procedural_examples, tokenize_example
 

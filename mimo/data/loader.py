@@ -97,17 +97,29 @@ def plan_stages(tokens: PackedTokens, total_steps: int) -> list[Stage]:
     return stages
 
 
+def document_positions(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """x [B, T] -> positions [B, T] restarting at 0 after every eos token (and at each row's start), so that each
+    document of a window of the token stream attends within itself (mimo.model.document_mask)."""
+    T = x.shape[1]
+    start = torch.zeros_like(x, dtype=torch.bool)
+    start[:, 0] = True
+    start[:, 1:] = x[:, :-1] == eos
+    idx = torch.arange(T, device=x.device).expand_as(x)
+    return idx - torch.where(start, idx, 0).cummax(1).values
+
+
 class PretrainBatches:
     """Deterministic micro-batches for an optimizer step, for one rank, from the stage the step belongs to in a
-    run of `total_steps` steps."""
+    run of `total_steps` steps. eos: windows of the stream run across documents; with the end-of-text id each batch
+    also carries document positions (document_positions: no token attends to another document), else none."""
 
     def __init__(self, tokens: PackedTokens, seq_len: int, global_seqs: int, micro_batch: int, total_steps: int,
-                 rank: int = 0, world_size: int = 1, device="cpu"):
+                 rank: int = 0, world_size: int = 1, device="cpu", eos: int | None = None):
         if global_seqs % (micro_batch * world_size):
             raise MimoError(f"global batch of {global_seqs} sequences is not a multiple of micro batch "
                             f"{micro_batch} x {world_size} processes")
         self.tokens, self.seq_len, self.global_seqs, self.micro = tokens, seq_len, global_seqs, micro_batch
-        self.rank, self.world, self.device = rank, world_size, device
+        self.rank, self.world, self.device, self.eos = rank, world_size, device, eos
         self.accum = global_seqs // (micro_batch * world_size)
         self.stages = plan_stages(tokens, total_steps)
         for st in self.stages:
@@ -119,19 +131,26 @@ class PretrainBatches:
         return next((st for st in self.stages if step < st.end_step), self.stages[-1])
 
     def micro_batches(self, step: int):
-        """Yields (inputs [micro, T], targets [micro, T]) accum times."""
+        """Yields (inputs [micro, T], targets [micro, T]) accum times, with positions [micro, T] when self.eos is
+        set."""
         st = self.stage(step)
         base = (step - st.first_step) * self.global_seqs
         for m in range(self.accum):
             first = base + (m * self.world + self.rank) * self.micro
             w = self.tokens.windows(range(first, first + self.micro), self.seq_len, st.start, st.tokens)
             w = w.to(self.device)
-            yield w[:, :-1], w[:, 1:]
+            yield _batch(w, self.eos)
 
 
-def eval_batches(tokens: PackedTokens, seq_len: int, batch: int, max_batches: int, device="cpu"):
-    """The first max_batches fixed batches of a validation split."""
+def _batch(w: torch.Tensor, eos: int | None) -> tuple:
+    """windows [B, T + 1] -> (inputs, targets) or (inputs, targets, document positions)."""
+    x, y = w[:, :-1], w[:, 1:]
+    return (x, y) if eos is None else (x, y, document_positions(x, eos))
+
+
+def eval_batches(tokens: PackedTokens, seq_len: int, batch: int, max_batches: int, device="cpu",
+                 eos: int | None = None):
+    """The first max_batches fixed batches of a validation split (with document positions as PretrainBatches)."""
     n = min(max_batches, max(1, tokens.num_windows(seq_len) // batch))
     for b in range(n):
-        w = tokens.windows(range(b * batch, (b + 1) * batch), seq_len).to(device)
-        yield w[:, :-1], w[:, 1:]
+        yield _batch(tokens.windows(range(b * batch, (b + 1) * batch), seq_len).to(device), eos)

@@ -75,13 +75,15 @@ def run(args) -> dict:
     train_tokens = PackedTokens(data_dir, "train")
     val_tokens = PackedTokens(data_dir, "val")
     run_dir = Path(args.out)
+    eos = None if args.no_document_masking else tokenizer.eos_token_id
     batches = PretrainBatches(train_tokens, cfg.seq_len, cfg.global_batch_seqs, cfg.micro_batch, cfg.max_steps,
-                              info.rank, info.world_size, info.device)
+                              info.rank, info.world_size, info.device, eos)
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(json.dumps(
             {"command": "pretrain", "preset": args.preset, "data": str(data_dir), "world_size": info.world_size,
-             "mtp_layers": args.mtp_layers, "depth": args.depth, "train": asdict(cfg),
+             "mtp_layers": args.mtp_layers, "depth": args.depth, "document_masking": eos is not None,
+             "train": asdict(cfg),
              "stages": [asdict(st) for st in batches.stages]}, indent=2, default=str))
     model = model_for(args.preset, tokenizer.vocab_size, args.mtp_layers, args.seed, args.depth)
     tokens_per_step = cfg.global_batch_seqs * cfg.seq_len
@@ -94,7 +96,7 @@ def run(args) -> dict:
         for st in batches.stages))
 
     def val():
-        return eval_batches(val_tokens, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, info.device)
+        return eval_batches(val_tokens, cfg.seq_len, cfg.micro_batch, cfg.eval_batches, info.device, eos)
 
     return train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val,
                  title=f"pretrain {args.preset}", extra_state={"data": str(data_dir)})
@@ -118,4 +120,8 @@ def add_arguments(p):
                    help="auto: bf16 autocast where the hardware supports it")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP under torchrun")
+    p.add_argument("--no-document-masking", action="store_true",
+                   help="let tokens attend across the documents a training window holds (default: each document "
+                   "attends within itself; at the nano preset masking lowered validation loss 1.28 -> 1.20 nats, "
+                   "docs/benchmarks.md)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -10,7 +10,7 @@ import torch
 from mimo.benchmarks import load_benchmark
 from mimo.data import corpus as data
 from mimo.data import corpus_config, quality, reasoning
-from mimo.data.loader import PackedTokens, PretrainBatches
+from mimo.data.loader import PackedTokens, PretrainBatches, document_positions, eval_batches
 from mimo.errors import MimoError
 from mimo.tokenizer import Tokenizer
 
@@ -200,6 +200,22 @@ def test_each_stage_gets_its_share_of_any_run_in_order(corpus, total_steps):
             w = (rel * 4 + j) % ((st.tokens - 1) // 32)  # the stage's windows, in order, wrapping around
             assert window == stream[st.start + w * 32: st.start + w * 32 + 32].tolist()
     assert batches.stage(cut[1]).name == "reasoning" and batches.stage(total_steps - 1).name == "long"
+
+
+def test_document_positions_restart_after_each_end_of_text(corpus):
+    """Pretraining batches carry positions that restart after every end-of-text token (and at each row's start):
+    the model then masks attention to other documents (document_mask); without eos, plain windows."""
+    x = torch.tensor([[5, 9, 0, 7, 7, 0, 0, 3], [0, 4, 4, 4, 0, 2, 2, 2]])
+    assert document_positions(x, eos=0).tolist() == [[0, 1, 2, 0, 1, 2, 0, 0], [0, 0, 1, 2, 3, 0, 1, 2]]
+    out, _ = corpus
+    eos = Tokenizer.load(out / "tokenizer").eos_token_id
+    masked = PretrainBatches(PackedTokens(out), seq_len=64, global_seqs=4, micro_batch=2, total_steps=4, eos=eos)
+    plain = PretrainBatches(PackedTokens(out), seq_len=64, global_seqs=4, micro_batch=2, total_steps=4)
+    for (x, y, positions), (px, py) in zip(masked.micro_batches(1), plain.micro_batches(1)):
+        assert torch.equal(x, px) and torch.equal(y, py) and torch.equal(positions, document_positions(x, eos))
+        assert (positions == 0).sum() > x.shape[0]  # the windows do cross documents
+    (x, _, positions), = list(eval_batches(PackedTokens(out, "val"), 64, 2, 1, eos=eos))
+    assert torch.equal(positions, document_positions(x, eos))
 
 
 def test_a_corpus_without_stages_is_one(corpus, tmp_path):
