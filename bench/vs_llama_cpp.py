@@ -38,7 +38,7 @@ def peak_resident() -> int:
 
 class MimoWorker:
     def __init__(self, path: str, threads: int, context: int):
-        import mimo  # noqa: F401  (first: OMP_WAIT_POLICY=PASSIVE before torch loads, as mimo's CLI does)
+        import mimo  # noqa: F401, I001  (first: OMP_WAIT_POLICY=PASSIVE before torch loads, as mimo's CLI does)
         import torch
 
         from mimo.gguf import load_gguf
@@ -170,7 +170,7 @@ def main():
     p.add_argument("--types", default="q4_0,q8_0,bf16")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", "--repeats", type=int, default=5, help="turns each (--repeats: the older name)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", choices=["mimo", "llama.cpp"], default=None, help=argparse.SUPPRESS)
