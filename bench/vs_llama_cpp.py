@@ -157,7 +157,7 @@ def compare(path: Path, args) -> dict:
             "file_bytes": path.stat().st_size}
 
 
-def summary(kind: str, r: dict, key: str) -> tuple[float, float, str]:
+def summary(r: dict, key: str) -> tuple[float, float, str]:
     m = [x[key] for x in r["rounds"]["mimo"]]
     ll = [x[key] for x in r["rounds"]["llama.cpp"]]
     return statistics.median(m), statistics.median(ll), spread([a / b for a, b in zip(m, ll)])
@@ -195,8 +195,8 @@ def main():
           "tokens/s | llama.cpp | ratio | mimo peak memory | llama.cpp |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for kind, r in results.items():
-        md, ld, dr = summary(kind, r, "decode_tokens_per_s")
-        pre = summary(kind, r, "prefill_tokens_per_s") if args.prefill_tokens else (float("nan"),) * 2 + ("-",)
+        md, ld, dr = summary(r, "decode_tokens_per_s")
+        pre = summary(r, "prefill_tokens_per_s") if args.prefill_tokens else (float("nan"),) * 2 + ("-",)
         mm, lm = (max(x["peak_resident_bytes"] for x in r["rounds"][s]) for s in ("mimo", "llama.cpp"))
         print(f"| {kind} | {r['file_bytes'] / 1e9:.2f} GB | {md:.2f} | {ld:.2f} | {dr} | {pre[0]:.1f} | "
               f"{pre[1]:.1f} | {pre[2]} | {mm / 1e9:.1f} GB | {lm / 1e9:.1f} GB |")
