@@ -58,6 +58,10 @@ def fake_mimo(argv):
                      "val_loss": loss + 0.125, "val_mtp_top1": 0.375}]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (out / ("rl.png" if cmd == "rl" else "loss.png")).write_bytes(b"png")
+        if cmd == "rl":
+            verdicts = {"a": "kept", "b": "kept", "c": "never_solved", "d": "always_solved", "e": "contaminated:gsm8k"}
+            (out / "curation.json").write_text(json.dumps({"settings": {"filter_samples": 16}, "seconds": 12.0,
+                                                           "verdicts": verdicts}))
         model_dir(out / "final")
     elif cmd == "eval":
         assert (Path(argv[1]) / "config.json").exists()
@@ -155,6 +159,8 @@ def test_speedrun_runs_each_stage_once_resumes_and_writes_the_report_card(tmp_pa
             "Final training loss 1.250 (next-token 1.000, MTP 1.750)",
             ("RL: reward_mean 0.125 -> 0.375, pass_rate 0.250 -> 0.500, response_length 40.000 -> 30.000, "
              "mtp_acceptance 0.500 -> 0.625 over 4 steps."),
+            ("RL problems (curation.json, 12 s): 2 of 5 kept; dropped 1 solved in all 16, 1 overlapping a "
+             "benchmark, 1 never solved in 16 samples."),
             "| without MTP | 200.0 (190.0-205.0) | |", "| with MTP | 300.0 (290.0-305.0) | 0.75 |",
             "- with MTP: the machine was busy (load average 3.5 on 2 cores)",
             ("Speed-up 1.50x, 2.50 tokens per verify step (`mimo bench decode MODEL --compile --num-draft 2 "

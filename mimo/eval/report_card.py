@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 from mimo import __version__
@@ -90,6 +91,22 @@ def _tokens_per_s(r: dict) -> str:
     return f"{r['decode_tokens_per_s']:.1f}"
 
 
+def _curation_line(path: Path) -> list[str]:
+    """The RL problems' curation (`mimo rl`'s curation.json): how many were kept and why the others were dropped."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    counts = Counter(v.split(":")[0] for v in data.get("verdicts", {}).values())
+    total = sum(counts.values())
+    kept = counts.pop("kept", 0)
+    samples = data.get("settings", {}).get("filter_samples", 0)
+    why = {"never_solved": f"never solved in {samples} samples", "always_solved": f"solved in all {samples}",
+           "contaminated": "overlapping a benchmark"}
+    dropped = ", ".join(f"{n:,} {why.get(reason, reason)}" for reason, n in sorted(counts.items()))
+    return [f"RL problems (curation.json, {data.get('seconds', 0):.0f} s): {kept:,} of {total:,} kept"
+            + (f"; dropped {dropped}" if dropped else "") + "."]
+
+
 def _mtp_section(mtp: dict, plain: dict) -> list[str]:
     """Decode speed with and without MTP; a speed-up the tokens per verify step rule out is flagged, not given."""
     acc, per_step = mtp.get("acceptance_rate"), mtp.get("mean_accepted_length") or 0
@@ -165,7 +182,7 @@ def write_report_card(out: Path, state: dict, commands: dict):
                     if isinstance(first.get(k), (int, float)) and isinstance(last.get(k), (int, float))]
             lines.append("RL: " + ", ".join(f"{k} {first[k]:.3f} -> {last[k]:.3f}" for k in keys)
                          + f" over {last.get('step', len(rows))} steps.")
-            lines.append("")
+            lines += [*_curation_line(out / "rl" / "curation.json"), ""]
 
     mtp, plain = _last_json_line(out / "eval" / "decode-mtp.json"), _last_json_line(out / "eval" / "decode-no-mtp.json")
     if mtp and plain:
