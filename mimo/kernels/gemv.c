@@ -999,18 +999,22 @@ static const tile_fn tiles_1[2][4] = {{q8_r1m1, q8_r1m2, q8_r1m3, q8_r1m4}, {q4_
     }
 #endif
 
-BF16_TILE_FN(bf_r4m1, 4, 1)
-BF16_TILE_FN(bf_r1m1, 1, 1)
-BF16_TILE_FN(bf_r2m2, 2, 2)
-BF16_TILE_FN(bf_r1m2, 1, 2)
-BF16_TILE_FN(bf_r2m3, 2, 3)
-BF16_TILE_FN(bf_r1m3, 1, 3)
-BF16_TILE_FN(bf_r2m4, 2, 4)
-BF16_TILE_FN(bf_r1m4, 1, 4)
+/* a family of bf16 tiles from TILE_FN(NAME, R, M): R = 4 rows for one activation row, 2 for 2-4, and 1-row tiles
+ * for a chunk's last rows; P_tiles_r / P_tiles_1 [M - 1] pick them (of type FN_TYPE) */
+#define BF16_TILE_SET(TILE_FN, P, FN_TYPE)                                                                        \
+    TILE_FN(P##_r4m1, 4, 1)                                                                                      \
+    TILE_FN(P##_r1m1, 1, 1)                                                                                      \
+    TILE_FN(P##_r2m2, 2, 2)                                                                                      \
+    TILE_FN(P##_r1m2, 1, 2)                                                                                      \
+    TILE_FN(P##_r2m3, 2, 3)                                                                                      \
+    TILE_FN(P##_r1m3, 1, 3)                                                                                      \
+    TILE_FN(P##_r2m4, 2, 4)                                                                                      \
+    TILE_FN(P##_r1m4, 1, 4)                                                                                      \
+    static const FN_TYPE P##_tiles_r[4] = {P##_r4m1, P##_r2m2, P##_r2m3, P##_r2m4};                               \
+    static const FN_TYPE P##_tiles_1[4] = {P##_r1m1, P##_r1m2, P##_r1m3, P##_r1m4};
 
 typedef void (*bf_tile_fn)(const uint8_t *, int64_t, const float *, int64_t, int64_t, float *);
-static const bf_tile_fn bf_tiles_r[4] = {bf_r4m1, bf_r2m2, bf_r2m3, bf_r2m4};
-static const bf_tile_fn bf_tiles_1[4] = {bf_r1m1, bf_r1m2, bf_r1m3, bf_r1m4};
+BF16_TILE_SET(BF16_TILE_FN, bf, bf_tile_fn)
 
 #if defined(MIMO_AVX512) && defined(__AVX512BF16__)
 #define MIMO_AVX512BF16 1
@@ -1044,18 +1048,8 @@ static const bf_tile_fn bf_tiles_1[4] = {bf_r1m1, bf_r1m2, bf_r1m3, bf_r1m4};
             }                                                                                                    \
     }
 
-BF16DP_TILE_FN(bd_r4m1, 4, 1)
-BF16DP_TILE_FN(bd_r1m1, 1, 1)
-BF16DP_TILE_FN(bd_r2m2, 2, 2)
-BF16DP_TILE_FN(bd_r1m2, 1, 2)
-BF16DP_TILE_FN(bd_r2m3, 2, 3)
-BF16DP_TILE_FN(bd_r1m3, 1, 3)
-BF16DP_TILE_FN(bd_r2m4, 2, 4)
-BF16DP_TILE_FN(bd_r1m4, 1, 4)
-
 typedef void (*bd_tile_fn)(const uint8_t *, int64_t, const uint16_t *, int64_t, int64_t, float *);
-static const bd_tile_fn bd_tiles_r[4] = {bd_r4m1, bd_r2m2, bd_r2m3, bd_r2m4};
-static const bd_tile_fn bd_tiles_1[4] = {bd_r1m1, bd_r1m2, bd_r1m3, bd_r1m4};
+BF16_TILE_SET(BF16DP_TILE_FN, bd, bd_tile_fn)
 #endif
 
 static void permute_bf16_act(const float *x, float *xp, int64_t k) {
