@@ -79,9 +79,8 @@ def _fast(linear, pack_rows: tuple[int, ...] = ()):
     kernel for that size: at 16 rows 1.2-2.7x faster than F.linear on the tiny model's shapes and 1.45-1.9x on
     a 7B model's, less at 32-48 rows (bench/packed_linear.py). Same math; the copy does not see later in-place
     weight updates."""
-    if isinstance(linear, LoRALinear):  # the base product as any other, plus the update
-        base = _fast(linear.base, pack_rows)
-        return lambda x: linear.add_update(x, base(x))
+    if isinstance(linear, LoRALinear):
+        return _fast_lora(linear, pack_rows)
     if type(linear) is not torch.nn.Linear:
         return linear.forward  # e.g. quantize.Int8Linear
     w, b = linear.weight, linear.bias
@@ -98,6 +97,30 @@ def _fast(linear, pack_rows: tuple[int, ...] = ()):
         p = packed.get(n)
         return F.linear(x, w, b) if p is None else torch.ops.mkl._mkl_linear(x, p, w, b, n)
     return packed_linear
+
+
+def _fast_lora(lora: LoRALinear, pack_rows: tuple[int, ...]):
+    """A LoRALinear's product: the base product as any other linear's, plus the update. Rows that pick among
+    several stacked adapters (an AdapterSelection with a mask) in fp32 on the CPU take mimo's kernel
+    (kernels.lora_add): each row adds only its own adapter's update, where the masked torch path
+    (LoRALinear.add_update) pays for every stacked adapter on every row."""
+    from mimo import kernels
+
+    base, selection = _fast(lora.base, pack_rows), lora.selection
+    a = lora.lora_A.detach()
+    if not (selection is not None and a.dtype == torch.float32 and a.device.type == "cpu" and kernels.available()):
+        return lambda x: lora.add_update(x, base(x))
+    a = (a * lora.scaling if lora.scaling != 1.0 else a).contiguous()  # [R, in]
+    bt = lora.lora_B.detach().t().contiguous()  # [R, out]
+
+    def per_row_lora(x):
+        y = base(x)
+        if selection.mask is None or x.dtype != torch.float32:
+            return lora.add_update(x, y)
+        n = x.numel() // x.shape[-1]
+        kernels.lora_add(x.reshape(n, -1).contiguous(), a, bt, selection.offsets, selection.ranks, y.view(n, -1))
+        return y
+    return per_row_lora
 
 
 @dataclass

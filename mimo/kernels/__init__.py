@@ -1,6 +1,6 @@
-"""mimo's C kernels (gemv.c): built on first use with the system C compiler, loaded through ctypes.
+"""mimo's C kernels (gemv.c: products and the thread pool; lora.c: many LoRA adapters in one batch): built on first use with the system C compiler, loaded through ctypes.
 
-library() builds gemv.c into ~/.cache/mimo/kernels/<hash>.so (the hash covers the source, the compiler and its
+library() builds them into ~/.cache/mimo/kernels/<hash>.so (the hash covers the sources, the compiler and its
 flags, and the CPU's feature flags, so a changed source or another machine gets its own build; written to a
 temporary name and renamed into place, so concurrent first uses are safe) and returns the loaded library, or
 None where there is no compiler, the build failed or MIMO_NO_KERNELS=1 is set: callers then take their torch
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gemv.c")
-ABI = 1  # gemv.c's MIMO_ABI
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.c", "lora.c")]
+ABI = 2  # gemv.c's MIMO_ABI
 FORMATS = {"q8_0": 0, "q4_0": 1, "bf16": 2}
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -92,7 +92,7 @@ def _build() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) found")
-    source = SOURCE.read_bytes()
+    source = b"\0".join(p.read_bytes() for p in SOURCES)
     version = _compiler_version(cc)
     out_dir = cache_dir()
     try:
@@ -114,7 +114,7 @@ def _build() -> ctypes.CDLL:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
             os.close(fd)
             try:
-                r = subprocess.run([cc, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=False,
+                r = subprocess.run([cc, *flags, *COMMON_FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], check=False,
                                    capture_output=True, text=True, timeout=300)
                 if r.returncode != 0:
                     errors.append(f"{' '.join(flags)}: {r.stderr.strip()[-500:]}")
@@ -136,7 +136,7 @@ def _build() -> ctypes.CDLL:
         if spin:
             lib.mimo_set_spin_us(int(spin))
         return lib
-    raise RuntimeError("building mimo/kernels/gemv.c failed: " + " | ".join(errors))
+    raise RuntimeError("building mimo/kernels/*.c failed: " + " | ".join(errors))
 
 
 def _declare(lib: ctypes.CDLL):
@@ -147,6 +147,8 @@ def _declare(lib: ctypes.CDLL):
     lib.mimo_quantize.restype = None
     lib.mimo_dequantize.argtypes = [i32, vp, vp, i64, i64, i64, i32]
     lib.mimo_dequantize.restype = None
+    lib.mimo_lora_add.argtypes = [vp, i64, i64, vp, vp, i64, vp, vp, i64, vp, i32]
+    lib.mimo_lora_add.restype = i32
     lib.mimo_set_spin_us.argtypes = [i32]
     lib.mimo_set_spin_us.restype = None
     for name in ("mimo_simd", "mimo_openmp", "mimo_abi_version", "mimo_pool_workers"):
@@ -228,3 +230,16 @@ def dequantize(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, out: to
     """out [r1 - r0, k] fp32 = rows [r0, r1) of the weight (blocks or bf16)."""
     library().mimo_dequantize(FORMATS[fmt], weight.data_ptr(), out.data_ptr(), r0, r1, k, threads())
     return out
+
+
+def lora_add(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,
+             y: torch.Tensor) -> torch.Tensor:
+    """y [n, out] += each row's own adapter's update of x [n, in] (lora.c; fp32, contiguous): A [R, in] and
+    Bt [R, out] the stacked adapters, offsets / ranks [e] int32 the rank slots of n / e consecutive rows each."""
+    lib = _lib if _tried else library()
+    n, e = x.shape[0], offsets.shape[0]
+    rc = lib.mimo_lora_add(x.data_ptr(), n, x.shape[1], a.data_ptr(), bt.data_ptr(), y.shape[1], offsets.data_ptr(),
+                           ranks.data_ptr(), n // e, y.data_ptr(), threads())
+    if rc != 0:
+        raise RuntimeError(f"mimo_lora_add failed ({rc})")
+    return y

@@ -54,7 +54,7 @@
 #endif
 
 #define QK 32
-#define MIMO_ABI 1
+#define MIMO_ABI 2
 
 #pragma pack(push, 1)
 typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;
@@ -238,6 +238,8 @@ static void parallel_for(chunk_fn fn, void *ctx, int64_t n, int nth) {
     pthread_mutex_unlock(&pool.job_lock);
 }
 #endif
+
+void mimo_parallel_for(chunk_fn fn, void *ctx, int64_t n, int nth) { parallel_for(fn, ctx, n, nth); }  /* lora.c */
 
 /* ---- scalar conversions ------------------------------------------------------------------------------- */
 

@@ -12,11 +12,21 @@ from helpers import run_killed_at_checkpoint, tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mimo import kernels
 from mimo.checkpoint import load_model, load_model_and_tokenizer, save_model
 from mimo.cli import main
 from mimo.inference.adapters import load_adapter, save_adapter
 from mimo.inference.engine import Engine
-from mimo.inference.lora import DEFAULT_TARGETS, PARENT, LoRAConfig, add_lora, attach_adapters, lora_modules
+from mimo.inference.lora import (
+    DEFAULT_TARGETS,
+    PARENT,
+    Adapter,
+    LoRAConfig,
+    add_lora,
+    attach_adapters,
+    lora_modules,
+)
+from mimo.inference.model_runner import _fast
 from mimo.inference.sampling import SamplingParams
 from mimo.quantize import quantize_linears
 
@@ -210,6 +220,31 @@ def test_adapter_on_the_engine_equals_the_merged_model_and_batches_mix_adapters(
         assert {k: session.completion(r).tokens for k, r in rids.items()} == {
             (name, i): alone[name][i] for name in alone for i in range(len(prompts))}
         session.close()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="mimo's C kernels did not build")
+def test_each_row_adds_only_its_own_adapter_in_the_kernel_as_in_the_masked_stack(model_dir):
+    """The engine's per-row update (kernels.lora_add, as vLLM's multi-LoRA) computes what the stacked update with
+    its mask computes: rows of adapters of rank 4 and 2 and of the base model, several tokens a row."""
+    model, _ = load_model_and_tokenizer(model_dir)
+    adapters = []
+    for seed, rank in ((1, 4), (2, 2)):
+        m, _ = load_model_and_tokenizer(model_dir)
+        random_update(m, seed, rank=rank)
+        adapters.append(Adapter(str(seed), "", {n: (lin.lora_A.detach(), lin.lora_B.detach(), lin.scaling)
+                                                for n, lin in lora_modules(m).items()}))
+    selection = attach_adapters(model, adapters)
+    selection.select(torch.tensor([1, selection.base_index, 0]))
+    x = torch.randn(3, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for name, lora in lora_modules(model).items():
+        xi = x if "down_proj" not in name else torch.randn(3, 2, lora.in_features)
+        with torch.no_grad():
+            want = lora(xi)
+            for pack_rows in ((), (6,)):
+                got = _fast(lora, pack_rows)(xi)
+                assert torch.allclose(got, want, atol=1e-5), name
+        base = lora.base(xi)
+        assert not torch.equal(want[0], base[0]) and torch.equal(want[1], base[1])  # row 1: the base model's
 
 
 def test_peft_opens_mimo_adapters_and_mimo_opens_peft_adapters(model_dir, tmp_path):
