@@ -10,7 +10,8 @@ Accuracy: a question is answered right when, among every value the notes give th
 30 cities, 30 birthdays...), the right one makes the likeliest assistant reply (the model's log-probability of
 the whole reply, the chat template around it); chance is 1 / people. A finished adapter already in DIR/adapter is
 scored again rather than retuned. Reported for all questions, for the people
-the chats asked about (in other words) and for the people only the notes mention. Writes DIR/results.json.
+the chats asked about (in other words) and for the people only the notes mention, and for the chats' own
+questions (the words tuning saw). Writes DIR/results.json.
 """
 
 from __future__ import annotations
@@ -159,10 +160,14 @@ def accuracy(model, tok, questions: list[dict], values: dict[str, list[str]]) ->
 
 
 def scored(model_dir: str, adapter: Path | None, questions, values) -> dict:
+    """accuracy() on the held-out questions, plus "chat_questions": the chats' own questions (the exact words
+    tuning trained on) for the people the chats asked about, which tells memorising from rephrasing."""
     model, tok = load_model_and_tokenizer(model_dir)
     if adapter is not None:
         attach_adapters(model, [load_adapter(adapter, model, model_dir)])
-    return accuracy(model.eval(), tok, questions, values)
+    seen = [dict(q, question=CHAT_Q[q["attribute"]].format(n=q["name"])) for q in questions if q["asked_in_chats"]]
+    return {**accuracy(model.eval(), tok, questions, values),
+            "chat_questions": accuracy(model, tok, seen, values)["all"]}
 
 
 def mimo(*argv) -> float:

@@ -10,8 +10,10 @@ advantages scaled by the group's std, AdamW lr 2e-5 constant, weight decay 0.01,
 Problems: mimo rl's own 2,000 train problems (rewards.load_problems, every procedural task, seed 0), each the
 chat-rendered prompt SFT trained on; TRL gets the rendered text as a plain prompt (the bench checks that its
 tokenizer reads it as the same ids). Reward: rewards.grade, 1.0 when the task's verifier gives full credit.
-mimo rl's pass-rate filter is off (`--filter-samples 0`: it is an offline data step, and TRL has none), and so is
-its loading: `--max-minutes` counts its training steps only; TRL's budget starts at its first step.
+mimo rl's pass-rate filter is off (`--filter-samples 0`: it is an offline data step, and TRL has none) unless
+--curation gives the verdicts of one made before from the same SFT model (mimo rl's default recipe, without
+spending the filter's time again); its loading is not counted either: `--max-minutes` counts its training steps
+only; TRL's budget starts at its first step.
 
 Each side decodes as it does by default: mimo's continuous-batching engine with FIFO early termination, dynamic
 sampling and the easy pool; TRL's transformers `generate` on the whole generation batch (128 sequences). TRL runs
@@ -40,24 +42,34 @@ def mimo(*argv):
     subprocess.run([sys.executable, "-m", "mimo.cli", *map(str, argv)], check=True, cwd=ROOT)
 
 
-def run_mimo(sft: Path, out: Path, minutes: float, seed: int) -> dict:
+def run_mimo(sft: Path, out: Path, minutes: float, seed: int, curation: Path | None = None) -> dict:
+    """mimo rl for `minutes` of training steps. curation: a curation.json of mimo rl's pass-rate filter from the
+    same SFT model and settings (e.g. the speedrun's rl/curation.json): the run keeps the problems it kept
+    (mimo rl's default recipe; its verdicts are reused, so the filter's time is not spent again); None: no filter."""
+    filter_samples = 0
+    if curation is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        made = json.loads(curation.read_text())
+        (out / "curation.json").write_text(json.dumps(made, indent=1) + "\n")
+        filter_samples = made["settings"]["filter_samples"]
     mimo("rl", "--from", sft, "--out", out, "--max-steps", 100_000, "--max-minutes", minutes, "--save-every", 1_000,
-         "--filter-samples", 0, "--seed", seed)
+         "--filter-samples", filter_samples, "--seed", seed)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     tokens, seconds = sum(r["tokens_generated"] for r in rows), sum(r["rollout_s"] for r in rows)
-    return {"steps": rows[-1]["step"], "train_s": round(sum(r["step_s"] for r in rows), 1),
+    curated = json.loads((out / "run_config.json").read_text())["curation"]
+    return {"curation": curated, "steps": rows[-1]["step"], "train_s": round(sum(r["step_s"] for r in rows), 1),
             "rollout_s": round(seconds, 1), "tokens_generated": tokens, "rollout_tokens_per_s": round(tokens / seconds, 1),
             "sequences": sum(r["rollouts_finished"] for r in rows), "final_reward_mean": rows[-1]["reward_mean"]}
 
 
-def run_trl(sft: Path, out: Path, minutes: float, seed: int) -> dict:
-    """TRL's arm; runs in a child process (see trl_main)."""
+def run_trl(sft: Path, out: Path, minutes: float, seed: int, curation: Path | None = None) -> dict:
+    """TRL's arm; runs in a child process (see trl_main). curation: train on the problems it kept, as mimo's arm."""
     subprocess.run([sys.executable, __file__, "--trl-child", str(sft), "--work", str(out), "--minutes", str(minutes),
-                    "--seed", str(seed)], check=True, cwd=ROOT)
+                    "--seed", str(seed), *(["--curation", str(curation)] if curation else [])], check=True, cwd=ROOT)
     return json.loads((out / "trl_stats.json").read_text())
 
 
-def trl_main(sft: Path, out: Path, minutes: float, seed: int):
+def trl_main(sft: Path, out: Path, minutes: float, seed: int, curation: Path | None = None):
     import torch  # before mimo: OpenMP keeps its default wait policy in TRL's process
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -71,6 +83,9 @@ def trl_main(sft: Path, out: Path, minutes: float, seed: int):
     torch.set_num_threads(THREADS)
     cfg = RLConfig()
     problems = rewards.load_problems(cfg.tasks, cfg.num_problems, None, None, seed)
+    if curation is not None:
+        verdicts = json.loads(curation.read_text())["verdicts"]
+        problems = [p for p in problems if verdicts[p.id] == "kept"]
     by_id = {p.id: p for p in problems}
     ours, hf = Tokenizer.load(sft), AutoTokenizer.from_pretrained(sft)
     texts = [ours.apply_chat_template([{"role": "user", "content": p.prompt}]) for p in problems]
@@ -160,25 +175,32 @@ def main():
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--minutes", type=float, default=20.0, help="each side's training wall-clock budget")
     ap.add_argument("--arms", default="mimo,trl,eval", help="which parts to run (finished ones are kept)")
+    ap.add_argument("--curation", type=Path, default=None, metavar="CURATION_JSON",
+                    help="mimo rl with its pass-rate filter, reusing these verdicts (mimo rl's curation.json from "
+                    "the same SFT model); default: the filter off")
+    ap.add_argument("--curate-trl", action="store_true", help="TRL trains on the problems --curation kept, too "
+                    "(default: all of them, as TRL has no such filter)")
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--eval-samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.trl_child:
-        return trl_main(args.sft, args.work, args.minutes, args.seed)
+        return trl_main(args.sft, args.work, args.minutes, args.seed, args.curation)
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results["settings"] = {"sft": str(args.sft), "minutes": args.minutes, "seed": args.seed, "threads": THREADS}
+    results["settings"] = {"sft": str(args.sft), "minutes": args.minutes, "seed": args.seed, "threads": THREADS,
+                           "curation": str(args.curation) if args.curation else None, "curate_trl": args.curate_trl}
     arms = args.arms.split(",")
     if "mimo" in arms and "mimo" not in results:
-        results["mimo"] = run_mimo(args.sft, args.work / "mimo", args.minutes, args.seed)
+        results["mimo"] = run_mimo(args.sft, args.work / "mimo", args.minutes, args.seed, args.curation)
         results_path.write_text(json.dumps(results, indent=2))
     if "trl" in arms and "trl" not in results:
-        results["trl"] = run_trl(args.sft, args.work / "trl", args.minutes, args.seed)
+        results["trl"] = run_trl(args.sft, args.work / "trl", args.minutes, args.seed,
+                                 args.curation if args.curate_trl else None)
         results_path.write_text(json.dumps(results, indent=2))
     if "eval" in arms:
         ev = args.work / "eval"
