@@ -4,7 +4,7 @@ with an assistant about some of those facts, and held-out questions phrased unli
 chats. Measures answer accuracy before and after `mimo tune` with its defaults, the tuning time, and the held-out
 reasoning accuracy (`mimo eval --task reasoning`) of the base and of the merged model.
 
-    python bench/personal_notes.py MODEL_DIR --work DIR [--people 30] [--seed 0] [--eval-limit 48]
+    python bench/personal_notes.py MODEL_DIR --work DIR [--people 30] [--seed 0] [--eval-limit 48] [--tune-args "..."]
 
 Accuracy: a question is answered right when, among every value the notes give that attribute (one per person:
 30 cities, 30 birthdays...), the right one makes the likeliest assistant reply (the model's log-probability of
@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -192,6 +193,7 @@ def main():
     p.add_argument("--people", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-limit", type=int, default=48, help="reasoning problems for mimo eval (0: skip)")
+    p.add_argument("--tune-args", default="", help="flags for mimo tune beyond its defaults, e.g. \"--epochs 50\"")
     args = p.parse_args()
     questions = write_data(args.work, args.people, args.seed)
     values = {a: sorted({q["answer"] for q in questions if q["attribute"] == a}) for a in VALUES}
@@ -203,7 +205,9 @@ def main():
     if (adapter / "adapter_model.safetensors").exists():  # a finished run in --work: scored again, not retimed
         results["tune_seconds"] = None
     else:
-        results["tune_seconds"] = round(mimo("tune", args.model, "--data", args.work / "data", "--out", adapter), 1)
+        results["tune_seconds"] = round(mimo("tune", args.model, "--data", args.work / "data", "--out", adapter,
+                                             *shlex.split(args.tune_args)), 1)
+    results["tune_args"] = args.tune_args
     results["after"] = scored(args.model, adapter, questions, values)
     rows = [json.loads(line) for line in (adapter / "metrics.jsonl").read_text().splitlines()]
     results["tune_steps"], results["final_val_loss"] = rows[-1]["step"], rows[-1].get("val_loss")
