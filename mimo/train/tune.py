@@ -5,7 +5,9 @@
 Data: plain .txt / .md documents (language-modelling loss on every token) and .jsonl chat transcripts, one
 {"messages": [...]} (or {"prompt", "response"}) a line, loss on assistant turns only (as `mimo sft`); a
 directory is read recursively. Documents are cut into pieces of the sequence length and packed with the
-conversations into rows; a validation split (--val-fraction) is held out and scored as training goes.
+conversations into rows; a validation split (--val-fraction) is held out and scored as training goes. Beside
+them, --replay N (default 64) of the base model's own replies to procedural reasoning problems, generated before
+tuning: the adapter learns the user's material without unlearning how the model answers (self-distillation).
 
 ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
 mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json and checkpoints/; rerunning the command after
@@ -49,6 +51,7 @@ from mimo.weights import DTYPES
 TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=2e-3, min_lr_ratio=0.1,
                             warmup_steps=10, decay_fraction=0.5, weight_decay=0.0, mtp_weight=0.0,
                             mtp_weight_late=0.0, log_every=5, eval_every=25, eval_batches=4, save_every=25)
+REPLAY = 64  # --replay default
 TEXT_SUFFIXES = (".txt", ".md")
 CHAT_SUFFIXES = (".jsonl",)
 
@@ -157,6 +160,28 @@ def checkpoint_activations(model):
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
+def replay_conversations(model, tokenizer, n: int, seed: int, max_new_tokens: int = 256) -> list[list[dict]]:
+    """n of the base model's own replies (greedy, before any update) to procedural reasoning problems of the
+    train split, as chats to tune on beside the user's data: self-distillation that keeps what the model did
+    (a reasoning trace, the answer format) where the user's material would otherwise teach it to answer
+    everything in one line. Rows whose reply hit max_new_tokens are dropped (an unfinished reply teaches
+    unfinished replies)."""
+    from mimo.inference.engine import Engine
+    from mimo.inference.sampling import SamplingParams
+    from mimo.train.rewards import reasoning_problems
+
+    problems = reasoning_problems(None, n, seed=10_007 + seed)  # not mimo rl's default pool (seed 0)
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}]))
+               for p in problems]
+    was_training = model.training
+    model.eval()
+    engine, params = Engine(model, tokenizer), SamplingParams(max_new_tokens=max_new_tokens)
+    done = [c for i in range(0, n, 16) for c in engine.generate(prompts[i: i + 16], params)]  # 16 rows of cache
+    model.train(was_training)
+    return [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": c.text}]
+            for p, c in zip(problems, done) if c.finish_reason == "stop"]
+
+
 def run(args):
     info = init_distributed(args.device)
     lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
@@ -167,13 +192,14 @@ def run(args):
         raise MimoError(f"--epochs must be > 0, got {args.epochs}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize)
+    replay = replay_conversations(model, tokenizer, args.replay, args.seed) if args.replay > 0 else []
     add_lora(model, lora, seed=args.seed)
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
     if recompute:
         checkpoint_activations(model)
     cfg = replace(TUNE_DEFAULTS, seed=args.seed, precision=args.precision, seq_len=args.seq_len)
     cfg = cfg.with_overrides(args, info.world_size)
-    examples, too_long = tokenize(tokenizer, documents, conversations, cfg.seq_len)
+    examples, too_long = tokenize(tokenizer, documents, conversations + replay, cfg.seq_len)
     if not examples:
         raise MimoError(f"{args.data}: no example fits --seq-len {cfg.seq_len}")
     random.Random(args.seed).shuffle(examples)
@@ -185,10 +211,12 @@ def run(args):
     if args.max_steps is None:
         cfg = replace(cfg, max_steps=max(1, math.ceil(args.epochs * len(inputs) / cfg.global_batch_seqs)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    stats = {"documents": len(documents), "conversations": len(conversations), "dropped_too_long": too_long,
+    stats = {"documents": len(documents), "conversations": len(conversations), "replay": len(replay),
+             "dropped_too_long": too_long,
              "examples": len(examples), "validation_examples": n_val, "train_rows": len(inputs),
              "train_tokens": int((targets != IGNORE_INDEX).sum()), "trainable_parameters": trainable}
-    print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s) ({too_long} too long) -> "
+    print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s), {len(replay)} replayed "
+           f"({too_long} too long) -> "
            f"{len(inputs)} rows of {cfg.seq_len} tokens, {n_val} validation example(s); LoRA rank {lora.r} on "
            f"{', '.join(lora.target_modules)}: {trainable:,} trainable parameters; {cfg.max_steps} steps")
     run_dir = Path(args.out)
@@ -236,6 +264,9 @@ def add_arguments(p):
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TUNE_DEFAULTS.lr:g})")
+    p.add_argument("--replay", type=int, default=REPLAY, help="the base model's own replies to this many procedural "
+                   "reasoning problems, tuned on beside the data so that the adapter keeps the model's skills "
+                   "(self-distillation; 0: off)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the examples held out for validation")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")

@@ -169,6 +169,23 @@ def test_tune_base_keeps_a_bf16_embedding_exactly_and_recomputed_activations_cha
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=1e-7, msg=n)
 
 
+def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(model_dir):
+    from mimo.inference.engine import Engine
+    from mimo.inference.sampling import SamplingParams
+    from mimo.train.rewards import reasoning_problems
+    from mimo.train.tune import replay_conversations
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    problems = reasoning_problems(None, 6, seed=10_007)
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p.prompt}])) for p in problems]
+    done = Engine(model.eval(), tok).generate(prompts, SamplingParams(max_new_tokens=6))
+    replay = replay_conversations(model, tok, 6, seed=0, max_new_tokens=6)
+    assert replay == [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": c.text}]
+                      for p, c in zip(problems, done) if c.finish_reason == "stop"]
+    assert replay_conversations(model, tok, 6, seed=0, max_new_tokens=6) == replay  # greedy: the same on resume
+    assert not {p.id for p in problems} & {p.id for p in reasoning_problems(None, 2000, seed=0)}  # not mimo rl's pool
+
+
 def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
     from mimo.train.tune import tokenize
 
