@@ -138,19 +138,28 @@ class AdapterStore(ModelStore):
         return (out_dir / WEIGHTS_FILE).exists() and (out_dir / CONFIG_FILE).exists()
 
 
-def load_base(model_dir: str, quantize: str | None):
-    """The frozen base without its MTP layers, in float32 (linears quantized with --quantize), and its tokenizer."""
+def load_base(model_dir: str, quantize: str | None, shrink: bool = True):
+    """The frozen base without its MTP layers, in float32 (linears quantized with --quantize), and its tokenizer;
+    shrink: the embedding back in the checkpoint's half precision (shrink_embedding)."""
     from mimo.checkpoint import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir, "float32", quantize=quantize)
     model.model.mtp_layers = nn.ModuleList()
     model.config = replace(model.config, num_nextn_predict_layers=0)
+    if shrink:
+        shrink_embedding(model)
+    return model, tokenizer
+
+
+def shrink_embedding(model):
+    """The frozen token embedding in the checkpoint's bf16/fp16 (looked up, then upcast: exact) rather than float32,
+    unless the LM head shares it. After this the model trains as before but no longer runs in the Engine (whose
+    cache takes the embedding's dtype): replay_conversations comes first."""
     stored = DTYPES.get(model.config.torch_dtype)
     embedding = model.model.embed_tokens
     if stored in (torch.bfloat16, torch.float16) and getattr(model.lm_head, "weight", None) is not embedding.weight:
         embedding.weight.data = embedding.weight.data.to(stored)  # [vocab, hidden]: half the float32 bytes, exact
         embedding.register_forward_hook(lambda module, args, out: out.float())
-    return model, tokenizer
 
 
 def checkpoint_activations(model):
@@ -191,8 +200,9 @@ def run(args):
     if args.epochs <= 0:
         raise MimoError(f"--epochs must be > 0, got {args.epochs}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
-    model, tokenizer = load_base(args.model, args.quantize)
+    model, tokenizer = load_base(args.model, args.quantize, shrink=False)
     replay = replay_conversations(model, tokenizer, args.replay, args.seed) if args.replay > 0 else []
+    shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
     if recompute:

@@ -169,11 +169,11 @@ def test_tune_base_keeps_a_bf16_embedding_exactly_and_recomputed_activations_cha
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=1e-7, msg=n)
 
 
-def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(model_dir):
+def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(model_dir, notes):
     from mimo.inference.engine import Engine
     from mimo.inference.sampling import SamplingParams
     from mimo.train.rewards import reasoning_problems
-    from mimo.train.tune import replay_conversations
+    from mimo.train.tune import load_base, replay_conversations
 
     model, tok = load_model_and_tokenizer(model_dir)
     problems = reasoning_problems(None, 6, seed=10_007)
@@ -184,6 +184,14 @@ def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(
                       for p, c in zip(problems, done) if c.finish_reason == "stop"]
     assert replay_conversations(model, tok, 6, seed=0, max_new_tokens=6) == replay  # greedy: the same on resume
     assert not {p.id for p in problems} & {p.id for p in reasoning_problems(None, 2000, seed=0)}  # not mimo rl's pool
+
+    # a bf16 checkpoint tuned on an int4 base (its embedding kept in bf16 for training) replays first, then trains
+    save_model(model, model_dir.parent / "bf16", tokenizer=tok, dtype=torch.bfloat16)
+    assert main(["tune", str(model_dir.parent / "bf16"), "--data", str(notes), "--out", str(model_dir.parent / "a"),
+                 "--quantize", "int4", "--replay", "2", "--max-steps", "1", "--seq-len", "64"]) == 0
+    stats = json.loads((model_dir.parent / "a" / "tune_config.json").read_text())["data_stats"]
+    assert stats["replay"] == len(replay_conversations(load_base(model_dir.parent / "bf16", "int4", shrink=False)[0],
+                                                       tok, 2, seed=0))
 
 
 def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
