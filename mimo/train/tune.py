@@ -201,7 +201,10 @@ def run(args):
         raise MimoError(f"--epochs must be > 0, got {args.epochs}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize, shrink=False)
-    replay = replay_conversations(model, tokenizer, args.replay, args.seed) if args.replay > 0 else []
+    replay = []
+    if args.replay > 0:
+        print0(f"tune: replay: the base model's replies to {args.replay} reasoning problems (--replay 0: none)")
+        replay = replay_conversations(model, tokenizer, args.replay, args.seed)
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
