@@ -199,8 +199,11 @@ def run(args):
         raise MimoError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
     if args.epochs <= 0:
         raise MimoError(f"--epochs must be > 0, got {args.epochs}")
+    if args.replay < 0:
+        raise MimoError(f"--replay must be >= 0, got {args.replay}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize, shrink=False)
+    lora.validate(model)  # bad flags fail before the replay's minutes
     replay = []
     if args.replay > 0:
         print0(f"tune: replay: the base model's replies to {args.replay} reasoning problems (--replay 0: none)")
