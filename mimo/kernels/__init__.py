@@ -1,4 +1,5 @@
-"""mimo's C kernels (gemv.c: products and the thread pool; lora.c: many LoRA adapters in one batch): built on first use with the system C compiler, loaded through ctypes.
+"""mimo's C kernels (gemv.c: products and the thread pool; lora.c: many LoRA adapters in one batch): built on
+first use with the system C compiler, loaded through ctypes.
 
 library() builds them into ~/.cache/mimo/kernels/<hash>.so (the hash covers the sources, the compiler and its
 flags, and the CPU's feature flags, so a changed source or another machine gets its own build; written to a

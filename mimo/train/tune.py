@@ -10,7 +10,7 @@ them, --replay N (default 64) of the base model's own replies to procedural reas
 tuning: the adapter learns the user's material without unlearning how the model answers (self-distillation).
 
 ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
-mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json and checkpoints/; rerunning the command after
+mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json, replay.json and checkpoints/; rerunning the command after
 a kill resumes from the newest checkpoint. Only the update's weights train (AdamW, no weight decay), so a
 QLoRA run (--quantize int4|int8: the update on top of ggml Q4_0 / Q8_0 weights, gradients through mimo's
 kernels) holds the base in a quarter or an eighth of its float32 bytes. The frozen token embedding stays in the
@@ -191,6 +191,23 @@ def replay_conversations(model, tokenizer, n: int, seed: int, max_new_tokens: in
             for p, c in zip(problems, done) if c.finish_reason == "stop"]
 
 
+def load_replay(run_dir: Path, model, tokenizer, n: int, seed: int, write: bool) -> list[list[dict]]:
+    """replay_conversations, kept in run_dir/replay.json so that a resumed run reads them back instead of
+    generating them again (minutes on a large base)."""
+    if n <= 0:
+        return []
+    path = run_dir / "replay.json"
+    saved = json.loads(path.read_text()) if path.is_file() else None
+    if saved is not None and (saved.get("n"), saved.get("seed")) == (n, seed):
+        return saved["conversations"]
+    print0(f"tune: replay: the base model's replies to {n} reasoning problems (--replay 0: none)")
+    conversations = replay_conversations(model, tokenizer, n, seed)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"n": n, "seed": seed, "conversations": conversations}) + "\n")
+    return conversations
+
+
 def run(args):
     info = init_distributed(args.device)
     lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
@@ -204,10 +221,7 @@ def run(args):
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize, shrink=False)
     lora.validate(model)  # bad flags fail before the replay's minutes
-    replay = []
-    if args.replay > 0:
-        print0(f"tune: replay: the base model's replies to {args.replay} reasoning problems (--replay 0: none)")
-        replay = replay_conversations(model, tokenizer, args.replay, args.seed)
+    replay = load_replay(Path(args.out), model, tokenizer, args.replay, args.seed, info.is_main)
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)

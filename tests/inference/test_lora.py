@@ -169,9 +169,10 @@ def test_tune_base_keeps_a_bf16_embedding_exactly_and_recomputed_activations_cha
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=1e-7, msg=n)
 
 
-def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(model_dir, notes):
+def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(model_dir, notes, monkeypatch):
     from mimo.inference.engine import Engine
     from mimo.inference.sampling import SamplingParams
+    from mimo.train import tune as tune_module
     from mimo.train.rewards import reasoning_problems
     from mimo.train.tune import load_base, replay_conversations
 
@@ -192,6 +193,10 @@ def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(
     stats = json.loads((model_dir.parent / "a" / "tune_config.json").read_text())["data_stats"]
     assert stats["replay"] == len(replay_conversations(load_base(model_dir.parent / "bf16", "int4", shrink=False)[0],
                                                        tok, 2, seed=0))
+    # a resumed run reads its replay back rather than generating it again
+    monkeypatch.setattr(tune_module, "replay_conversations", lambda *a, **k: pytest.fail("replay generated again"))
+    assert main(["tune", str(model_dir.parent / "bf16"), "--data", str(notes), "--out", str(model_dir.parent / "a"),
+                 "--quantize", "int4", "--replay", "2", "--max-steps", "2", "--seq-len", "64"]) == 0
 
 
 def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
