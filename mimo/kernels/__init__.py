@@ -1,4 +1,5 @@
-"""mimo's C kernels (gemv.c: products and the thread pool; lora.c: many LoRA adapters in one batch): built on
+"""mimo's C kernels (gemv.c: products and the thread pool; lora.c: many LoRA adapters in one batch; block.c: decoder
+blocks for a few new tokens, everything between the products included): built on
 first use with the system C compiler, loaded through ctypes.
 
 library() builds them into ~/.cache/mimo/kernels/<hash>.so (the hash covers the sources, the compiler and its
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("gemv.c", "lora.c")]
-ABI = 2  # gemv.c's MIMO_ABI
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.c", "lora.c", "block.c")]
+ABI = 3  # gemv.c's MIMO_ABI
 FORMATS = {"q8_0": 0, "q4_0": 1, "bf16": 2}
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -150,10 +151,32 @@ def _declare(lib: ctypes.CDLL):
     lib.mimo_dequantize.restype = None
     lib.mimo_lora_add.argtypes = [vp, i64, i64, vp, vp, i64, vp, vp, i64, vp, i32]
     lib.mimo_lora_add.restype = i32
+    lib.mimo_blocks_step.argtypes = [vp, i64, ctypes.POINTER(StepArgs), vp]
+    lib.mimo_blocks_step.restype = i32
     lib.mimo_set_spin_us.argtypes = [i32]
     lib.mimo_set_spin_us.restype = None
     for name in ("mimo_simd", "mimo_openmp", "mimo_abi_version", "mimo_pool_workers"):
         getattr(lib, name).restype = i32
+
+
+class LinearArgs(ctypes.Structure):
+    """block.c's mimo_linear: a product's weight (FORMATS) and bias (DTYPES; bias_dt -1: none)."""
+    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("fmt", ctypes.c_int32), ("bias_dt", ctypes.c_int32)]
+
+
+class BlockArgs(ctypes.Structure):
+    """block.c's mimo_block: a decoder block's products, norm weights and KV cache."""
+    _fields_ = [(name, LinearArgs) for name in ("q", "k", "v", "o", "gate", "up", "down")] + [
+        (name, ctypes.c_void_p) for name in ("input_norm", "post_norm", "k_cache", "v_cache")]
+
+
+class StepArgs(ctypes.Structure):
+    """block.c's mimo_step: what every block of one pass shares."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("positions", "slots", "cos", "sin")] + [
+        (name, ctypes.c_int64) for name in ("rows", "tokens", "hidden", "heads", "kv_heads", "head_dim",
+                                            "capacity", "ffn")] + [
+        ("eps", ctypes.c_float), ("dt", ctypes.c_int32), ("nth", ctypes.c_int32)]
 
 
 def library() -> ctypes.CDLL | None:
@@ -231,6 +254,16 @@ def dequantize(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, out: to
     """out [r1 - r0, k] fp32 = rows [r0, r1) of the weight (blocks or bf16)."""
     library().mimo_dequantize(FORMATS[fmt], weight.data_ptr(), out.data_ptr(), r0, r1, k, threads())
     return out
+
+
+def blocks_step(blocks: ctypes.Array, first: int, count: int, step: StepArgs, x: torch.Tensor) -> torch.Tensor:
+    """x [b, T, H] (contiguous, updated in place) through blocks[first : first + count] (block.c)."""
+    lib = _lib if _tried else library()
+    rc = lib.mimo_blocks_step(ctypes.byref(blocks, first * ctypes.sizeof(BlockArgs)), count, ctypes.byref(step),
+                              x.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"mimo_blocks_step failed ({rc})")
+    return x
 
 
 def lora_add(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, offsets: torch.Tensor, ranks: torch.Tensor,

@@ -54,7 +54,7 @@
 #endif
 
 #define QK 32
-#define MIMO_ABI 2
+#define MIMO_ABI 3
 
 #pragma pack(push, 1)
 typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;

@@ -93,3 +93,49 @@ def test_compiled_and_packed_row_counts():
     runner.compiled_decode, runner.pack_rows = object(), (8,)
     assert [runner.compiled_rows(m) for m in (1, 2, 3)] == [1, 2, 0]  # powers of two, up to COMPILED_MAX_ROWS
     assert runner.rows_to_run(7) == 8 and runner.rows_to_run(6) == 6  # the full packed batch within a quarter
+
+
+@pytest.mark.parametrize("method,dtype", [("int8", torch.float32), ("int4", torch.float32),
+                                          ("int4", torch.bfloat16), (None, torch.bfloat16)])
+def test_the_block_kernel_computes_what_the_torch_blocks_do(method, dtype):
+    """Small passes of a model whose products are mimo's kernels run their blocks in block.c; the same passes
+    through ModelRunner._block give the same logits: a prompt, decode steps, two rows of three tokens in other
+    slots (a verify pass) and an MTP step."""
+    from mimo import kernels
+    from mimo.quantize import quantize_model
+
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    model = tiny_model(vocab_size=64, num_mtp=1).to(dtype)
+    if method:
+        model = quantize_model(model, method)
+    fused, plain = ModelRunner(model, n_slots=3, capacity=32), ModelRunner(model, n_slots=3, capacity=32)
+    assert fused.block_kernel is not None
+    plain.block_kernel = None
+    ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8]])
+    outs = []
+    with torch.no_grad():
+        for r in (fused, plain):
+            h = r.hidden(ids[:, :5], r.context(torch.arange(5)[None], torch.tensor([1]), 5))
+            got = [r.logits(h)[0]]
+            got += [r.decode(ids[:, t:t + 1], torch.tensor([[t]]), t + 1) for t in range(5, 8)]
+            ctx = r.context(torch.tensor([[5, 6, 7], [2, 3, 4]]), torch.tensor([1, 2]), 8)
+            got.append(r.logits(r.hidden(torch.tensor([[1, 2, 3], [4, 5, 6]]), ctx)))
+            z = r.mtp(0, h[:, :4], ids[:, 1:5], r.context(torch.arange(4)[None], torch.tensor([1]), 4))
+            got.append(r.mtp_logits(0, z))
+            outs.append(got)
+    tol = 1e-5 if dtype == torch.float32 else 1 / 64  # bf16: a rounding of the activations apart at most
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0)
+
+
+def test_the_block_kernel_is_left_out_where_it_cannot_compute_the_blocks():
+    from mimo import kernels
+    from mimo.quantize import quantize_model
+
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    assert ModelRunner(tiny_model(vocab_size=64), n_slots=1, capacity=16).block_kernel is None  # fp32 weights
+    runner = ModelRunner(quantize_model(tiny_model(vocab_size=64), "int8"), n_slots=1, capacity=16)
+    assert runner.block_kernel.takes(1, 1) and runner.block_kernel.takes(4, 2)
+    assert not runner.block_kernel.takes(1, 64)  # a prompt: the torch blocks
