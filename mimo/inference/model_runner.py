@@ -1,6 +1,6 @@
 """The model's forward pass for inference: a static KV cache with one slot per row, RoPE tables, decoder blocks
-in few tensor ops per token, optional torch.compile of small-batch steps and MKL-packed weights for full
-batches. mimo/inference/engine.py's sessions and mimo/inference/speculative.py's draft-verify steps run on a ModelRunner.
+in few tensor ops per token (or, for small passes of a model whose products are mimo's kernels, in one C call:
+block_kernel.py), optional torch.compile of small-batch steps and MKL-packed weights for full batches. mimo/inference/engine.py's sessions and mimo/inference/speculative.py's draft-verify steps run on a ModelRunner.
 """
 
 from __future__ import annotations
