@@ -19,6 +19,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define BLOCK_AVX512 1  /* attention's dot products and weighted sums in 512-bit registers */
+#endif
 
 typedef void (*chunk_fn)(void *ctx, int64_t i);
 void mimo_parallel_for(chunk_fn fn, void *ctx, int64_t n, int nth);                       /* gemv.c */
@@ -100,8 +104,9 @@ static float dot(const float *a, const float *b, int64_t n) {
         for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
     float s = 0.0f;
     for (; i < n; i++) s += a[i] * b[i];
-    for (int l = 0; l < LANES; l++) s += acc[l];
-    return s;
+    for (int w = LANES / 2; w > 0; w /= 2)  /* a tree, not a chain of LANES dependent adds */
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return s + acc[0];
 }
 
 /* out[row] = rms_norm(x[row]) * w for m rows of n; f: 2n floats of scratch */
@@ -139,6 +144,8 @@ typedef struct { const mimo_block *blk; const mimo_step *s; const void *q; void 
 static __thread float *attn_ws = NULL;
 static __thread size_t attn_ws_size = 0;
 
+#define KEY_BLOCK 32  /* value rows converted to fp32 at a time, for the weighted sums */
+
 /* one (row, key/value head): its G query heads x T tokens over the row's cached positions */
 static void attn_chunk(void *ctx, int64_t c) {
     attn_job *j = (attn_job *)ctx;
@@ -150,40 +157,103 @@ static void attn_chunk(void *ctx, int64_t c) {
     int64_t S = 0;
     for (int64_t t = 0; t < T; t++) if (pos[t] + 1 > S) S = pos[t] + 1;
     const int64_t nq = G * T;  /* query (head g * G + i, token t) is row i * T + t */
-    const size_t need = (size_t)(2 * nq * D + nq * S + D);
+    const size_t need = (size_t)(2 * nq * D + nq * S + KEY_BLOCK * D + nq);
     if (need > attn_ws_size) {
         free(attn_ws);
         attn_ws = (float *)malloc(need * sizeof(float));
         attn_ws_size = attn_ws ? need : 0;
         if (!attn_ws) { j->failed = 1; return; }
     }
-    float *qf = attn_ws, *acc = qf + nq * D, *p = acc + nq * D, *row = p + nq * S;
+    float *qf = attn_ws, *acc = qf + nq * D, *p = acc + nq * D, *vb = p + nq * S;
+    int32_t *seen = (int32_t *)(vb + KEY_BLOCK * D);  /* keys [0, seen[qi]) are visible to query qi */
     const float scale = 1.0f / sqrtf((float)D);
     for (int64_t t = 0; t < T; t++)
-        for (int64_t i = 0; i < G; i++)
+        for (int64_t i = 0; i < G; i++) {
             to_f32(j->q, dt, ((r * T + t) * s->heads + g * G + i) * D, D, qf + (i * T + t) * D);
+            seen[i * T + t] = (int32_t)(pos[t] + 1);
+        }
     const int64_t base = (slot * Hkv + g) * cap;
-    for (int64_t k = 0; k < S; k++) {  /* scores of the keys each query sees (k <= its position) */
-        to_f32(j->blk->k_cache, dt, (base + k) * D, D, row);
+    const int64_t es = dt == ACT_F32 ? 4 : 2;  /* bytes a cached value */
+    (void)es;
+    for (int64_t k = 0; k < S; k++) {  /* scores */
+        to_f32(j->blk->k_cache, dt, (base + k) * D, D, vb);
+#ifdef BLOCK_AVX512
+        if (D % 16 == 0) {
+            const char *ahead = (const char *)j->blk->k_cache + (base + k + 8) * D * es;  /* 8 rows ahead */
+            for (int64_t l = 0; l < D * es; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+            for (int64_t qi = 0; qi < nq; qi++) {
+                if (k >= seen[qi]) continue;
+                __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();  /* two chains */
+                int64_t d = 0;
+                for (; d + 32 <= D; d += 32) {
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(vb + d), _mm512_loadu_ps(qf + qi * D + d), a);
+                    b = _mm512_fmadd_ps(_mm512_loadu_ps(vb + d + 16), _mm512_loadu_ps(qf + qi * D + d + 16), b);
+                }
+                if (d < D) a = _mm512_fmadd_ps(_mm512_loadu_ps(vb + d), _mm512_loadu_ps(qf + qi * D + d), a);
+                p[qi * S + k] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
+            }
+            continue;
+        }
+#endif
         for (int64_t qi = 0; qi < nq; qi++)
-            if (k <= pos[qi % T]) p[qi * S + k] = dot(qf + qi * D, row, D) * scale;
+            if (k < seen[qi]) p[qi * S + k] = dot(qf + qi * D, vb, D) * scale;
     }
-    for (int64_t qi = 0; qi < nq; qi++) {  /* softmax over k <= position (position 0 is always seen) */
+    for (int64_t qi = 0; qi < nq; qi++) {  /* softmax over the visible keys (position 0 always is) */
         float *pr = p + qi * S, mx = pr[0], sum = 0.0f;
-        const int64_t n = pos[qi % T] + 1;
+        const int64_t n = seen[qi];
         for (int64_t k = 1; k < n; k++) mx = pr[k] > mx ? pr[k] : mx;
         for (int64_t k = 0; k < n; k++) { pr[k] = exp_f32(pr[k] - mx); sum += pr[k]; }
         const float inv = 1.0f / sum;
         for (int64_t k = 0; k < n; k++) pr[k] *= inv;
     }
     memset(acc, 0, (size_t)(nq * D) * sizeof(float));
-    for (int64_t k = 0; k < S; k++) {
-        to_f32(j->blk->v_cache, dt, (base + k) * D, D, row);
+    const int64_t D16 = D - D % LANES;
+    for (int64_t k0 = 0; k0 < S; k0 += KEY_BLOCK) {  /* weighted sums of the values, KEY_BLOCK rows at a time */
+        const int64_t nk = S - k0 < KEY_BLOCK ? S - k0 : KEY_BLOCK;
+        to_f32(j->blk->v_cache, dt, (base + k0) * D, nk * D, vb);
+#ifdef BLOCK_AVX512
+        const char *ahead = (const char *)j->blk->v_cache + (base + k0 + KEY_BLOCK) * D * es;  /* the next block */
+        for (int64_t l = 0; l < KEY_BLOCK * D * es; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+#endif
         for (int64_t qi = 0; qi < nq; qi++) {
-            if (k > pos[qi % T]) continue;
-            const float w = p[qi * S + k];
+            const int64_t n = seen[qi] - k0 < nk ? seen[qi] - k0 : nk;
+            const float *w = p + qi * S + k0;
             float *a = acc + qi * D;
-            for (int64_t d = 0; d < D; d++) a[d] += w * row[d];
+#ifdef BLOCK_AVX512
+            if (D % 16 == 0) {
+                int64_t d0 = 0;
+                for (; d0 + 128 <= D; d0 += 128) {  /* 8 independent accumulators: no chain of dependent adds */
+                    __m512 a8[8];
+                    for (int v = 0; v < 8; v++) a8[v] = _mm512_loadu_ps(a + d0 + 16 * v);
+                    for (int64_t kk = 0; kk < n; kk++) {
+                        const __m512 wk = _mm512_set1_ps(w[kk]);
+                        for (int v = 0; v < 8; v++)
+                            a8[v] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(vb + kk * D + d0 + 16 * v), a8[v]);
+                    }
+                    for (int v = 0; v < 8; v++) _mm512_storeu_ps(a + d0 + 16 * v, a8[v]);
+                }
+                for (; d0 < D; d0 += 16) {
+                    __m512 a16 = _mm512_loadu_ps(a + d0), b16 = _mm512_setzero_ps();
+                    int64_t kk = 0;
+                    for (; kk + 2 <= n; kk += 2) {
+                        a16 = _mm512_fmadd_ps(_mm512_set1_ps(w[kk]), _mm512_loadu_ps(vb + kk * D + d0), a16);
+                        b16 = _mm512_fmadd_ps(_mm512_set1_ps(w[kk + 1]), _mm512_loadu_ps(vb + (kk + 1) * D + d0), b16);
+                    }
+                    if (kk < n) a16 = _mm512_fmadd_ps(_mm512_set1_ps(w[kk]), _mm512_loadu_ps(vb + kk * D + d0), a16);
+                    _mm512_storeu_ps(a + d0, _mm512_add_ps(a16, b16));
+                }
+                continue;
+            }
+#endif
+            for (int64_t d0 = 0; d0 < D16; d0 += LANES) {
+                float a16[LANES];
+                for (int l = 0; l < LANES; l++) a16[l] = a[d0 + l];
+                for (int64_t kk = 0; kk < n; kk++)
+                    for (int l = 0; l < LANES; l++) a16[l] += w[kk] * vb[kk * D + d0 + l];
+                for (int l = 0; l < LANES; l++) a[d0 + l] = a16[l];
+            }
+            for (int64_t d = D16; d < D; d++)
+                for (int64_t kk = 0; kk < n; kk++) a[d] += w[kk] * vb[kk * D + d];
         }
     }
     for (int64_t t = 0; t < T; t++)

@@ -95,18 +95,22 @@ def test_compiled_and_packed_row_counts():
     assert runner.rows_to_run(7) == 8 and runner.rows_to_run(6) == 6  # the full packed batch within a quarter
 
 
-@pytest.mark.parametrize("method,dtype", [("int8", torch.float32), ("int4", torch.float32),
-                                          ("int4", torch.bfloat16), (None, torch.bfloat16)])
-def test_the_block_kernel_computes_what_the_torch_blocks_do(method, dtype):
+@pytest.mark.parametrize("method,dtype,heads", [("int8", torch.float32, 4), ("int4", torch.float32, 4),
+                                                ("int4", torch.bfloat16, 4), (None, torch.bfloat16, 4),
+                                                ("int8", torch.float32, 8), ("int8", torch.float32, 2),
+                                                ("int8", torch.float32, 1)])
+def test_the_block_kernel_computes_what_the_torch_blocks_do(method, dtype, heads):
     """Small passes of a model whose products are mimo's kernels run their blocks in block.c; the same passes
     through ModelRunner._block give the same logits: a prompt, decode steps, two rows of three tokens in other
-    slots (a verify pass) and an MTP step."""
+    slots (a verify pass) and an MTP step. Head sizes 16, 8, 32 and (one head of a hidden size of 128) MiMo's 128:
+    attention's vector paths and their remainders."""
     from mimo import kernels
     from mimo.quantize import quantize_model
 
     if not kernels.available():
         pytest.skip("no C compiler")
-    model = tiny_model(vocab_size=64, num_mtp=1).to(dtype)
+    model = tiny_model(vocab_size=64, num_mtp=1, num_attention_heads=heads, num_key_value_heads=min(2, heads),
+                       hidden_size=128 if heads == 1 else 64).to(dtype)
     if method:
         model = quantize_model(model, method)
     fused, plain = ModelRunner(model, n_slots=3, capacity=32), ModelRunner(model, n_slots=3, capacity=32)
