@@ -31,6 +31,7 @@ type tables, metadata keys, the companion file), and a change to either must cha
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -409,6 +410,19 @@ class GGUFFile:
             self.tensors[name] = _Tensor(qt, ne, data)
 
 
+def _release(data: np.ndarray):
+    """Hand back the memory-mapped pages under a tensor's bytes once a module holds a copy of them (tiled, swapped):
+    they stop counting in this process's resident memory (the file stays in the page cache; a later read maps the
+    pages again). Whole pages inside the tensor only; a no-op where madvise is unavailable."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    start, end = data.ctypes.data, data.ctypes.data + data.nbytes
+    start, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if advice is None or end <= start or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(advice))
+
+
 def _config(f: GGUFFile, n_mtp: int) -> MiMoConfig:
     def key(k, default=None, required=False):
         v = f.get(f"{ARCH}.{k}", default, required)
@@ -613,6 +627,8 @@ def load_gguf(path, dtype: str | torch.dtype | None = "auto", quantize: str | No
             if swap:
                 blocks = blocks.view(shape[0], 2, -1, blocks.shape[-1]).flip(1).reshape(blocks.shape)
             modules[prefix] = cls.from_blocks(blocks, shape[1], bias)
+            if modules[prefix].blocks.data_ptr() != blocks.data_ptr():  # copied (tiled by 8 rows, swapped)
+                _release(t.data)
             continue
         w = _swap_halves(_float(t, dtype)) if swap else _float(t, dtype)
         if quantize and hasattr(QUANTIZED_LINEAR[quantize], "from_weight") and shape[1] % 32 == 0:

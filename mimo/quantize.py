@@ -12,7 +12,11 @@ Formats (ggml-common.h), in blocks of 32 weights along the input dimension:
 The modules keep exactly ggml's bytes in the uint8 buffer `blocks` [out_features, in_features / 32, 34 or 18]
 (rows one after another: a GGUF tensor's data), quantized as ggml's quantize_row_q{8,4}_0_ref does, byte for byte
 (gguf.quants gives the same bytes), so GGUF files import and export by copying. in_features must be a multiple of
-32 (quantize_linears leaves other linears in float).
+32 (quantize_linears leaves other linears in float). Where the kernels have AVX-512 tiles, an Int4Linear of a
+multiple of 8 rows keeps the same bytes tiled by 8 rows instead (fmt "q4_0x8", kernels.tile_q4_0: the 8 rows' scales
+and nibbles of a block side by side, so a tile reads them in two loads each instead of gathering them from 8 rows:
+1.8x the row layout's products from cache on a Zen 4 core), and gives them back in rows wherever they leave the
+module (state_dict, dequantized(), a move to another device).
 
 Products (mimo/kernels/gemv.c, built on first use; mimo/kernels/__init__.py), the llama.cpp way: each activation
 row is quantized to int8 blocks of 32 with an fp32 scale, every block is an integer dot product (AVX2), scaled and
@@ -41,20 +45,20 @@ from mimo.errors import MimoError
 from mimo.model import MiMoForCausalLM, cross_entropy
 
 QK = 32  # weights per block
-BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2}
+BLOCK_BYTES = {"q8_0": 2 + QK, "q4_0": 2 + QK // 2, "q4_0x8": 2 + QK // 2}
 # input rows up to which products run through the kernels; more rows dequantize the weight in chunks and use torch's
 # fp32 GEMM. Q4_0 / Q8_0 have a GEMM tile for many rows (prefill) that beats dequantize + MKL's sgemm per core (106
 # and 69 GFLOP/s against 71 and 64 on a 512 x 4096 x 4096 product) and keeps its speed when another process takes
 # a core (MKL's OpenMP threads then lose half of theirs): always the kernels. bf16 up to 64 rows (MKL wins beyond).
 # Kernels built without AVX2 (the portable scalar code) stop at PORTABLE_MAX_ROWS. bench/gemv_bandwidth.py --rows.
-GEMV_MAX_ROWS = {"q8_0": 1 << 62, "q4_0": 1 << 62, "bf16": 64}
+GEMV_MAX_ROWS = {"q8_0": 1 << 62, "q4_0": 1 << 62, "q4_0x8": 1 << 62, "bf16": 64}
 # On a CPU with native bf16 products (kernels.native_bf16), bf16 activations of at least this many rows (prefill) go
 # to oneDNN's bf16 GEMM, a quantized weight dequantized in chunks to bf16. 2-core Zen 4, 11008 x 4096: bf16 8 rows 5.2
 # against 5.5 ms in the kernel, 32 rows 10.1 against 19.0, 512 rows 110 against 250 ms (fp32 chunks + MKL), a decode
 # step's 1-4 rows stay in the kernel (3.0 against 4.7 ms at one row); 512 rows Q8_0 165 against 486 ms and Q4_0 131
 # against 176 ms in the kernels' GEMM tile, which wins below (Q8_0 64 rows 52 against 62 ms, Q4_0 128 rows 54
 # against 51 ms).
-BF16_GEMM_MIN_ROWS = {"bf16": 8, "q8_0": 64, "q4_0": 256}
+BF16_GEMM_MIN_ROWS = {"bf16": 8, "q8_0": 64, "q4_0": 256, "q4_0x8": 256}
 PORTABLE_MAX_ROWS = 8
 CHUNK_ELEMS = 1 << 22  # weights per chunk when quantizing or dequantizing (16 MiB of fp32 at a time)
 
@@ -149,6 +153,8 @@ def _weight_rows(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, buf: 
     """Rows [r0, r1) of the weight in float32 (blocks or a bf16 [n, k] weight)."""
     if buf is not None:
         return kernels.dequantize(fmt, weight, r0, r1, k, buf[: r1 - r0])
+    if fmt == "q4_0x8":
+        raise MimoError("Q4_0 weights tiled by 8 rows need mimo's kernels")
     if fmt == "bf16":
         return weight[r0:r1].float()
     return _dequantize_torch(weight[r0:r1], fmt)
@@ -168,7 +174,7 @@ def _chunked_linear(fmt: str, x: torch.Tensor, weight: torch.Tensor, n: int, k: 
     return y
 
 
-_FMT = {"q8_0": 0, "q4_0": 1, "bf16": 2}
+_FMT = kernels.FORMATS
 _KERNEL_DTYPES = kernels.DTYPES  # activation dtypes the kernels take (fp32, bf16, fp16) -> their codes
 
 
@@ -223,6 +229,11 @@ def q4_0_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, bias: t
     return _linear("q4_0", x, blocks, in_features, bias)
 
 
+@torch.library.custom_op("mimo::q4_0x8_linear", mutates_args=())
+def q4_0x8_linear(x: torch.Tensor, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear("q4_0x8", x, blocks, in_features, bias)
+
+
 @torch.library.custom_op("mimo::bf16_linear", mutates_args=())
 def _bf16_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _linear("bf16", x, weight, weight.shape[1], bias)
@@ -234,9 +245,10 @@ def _fake(x, blocks, in_features, bias):
 
 q8_0_linear.register_fake(_fake)
 q4_0_linear.register_fake(_fake)
+q4_0x8_linear.register_fake(_fake)
 _bf16_linear_op.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
 
-_OPS = {"q8_0": q8_0_linear, "q4_0": q4_0_linear}
+_OPS = {"q8_0": q8_0_linear, "q4_0": q4_0_linear, "q4_0x8": q4_0x8_linear}
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,7 +291,8 @@ class _FrozenBlockLinear(torch.autograd.Function):
 # ---- the modules -------------------------------------------------------------------------------------------------
 
 class _BlockLinear(nn.Module):
-    """y = x @ W.T + bias with W in GGML blocks: buffer `blocks` uint8 [out_features, in_features / 32, bytes]."""
+    """y = x @ W.T + bias with W in GGML blocks: buffer `blocks` uint8 [out_features, in_features / 32, bytes], in
+    rows (fmt == FORMAT), or an Int4Linear's tiled by 8 rows on CPUs with the AVX-512 tiles (fmt "q4_0x8")."""
 
     FORMAT = ""
 
@@ -296,6 +309,39 @@ class _BlockLinear(nn.Module):
             raise MimoError(f"bias of shape {tuple(bias.shape)} for {self.out_features} outputs")
         self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.fmt = self.FORMAT
+        self._tile()
+
+    def _tile(self):
+        """Rows -> tiles of 8 rows, where the kernels run them (see the module docstring)."""
+        if (self.fmt == "q4_0" and self.blocks.is_cpu and self.out_features % 8 == 0 and self.out_features
+                and kernels.tiles_q4_0()):
+            self.blocks, self.fmt = kernels.tile_q4_0(self.blocks), "q4_0x8"
+
+    def _untile(self):
+        if self.fmt == "q4_0x8":
+            self.blocks, self.fmt = kernels.tile_q4_0(self.blocks, untile=True), self.FORMAT
+
+    def row_blocks(self) -> torch.Tensor:
+        """The blocks in GGML's layout (rows one after another), whatever the layout kept."""
+        return kernels.tile_q4_0(self.blocks, untile=True) if self.fmt == "q4_0x8" else self.blocks
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.fmt != self.FORMAT:
+            destination[prefix + "blocks"] = self.row_blocks()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        given = state_dict.get(prefix + "blocks")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if given is not None and given.shape == self.blocks.shape:  # GGML's rows, copied or assigned
+            self.fmt = self.FORMAT
+            self._tile()
+
+    def _apply(self, fn, recurse=True):
+        if self.fmt != self.FORMAT and fn(self.blocks).device.type != "cpu":
+            self._untile()  # the tiles run on mimo's CPU kernels only
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, in_features: int, bias: torch.Tensor | None = None):
@@ -315,18 +361,18 @@ class _BlockLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight [out, in] the blocks stand for."""
-        return dequantize_blocks(self.blocks, self.FORMAT, dtype)
+        return dequantize_blocks(self.blocks, self.fmt, dtype)
 
     def forward(self, x):
         blocks = self._buffers["blocks"]
         if torch.compiler.is_compiling():
-            return _OPS[self.FORMAT](x, blocks, self.in_features, self.bias)
+            return _OPS[self.fmt](x, blocks, self.in_features, self.bias)
         if x.requires_grad and torch.is_grad_enabled():  # a gradient through the frozen weights (QLoRA)
-            return _FrozenBlockLinear.apply(x, blocks, self.FORMAT, self.in_features, self.bias)
-        return _linear(self.FORMAT, x, blocks, self.in_features, self.bias)
+            return _FrozenBlockLinear.apply(x, blocks, self.fmt, self.in_features, self.bias)
+        return _linear(self.fmt, x, blocks, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.FORMAT}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
                 f"bias={self.bias is not None}")
 
 

@@ -87,6 +87,38 @@ def test_from_weight_from_linear_from_blocks(method, monkeypatch):
         cls.from_blocks(torch.zeros(10, dtype=torch.uint8), 64)
 
 
+@pytest.mark.skipif(not kernels.tiles_q4_0(), reason="Q4_0 runs tiled by 8 rows only with the AVX-512 tiles")
+def test_q4_0_tiled_by_8_rows_computes_and_saves_as_the_rows(monkeypatch):
+    """An Int4Linear of 48 rows keeps its blocks tiled by 8 rows: every product (GEMV tiles for 1-5 rows, the GEMM
+    tile, chunked dequantization for many bf16 rows, the gradient through it) equals the row layout's bit for bit,
+    and the blocks leave the module in GGML's rows (state_dict, dequantized, a move off the CPU)."""
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 288), torch.randn(48)
+    tiled = Int4Linear.from_weight(w, b)
+    monkeypatch.setenv("MIMO_Q4_0_TILES", "0")
+    rows = Int4Linear.from_weight(w, b)
+    monkeypatch.delenv("MIMO_Q4_0_TILES")
+    assert (tiled.fmt, rows.fmt) == ("q4_0x8", "q4_0") and not torch.equal(tiled.blocks, rows.blocks)
+    assert Int4Linear.from_weight(torch.randn(20, 64)).fmt == "q4_0"  # not a multiple of 8 rows: as they are
+    for m in (1, 2, 3, 4, 5, 9, 300):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, 288).to(dtype)
+            assert torch.equal(tiled(x), rows(x)), (m, dtype)
+    x = torch.randn(3, 288, requires_grad=True)
+    tiled(x).sum().backward()
+    grad, x.grad = x.grad, None
+    rows(x).sum().backward()
+    assert torch.equal(grad, x.grad)
+    assert torch.equal(tiled.dequantized(), rows.dequantized())
+    assert torch.equal(tiled.state_dict()["blocks"], rows.blocks) and torch.equal(tiled.row_blocks(), rows.blocks)
+    for assign in (False, True):
+        loaded = Int4Linear.from_weight(torch.zeros(48, 288), torch.zeros(48))
+        loaded.load_state_dict(rows.state_dict(), assign=assign)
+        assert loaded.fmt == "q4_0x8" and torch.equal(loaded.blocks, tiled.blocks)
+    moved = Int4Linear.from_weight(w, b).to("meta")
+    assert moved.fmt == "q4_0"
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 64, 100])
 def test_kernel_matches_the_torch_path(method, m, monkeypatch):
@@ -163,7 +195,7 @@ def test_int4_weights_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(48, 96)
     q = Int4Linear.from_weight(w)
-    d = q.blocks[..., :2].contiguous().view(torch.float16).float().repeat_interleave(32, 1).view(48, 96)
+    d = q.row_blocks()[..., :2].contiguous().view(torch.float16).float().repeat_interleave(32, 1).view(48, 96)
     err, clipped = (w - q.dequantized()).abs(), w / d > 7.5
     assert clipped.any() and (err[~clipped] <= d.abs()[~clipped] * 0.505).all() and (err <= d.abs() * 1.01).all()
 

@@ -22,7 +22,7 @@ from mimo.quantize import BF16_GEMM_MIN_ROWS, PORTABLE_MAX_ROWS, Int4Linear, Int
 def _linear_args(linear, keep: list) -> tuple[kernels.LinearArgs, str] | None:
     """A product for block.c, with its weight's format; None where the kernels cannot compute it."""
     if isinstance(linear, (Int8Linear, Int4Linear)):
-        w, fmt, n, k = linear.blocks, linear.FORMAT, linear.out_features, linear.in_features
+        w, fmt, n, k = linear.blocks, linear.fmt, linear.out_features, linear.in_features
     elif (type(linear) is torch.nn.Linear and linear.weight.dtype == torch.bfloat16
           and linear.weight.device.type == "cpu"):
         w, fmt, (n, k) = linear.weight.detach(), "bf16", linear.weight.shape

@@ -24,6 +24,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -32,8 +33,8 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(f) for f in ("gemv.c", "lora.c", "block.c")]
-ABI = 3  # gemv.c's MIMO_ABI
-FORMATS = {"q8_0": 0, "q4_0": 1, "bf16": 2}
+ABI = 4  # gemv.c's MIMO_ABI
+FORMATS = {"q8_0": 0, "q4_0": 1, "bf16": 2, "q4_0x8": 3}  # q4_0x8: Q4_0 tiled by 8 rows (tile_q4_0)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
@@ -153,6 +154,8 @@ def _declare(lib: ctypes.CDLL):
     lib.mimo_lora_add.restype = i32
     lib.mimo_blocks_step.argtypes = [vp, i64, ctypes.POINTER(StepArgs), vp]
     lib.mimo_blocks_step.restype = i32
+    lib.mimo_tile_q4_0.argtypes = [vp, vp, i64, i64, i32, i32]
+    lib.mimo_tile_q4_0.restype = None
     lib.mimo_set_spin_us.argtypes = [i32]
     lib.mimo_set_spin_us.restype = None
     for name in ("mimo_simd", "mimo_openmp", "mimo_abi_version", "mimo_pool_workers"):
@@ -248,6 +251,37 @@ def quantize(fmt: str, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out [rows, k / 32, bytes] = ggml's reference quantization of w [rows, k] fp32 (contiguous)."""
     library().mimo_quantize(FORMATS[fmt], w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1], threads())
     return out
+
+
+def tiles_q4_0() -> bool:
+    """Whether Q4_0 weights run tiled by 8 rows here: where the AVX-512 tiles are built, unless MIMO_Q4_0_TILES=0
+    (for comparisons)."""
+    lib = library()
+    return lib is not None and lib.mimo_simd() == 2 and os.environ.get("MIMO_Q4_0_TILES", "1") != "0"
+
+
+def tile_q4_0(blocks: torch.Tensor, untile: bool = False) -> torch.Tensor:
+    """Q4_0 blocks [n, k / 32, 18] in rows (GGML's layout; n a multiple of 8) -> a new tensor of the same shape
+    tiled by 8 rows (the kernels' "q4_0x8": each block's 8 scales, then the 8 rows' nibbles), or back (untile)."""
+    n, nb, _ = blocks.shape
+    src = blocks.contiguous()
+    out = torch.empty_like(src)
+    if not untile:
+        advise_huge_pages(out)
+    library().mimo_tile_q4_0(src.data_ptr(), out.data_ptr(), n, nb * 32, int(untile), threads())
+    return out
+
+
+def advise_huge_pages(t: torch.Tensor):
+    """Ask Linux for transparent huge pages under a large tensor not yet written (the whole 2 MiB pages inside it),
+    where THP is left to madvise: weights read once a token cost fewer TLB misses on 2 MiB pages."""
+    if not sys.platform.startswith("linux") or t.nbytes < 1 << 22:
+        return
+    huge = 1 << 21
+    start = -(-t.data_ptr() // huge) * huge
+    end = (t.data_ptr() + t.nbytes) // huge * huge
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(14))  # MADV_HUGEPAGE
 
 
 def dequantize(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, out: torch.Tensor) -> torch.Tensor:

@@ -54,14 +54,18 @@
 #endif
 
 #define QK 32
-#define MIMO_ABI 3
+#define MIMO_ABI 4
 
 #pragma pack(push, 1)
 typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;
 typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
 #pragma pack(pop)
 
-enum { FMT_Q8_0 = 0, FMT_Q4_0 = 1, FMT_BF16 = 2 };
+/* FMT_Q4_0_X8: Q4_0 tiled by 8 rows (mimo_tile_q4_0): for each 8 rows and each block, the 8 rows' fp16 scales (16
+ * bytes) then their 16 bytes of nibbles one row after another (128 bytes); the same 144 bytes as 8 GGML blocks,
+ * and 8 rows take the same n * rb bytes, so a tile of rows r..r+7 starts at w + r * rb as in the row layout.
+ * Used where the AVX-512 tiles are built (mimo_simd() == 2), for weights of a multiple of 8 rows. */
+enum { FMT_Q8_0 = 0, FMT_Q4_0 = 1, FMT_BF16 = 2, FMT_Q4_0_X8 = 3 };
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 int mimo_abi_version(void) { return MIMO_ABI; }
@@ -388,12 +392,56 @@ static int64_t row_bytes_of(int fmt, int64_t k) {
     return (k / QK) * (fmt == FMT_Q8_0 ? (int64_t)sizeof(block_q8_0) : (int64_t)sizeof(block_q4_0));
 }
 
+/* blocks [b0, b1) of row r of a FMT_Q4_0_X8 weight of nb blocks a row, as GGML Q4_0 blocks at out */
+static void untile_row(const uint8_t *w, int64_t r, int64_t nb, int64_t b0, int64_t b1, uint8_t *out) {
+    const uint8_t *t = w + (r / 8) * nb * 144;
+    const int i = (int)(r % 8);
+    for (int64_t b = b0; b < b1; b++) {
+        memcpy(out + (b - b0) * 18, t + b * 144 + 2 * i, 2);
+        memcpy(out + (b - b0) * 18 + 2, t + b * 144 + 16 + 16 * i, 16);
+    }
+}
+
+typedef struct { const uint8_t *src; uint8_t *dst; int64_t nb; int untile; } tile_job;
+
+static void tile_chunk(void *ctx, int64_t c) {  /* rows [8c, 8c + 8) */
+    const tile_job *j = (const tile_job *)ctx;
+    const int64_t nb = j->nb, rb = nb * 18;
+    for (int64_t r = 8 * c; r < 8 * c + 8; r++) {
+        if (j->untile) { untile_row(j->src, r, nb, 0, nb, j->dst + r * rb); continue; }
+        const uint8_t *row = j->src + r * rb;
+        uint8_t *t = j->dst + (r / 8) * nb * 144;
+        const int i = (int)(r % 8);
+        for (int64_t b = 0; b < nb; b++) {
+            memcpy(t + b * 144 + 2 * i, row + b * 18, 2);
+            memcpy(t + b * 144 + 16 + 16 * i, row + b * 18 + 2, 16);
+        }
+    }
+}
+
+/* Q4_0 rows [n, k / 32 blocks] <-> FMT_Q4_0_X8 (n a multiple of 8; src and dst do not overlap), on nth threads */
+void mimo_tile_q4_0(const void *src, void *dst, int64_t n, int64_t k, int untile, int nth) {
+    tile_job j = {(const uint8_t *)src, (uint8_t *)dst, k / QK, untile};
+    parallel_for(tile_chunk, &j, n / 8, nth);
+}
+
 typedef struct { int fmt; const uint8_t *w; float *y; int64_t r0, r1, k, rb, per; } dequant_job;
 
 static void dequantize_chunk(void *ctx, int64_t c) {
     const dequant_job *j = (const dequant_job *)ctx;
-    for (int64_t r = j->r0 + c * j->per; r < j->r0 + (c + 1) * j->per && r < j->r1; r++)
+    uint8_t row[(1 << 15) / QK * 18];  /* one untiled row (k <= 32768) */
+    for (int64_t r = j->r0 + c * j->per; r < j->r0 + (c + 1) * j->per && r < j->r1; r++) {
+        if (j->fmt == FMT_Q4_0_X8) {
+            const int64_t nb = j->k / QK;
+            for (int64_t b0 = 0; b0 < nb; b0 += (1 << 15) / QK) {  /* a long row in pieces of 32768 weights */
+                const int64_t b1 = nb - b0 < (1 << 15) / QK ? nb : b0 + (1 << 15) / QK;
+                untile_row(j->w, r, nb, b0, b1, row);
+                dequantize_row(FMT_Q4_0, row, j->y + (r - j->r0) * j->k + b0 * QK, (b1 - b0) * QK);
+            }
+            continue;
+        }
         dequantize_row(j->fmt, j->w + r * j->rb, j->y + (r - j->r0) * j->k, j->k);
+    }
 }
 
 void mimo_dequantize(int fmt, const void *w, float *y, int64_t r0, int64_t r1, int64_t k, int nth) {
@@ -823,10 +871,9 @@ static inline __attribute__((always_inline)) void tile8_q8_shared(const uint8_t 
  * 128), and 128 x sum(a) taken off the same way. Measured on a 2-core Zen 4 (bench/gemv_bandwidth.py;
  * MIMO_KERNEL_FLAGS="-O3 -march=native -mno-avx512f" for the AVX2 tiles): Q8_0 decode products 19.2-21.0 ->
  * 21.2-24.7 GB/s from memory, a 2-row Q8_0 product (the MTP verify step) 1.35x faster from cache; Q4_0 the same as
- * AVX2 (memory-bound on this machine either way: from cache a core reads 25 GB/s of Q4_0 in these tiles, two cores
- * 45, above the 26-30 they read from memory). Tried: Q4_0 tiled by 8 rows at load (a block's 8 scales and 4 rows'
- * nibbles a load each, as llama.cpp's repacked q4_0x8): 1.7x from cache, 1.05x from memory in a C harness, 0.94-1.05x
- * in 7B decode taking turns with the row layout, and 4-6 s more to load; not kept. */
+ * AVX2. Q4_0 in GGML's rows was then bound by its own instructions, not by memory: from cache one core read 18-20
+ * GB/s of Q4_0 (as many weights a second as Q8_0's 35 GB/s), about what 2 cores read from memory; tiled by 8 rows
+ * (FMT_Q4_0_X8) the same core reads 30-35 GB/s. */
 
 static inline __attribute__((always_inline)) __m512i load_rows_x4(const uint8_t *q, int64_t rb) {
     /* 16 bytes of each of rows 0..3 (q, q + rb, ...) -> one zmm, a row a 128-bit lane */
@@ -847,8 +894,11 @@ static inline __attribute__((always_inline)) void store_rows(__m512 acc, int lan
     }
 }
 
+/* tiled: FMT_Q4_0_X8, each block's 8 scales and 4 rows' nibbles a load each (1.8x the row layout's products from
+ * cache on a Zen 4 core: no inserts, no scales gathered from 8 rows) */
 static inline __attribute__((always_inline)) void tile8_q4_512(const uint8_t *w, int64_t rb, const qact *a,
-                                                               int64_t m0, float *out, const int M) {
+                                                               int64_t m0, float *out, const int M,
+                                                               const int tiled) {
     __m512 acc[4][2];  /* [j][rows 0-3 | rows 4-7], 4 lanes a row */
     for (int j = 0; j < M; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
     const int64_t nb = a->nb, k = a->k;
@@ -856,12 +906,14 @@ static inline __attribute__((always_inline)) void tile8_q4_512(const uint8_t *w,
     const __m512i spread_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __m512i spread_hi = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *q = w + b * 18 + 2;
+        const uint8_t *q = w + b * 18 + 2, *t = w + b * 144;
         prefetch_next(w + 8 * rb + b * 8 * 18, 8 * 18);
-        const __m512i v0 = load_rows_x4(q, rb), v1 = load_rows_x4(q + 4 * rb, rb);
+        const __m512i v0 = tiled ? _mm512_loadu_si512(t + 16) : load_rows_x4(q, rb);
+        const __m512i v1 = tiled ? _mm512_loadu_si512(t + 80) : load_rows_x4(q + 4 * rb, rb);
         const __m512i lo0 = _mm512_and_si512(v0, m4), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4);
         const __m512i lo1 = _mm512_and_si512(v1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
-        const __m512 wd = _mm512_castps256_ps512(scales8(w, rb, b * 18, 0));
+        const __m512 wd = _mm512_castps256_ps512(tiled ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t))
+                                                       : scales8(w, rb, b * 18, 0));
         for (int j = 0; j < M; j++) {
             const int8_t *aq = a->qs + (m0 + j) * k + b * QK;
             const __m512i alo = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *)aq));
@@ -917,7 +969,7 @@ static inline __attribute__((always_inline)) void tile8_q8_512(const uint8_t *w,
 
 #define TILE8_FN(NAME, FMT, M)                                                                                   \
     static void NAME(const uint8_t *w, int64_t rb, const qact *a, int64_t m0, float *out) {                      \
-        if (FMT == FMT_Q4_0) tile8_q4_512(w, rb, a, m0, out, M);                                                 \
+        if (FMT == FMT_Q4_0 || FMT == FMT_Q4_0_X8) tile8_q4_512(w, rb, a, m0, out, M, FMT == FMT_Q4_0_X8);       \
         else tile8_q8_512(w, rb, a, m0, out, M);                                                                 \
     }
 #else
@@ -937,6 +989,12 @@ TILE8_FN(q8_r8m1, FMT_Q8_0, 1)
 TILE8_FN(q8_r8m2, FMT_Q8_0, 2)
 TILE8_FN(q8_r8m3, FMT_Q8_0, 3)
 TILE8_FN(q8_r8m4, FMT_Q8_0, 4)
+#ifdef MIMO_AVX512
+TILE8_FN(q4x8_r8m1, FMT_Q4_0_X8, 1)
+TILE8_FN(q4x8_r8m2, FMT_Q4_0_X8, 2)
+TILE8_FN(q4x8_r8m3, FMT_Q4_0_X8, 3)
+TILE8_FN(q4x8_r8m4, FMT_Q4_0_X8, 4)
+#endif
 #define TILE_ROWS 8
 #else
 #define TILE_ROWS 4
@@ -950,6 +1008,9 @@ static const tile_fn tiles_r[2][4] = {{q8_r8m1, q8_r8m2, q8_r8m3, q8_r8m4}, {q4_
 static const tile_fn tiles_r[2][4] = {{q8_r4m1, q8_r2m2, q8_r2m3, q8_r2m4}, {q4_r4m1, q4_r2m2, q4_r2m3, q4_r2m4}};
 #endif
 static const tile_fn tiles_1[2][4] = {{q8_r1m1, q8_r1m2, q8_r1m3, q8_r1m4}, {q4_r1m1, q4_r1m2, q4_r1m3, q4_r1m4}};
+#ifdef MIMO_AVX512
+static const tile_fn tiles_x8[4] = {q4x8_r8m1, q4x8_r8m2, q4x8_r8m3, q4x8_r8m4};  /* FMT_Q4_0_X8: whole tiles only */
+#endif
 
 /* ---- bf16 tiles: R weight rows x M fp32 activation rows ----------------------------------------------
  * Activations are stored permuted per 16: [x0 x2 .. x14 | x1 x3 .. x15], so that the 8 dwords of 16 bf16
@@ -1121,6 +1182,10 @@ static void gemv_chunk(void *ctx, int64_t c) {
                 if (jb->xb) bd_tiles_r[mm - 1](wr, jb->rb, jb->xb, jb->k, j0, out);
                 else
 #endif
+#ifdef MIMO_AVX512
+                if (fmt == FMT_Q4_0_X8) tiles_x8[mm - 1](wr, jb->rb, jb->a, j0, out);
+                else
+#endif
                 if (fmt == FMT_BF16) bf_tiles_r[mm - 1](wr, jb->rb, jb->xp, jb->k, j0, out);
                 else tiles_r[fmt][mm - 1](wr, jb->rb, jb->a, j0, out);
             } else {
@@ -1165,15 +1230,20 @@ static void *tile_buffer(size_t bytes) {
 static void unpack_tile8(const int fmt, const uint8_t *w, int64_t rb, int64_t nb, __m256i *buf, float *sc) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b < nb; b++) {
-        if (fmt == FMT_Q4_0) {
+        if (fmt != FMT_Q8_0) {
+            const int tiled = fmt == FMT_Q4_0_X8;
             for (int p = 0; p < 4; p++) {
-                const uint8_t *q0 = w + 2 * p * rb + b * 18 + 2, *q1 = q0 + rb;
+                const uint8_t *q0 = tiled ? w + b * 144 + 16 + 32 * p : w + 2 * p * rb + b * 18 + 2;
+                const uint8_t *q1 = tiled ? q0 + 16 : q0 + rb;
                 const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0)),
                                                           _mm_loadu_si128((const __m128i *)q1), 1);
                 _mm256_store_si256(buf + b * 8 + 2 * p, _mm256_and_si256(v, m4));
                 _mm256_store_si256(buf + b * 8 + 2 * p + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
             }
-            _mm256_store_ps(sc + b * 8, scales8(w, rb, b * 18, 1));
+            _mm256_store_ps(sc + b * 8, tiled ? _mm256_permutevar8x32_ps(  /* rows 0 2 4 6 1 3 5 7 */
+                                                    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + b * 144))),
+                                                    _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7))
+                                              : scales8(w, rb, b * 18, 1));
         } else {
             for (int r = 0; r < 8; r++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(w + r * rb + b * 34 + 2));
@@ -1241,8 +1311,18 @@ static void gemm_chunk(void *ctx, int64_t c) {  /* chunk c: weight rows [8c, 8c 
     const gemm_job *jb = (const gemm_job *)ctx;
     const int fmt = jb->fmt;
     const int64_t nb = jb->a->nb, r0 = 8 * c, rows = jb->n - r0 < 8 ? jb->n - r0 : 8;
-    const size_t wbytes = (size_t)nb * (fmt == FMT_Q4_0 ? 8 : 16) * 32;
+    const size_t wbytes = (size_t)nb * (fmt == FMT_Q8_0 ? 16 : 8) * 32;
     uint8_t *mem = (uint8_t *)tile_buffer(wbytes + (size_t)nb * 32);
+#ifdef MIMO_AVX512
+    if (!mem && fmt == FMT_Q4_0_X8) {  /* no memory: the GEMV tile, an activation row at a time */
+        float out[8];
+        for (int64_t j = 0; j < jb->m; j++) {
+            tiles_x8[0](jb->w + r0 * jb->rb, jb->rb, jb->a, j, out);
+            for (int r = 0; r < 8; r++) store_out(jb->y, jb->ydt, j * jb->n + r0 + r, out[r] + bias_at(jb->bias, jb->bdt, r0 + r));
+        }
+        return;
+    }
+#endif
     if (!mem || rows < 8) {  /* the last rows (or no memory): the one-row tiles */
         float out[4];
         for (int64_t r = r0; r < r0 + rows; r++)
@@ -1258,8 +1338,8 @@ static void gemm_chunk(void *ctx, int64_t c) {  /* chunk c: weight rows [8c, 8c 
     float bias[8], tmp[8];
     for (int r = 0; r < 8; r++) bias[r] = bias_at(jb->bias, jb->bdt, r0 + r);
     for (int64_t j = 0; j < jb->m; j++) {
-        if (fmt == FMT_Q4_0) gemm_row(FMT_Q4_0, buf, sc, jb->a, j, tmp);
-        else gemm_row(FMT_Q8_0, buf, sc, jb->a, j, tmp);
+        if (fmt == FMT_Q8_0) gemm_row(FMT_Q8_0, buf, sc, jb->a, j, tmp);
+        else gemm_row(FMT_Q4_0, buf, sc, jb->a, j, tmp);
         for (int r = 0; r < 8; r++) store_out(jb->y, jb->ydt, j * jb->n + r0 + r, tmp[r] + bias[r]);
     }
 }
@@ -1268,6 +1348,10 @@ static void gemm_chunk(void *ctx, int64_t c) {  /* chunk c: weight rows [8c, 8c 
 int mimo_gemv(int fmt, const void *w, int64_t n, int64_t k, const void *x, int xdt, int64_t m, void *y, int ydt,
               const void *bias, int bdt, int nth) {
     if (fmt != FMT_BF16 && k % QK) return -1;
+#ifndef MIMO_AVX512
+    if (fmt == FMT_Q4_0_X8) return -3;  /* tiled only where the AVX-512 tiles are built */
+#endif
+    if (fmt == FMT_Q4_0_X8 && n % 8) return -3;
     const int64_t nb = k / QK, rb = row_bytes_of(fmt, k);
     const int64_t xrow = xdt == DT_F32 ? 4 * k : 2 * k;
     qact a = {0};
