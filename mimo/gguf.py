@@ -31,7 +31,6 @@ type tables, metadata keys, the companion file), and a change to either must cha
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
@@ -49,6 +48,7 @@ from gguf import GGMLQuantizationType as QT
 
 from mimo.config import MiMoConfig
 from mimo.errors import MimoError
+from mimo.memory import advise
 
 ARCH = "qwen2"
 # llama.cpp's pre-tokenizer names whose regex is Qwen2's (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_QWEN2)
@@ -414,13 +414,7 @@ def _release(data: np.ndarray):
     """Hand back the memory-mapped pages under a tensor's bytes once a module holds a copy of them (tiled, swapped):
     they stop counting in this process's resident memory (the file stays in the page cache; a later read maps the
     pages again). Whole pages inside the tensor only; a no-op where madvise is unavailable."""
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    start, end = data.ctypes.data, data.ctypes.data + data.nbytes
-    start, end = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if advice is None or end <= start or not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(advice))
+    advise(data.ctypes.data, data.nbytes, getattr(mmap, "MADV_DONTNEED", None))
 
 
 def _config(f: GGUFFile, n_mtp: int) -> MiMoConfig:

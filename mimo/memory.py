@@ -41,10 +41,8 @@ def available_bytes() -> int | None:
 _LIBC = None
 
 
-def trim_heap():
-    """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Loading frees a
-    scratch buffer per tensor between blocks it keeps, and glibc keeps such holes: a 7B int4 load otherwise peaks
-    2 GB above its weights."""
+def _libc():
+    """The C library (malloc_trim, madvise declared), or False where it cannot be loaded."""
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -53,10 +51,28 @@ def trim_heap():
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def trim_heap():
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Loading frees a
+    scratch buffer per tensor between blocks it keeps, and glibc keeps such holes: a 7B int4 load otherwise peaks
+    2 GB above its weights."""
+    if libc := _libc():
+        libc.malloc_trim(0)
+
+
+def advise(address: int, nbytes: int, advice: int | None, unit: int = mmap.PAGESIZE):
+    """madvise(advice) over the whole `unit`-aligned stretches inside [address, address + nbytes) (unit: the page
+    size, or 2 MiB for huge pages); nothing off Linux, where the advice is None (not in this Python's mmap) or
+    where no whole unit fits."""
+    start, end = -(-address // unit) * unit, (address + nbytes) // unit * unit
+    if advice is None or end <= start or not sys.platform.startswith("linux") or not (libc := _libc()):
+        return
+    libc.madvise(start, end - start, advice)
 
 
 def peak_resident_bytes() -> int:

@@ -21,10 +21,10 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import warnings
@@ -275,13 +275,10 @@ def tile_q4_0(blocks: torch.Tensor, untile: bool = False) -> torch.Tensor:
 def advise_huge_pages(t: torch.Tensor):
     """Ask Linux for transparent huge pages under a large tensor not yet written (the whole 2 MiB pages inside it),
     where THP is left to madvise: weights read once a token cost fewer TLB misses on 2 MiB pages."""
-    if not sys.platform.startswith("linux") or t.nbytes < 1 << 22:
-        return
-    huge = 1 << 21
-    start = -(-t.data_ptr() // huge) * huge
-    end = (t.data_ptr() + t.nbytes) // huge * huge
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(14))  # MADV_HUGEPAGE
+    if t.nbytes >= 1 << 22:
+        from mimo.memory import advise
+
+        advise(t.data_ptr(), t.nbytes, getattr(mmap, "MADV_HUGEPAGE", None), 1 << 21)
 
 
 def dequantize(fmt: str, weight: torch.Tensor, r0: int, r1: int, k: int, out: torch.Tensor) -> torch.Tensor:
