@@ -339,7 +339,7 @@ class _BlockLinear(nn.Module):
             self._tile()
 
     def _apply(self, fn, recurse=True):
-        if self.fmt != self.FORMAT and fn(self.blocks).device.type != "cpu":
+        if self.fmt != self.FORMAT and fn(self.blocks[:0]).device.type != "cpu":  # where fn sends it (no copy)
             self._untile()  # the tiles run on mimo's CPU kernels only
         return super()._apply(fn, recurse)
 
