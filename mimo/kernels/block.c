@@ -97,7 +97,8 @@ static inline float exp_f32(float x) {
     return p * scale;
 }
 
-static float dot(const float *a, const float *b, int64_t n) {
+/* a . b in fp32, LANES partial sums added as a tree (lora.c's products too) */
+float mimo_dot(const float *a, const float *b, int64_t n) {
     float acc[LANES] = {0};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES)
@@ -115,7 +116,7 @@ static void rms_norm(const void *x, const void *w, void *out, int64_t m, int64_t
     to_f32(w, dt, 0, n, wf);
     for (int64_t r = 0; r < m; r++) {
         to_f32(x, dt, r * n, n, xf);
-        const float inv = 1.0f / sqrtf(dot(xf, xf, n) / (float)n + eps);
+        const float inv = 1.0f / sqrtf(mimo_dot(xf, xf, n) / (float)n + eps);
         for (int64_t i = 0; i < n; i++) xf[i] *= inv;
         round_to(dt, xf, n);  /* bf16: the model's RMSNorm scales the bf16 normalised values */
         for (int64_t i = 0; i < n; i++) xf[i] *= wf[i];
@@ -196,7 +197,7 @@ static void attn_chunk(void *ctx, int64_t c) {
         }
 #endif
         for (int64_t qi = 0; qi < nq; qi++)
-            if (k < seen[qi]) p[qi * S + k] = dot(qf + qi * D, vb, D) * scale;
+            if (k < seen[qi]) p[qi * S + k] = mimo_dot(qf + qi * D, vb, D) * scale;
     }
     for (int64_t qi = 0; qi < nq; qi++) {  /* softmax over the visible keys (position 0 always is) */
         float *pr = p + qi * S, mx = pr[0], sum = 0.0f;

@@ -8,14 +8,14 @@
  *
  *     y[i] += Bt[slots].T @ (A[slots] @ x[i])           (rank x in, then rank x out multiply-adds)
  *
- * fp32 throughout; the loops are written lane-wise (16 partial sums) so that -O3 vectorizes them without
- * reassociating a float sum (-ffp-contract=off, no -ffast-math). One row a chunk of gemv.c's thread pool. */
+ * fp32 throughout; A's products by block.c's mimo_dot (lane-wise partial sums, vectorized without reassociating a
+ * float sum: -ffp-contract=off, no -ffast-math). One row a chunk of gemv.c's thread pool. */
 #include <stdint.h>
 
 typedef void (*chunk_fn)(void *ctx, int64_t i);
 void mimo_parallel_for(chunk_fn fn, void *ctx, int64_t n, int nth);  /* gemv.c */
+float mimo_dot(const float *a, const float *b, int64_t n);              /* block.c */
 
-#define LANES 16
 #define MAX_RANK 1024
 
 typedef struct {
@@ -25,24 +25,13 @@ typedef struct {
     int64_t in, out, per;
 } lora_job;
 
-static float dot(const float *u, const float *v, int64_t k) {
-    float acc[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= k; i += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += u[i + l] * v[i + l];
-    float s = 0.0f;
-    for (int l = 0; l < LANES; l++) s += acc[l];
-    for (; i < k; i++) s += u[i] * v[i];
-    return s;
-}
-
 static void lora_row(void *ctx, int64_t i) {
     const lora_job *j = (const lora_job *)ctx;
     const int64_t e = i / j->per, off = j->off[e], r = j->rank[e];
     const float *x = j->x + i * j->in;
     float *y = j->y + i * j->out;
     float t[MAX_RANK];
-    for (int64_t s = 0; s < r; s++) t[s] = dot(j->a + (off + s) * j->in, x, j->in);  /* A[slots] @ x */
+    for (int64_t s = 0; s < r; s++) t[s] = mimo_dot(j->a + (off + s) * j->in, x, j->in);  /* A[slots] @ x */
     for (int64_t s = 0; s < r; s++) {                                                  /* y += t @ Bt[slots] */
         const float *b = j->bt + (off + s) * j->out, ts = t[s];
         for (int64_t o = 0; o < j->out; o++) y[o] += ts * b[o];
