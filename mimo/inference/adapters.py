@@ -6,12 +6,15 @@
     ADAPTER_DIR/adapter_model.safetensors  base_model.model.{module}.lora_A.weight [r, in] and .lora_B.weight
                                            [out, r], module as in the base's checkpoint (model.layers.0.self_attn.
                                            q_proj); metadata mimo_base: a fingerprint of the base (config + a few
-                                           embedding rows), checked when mimo loads the adapter
+                                           embedding rows), checked when mimo loads the adapter; with a head of its
+                                           own (tune --train-head) also base_model.model.lm_head.weight [vocab,
+                                           hidden] and modules_to_save ["lm_head"], as PEFT writes them
 
 `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE_DIR, trust_remote_code=True),
 ADAPTER_DIR)` opens what mimo writes with mimo's logits. mimo reads PEFT's own adapters for MiMo / Qwen2 bases too:
 per-module ranks (rank_pattern, or simply the tensors' shapes), alpha_pattern, rsLoRA; tensors of MTP layers are
-left out (they only draft). Refused, each with one line: DoRA, trained biases, modules_to_save, another peft_type,
+left out (they only draft). Refused, each with one line: DoRA, trained biases, modules_to_save other than the LM
+head, another peft_type,
 a tensor for a module the base does not have or of another shape, a base that is not the adapter's.
 """
 
@@ -72,12 +75,17 @@ def _write_atomic(path: Path, write):
         tmp.unlink(missing_ok=True)
 
 
-def adapter_config(cfg: LoRAConfig, num_layers: int, base: str) -> dict:
-    """adapter_config.json as PEFT's LoraConfig writes it (the fields PEFT and vLLM read)."""
+HEAD = "lm_head"  # the one module an adapter may carry whole (PEFT's modules_to_save)
+
+
+def adapter_config(cfg: LoRAConfig, num_layers: int, base: str, head: bool = False) -> dict:
+    """adapter_config.json as PEFT's LoraConfig writes it (the fields PEFT and vLLM read); head: the adapter
+    carries its own LM head."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": cfg.r,
             "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.target_modules),
             "layers_to_transform": list(range(num_layers)), "layers_pattern": "layers", "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": [HEAD] if head else None,
             "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "revision": None}
 
 
@@ -92,9 +100,13 @@ def save_adapter(model: MiMoForCausalLM, out_dir, cfg: LoRAConfig, base: str) ->
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
     if not tensors:
         raise MimoError("the model has no LoRA update to save")
+    head = getattr(model.lm_head, "weight", None)
+    trained_head = isinstance(head, nn.Parameter) and head.requires_grad  # tune --train-head
+    if trained_head:
+        tensors[f"{PREFIX}{HEAD}.weight"] = head.detach().float().cpu().contiguous()
     meta = {"format": "pt", "mimo_base": base_fingerprint(model)}
     _write_atomic(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
-    config = adapter_config(cfg, model.config.num_hidden_layers, base)
+    config = adapter_config(cfg, model.config.num_hidden_layers, base, head=trained_head)
     _write_atomic(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out_dir
 
@@ -144,8 +156,9 @@ def read_config(path: Path) -> dict:
             raise MimoError(f"{path}: {what} adapters are not supported")
     if config.get("bias", "none") != "none":
         raise MimoError(f"{path}: adapters that train biases (bias={config['bias']!r}) are not supported")
-    if config.get("modules_to_save"):
-        raise MimoError(f"{path}: adapters with modules_to_save ({config['modules_to_save']}) are not supported")
+    if set(config.get("modules_to_save") or ()) - {HEAD}:
+        raise MimoError(f"{path}: adapters with modules_to_save {config['modules_to_save']} are not supported "
+                        f"(only {HEAD!r}, a head of the adapter's own)")
     return config
 
 
@@ -165,6 +178,10 @@ def load_adapter(path, model: MiMoForCausalLM, model_dir: str, name: str | None 
     except (SafetensorError, OSError) as e:
         raise MimoError(f"{weights}: not a readable safetensors file ({e})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    head = tensors.pop(f"{PREFIX}{HEAD}.weight", None) if HEAD in (config.get("modules_to_save") or ()) else None
+    if head is not None and (head.dim() != 2 or head.shape != (model.lm_head.out_features, model.lm_head.in_features)):
+        raise MimoError(f"{weights}: {HEAD} is {list(head.shape)}; {model_dir} needs [{model.lm_head.out_features}, "
+                        f"{model.lm_head.in_features}] (an adapter for another base?)")
     for key, t in tensors.items():
         m = TENSOR_RE.match(key.removeprefix(PREFIX))
         if not key.startswith(PREFIX) or m is None:
@@ -190,10 +207,10 @@ def load_adapter(path, model: MiMoForCausalLM, model_dir: str, name: str | None 
                             f"needs [r, {base.in_features}] and [{base.out_features}, r] (an adapter for another base?)")
         a = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
         updates[module] = (A, B, a / (r ** 0.5 if rslora else r))
-    if not updates:
+    if not updates and head is None:
         raise MimoError(f"{weights}: no LoRA update for the main model")
     _check_base(path, config, metadata, model, model_dir)
-    return Adapter(name or path.resolve().name, str(path), updates)
+    return Adapter(name or path.resolve().name, str(path), updates, head)
 
 
 def add_arguments(p):
@@ -211,5 +228,6 @@ def run(args):
     adapter = load_adapter(args.adapter, model, args.model)
     merge_adapter(model, adapter)
     save_model(model, args.out, tokenizer=tokenizer)
-    print(f"wrote {args.out}: {args.model} with {args.adapter} merged into {len(adapter.updates)} linears",
+    print(f"wrote {args.out}: {args.model} with {args.adapter} merged into {len(adapter.updates)} linears"
+          + (" and its own LM head" if adapter.head is not None else ""),
           file=sys.stderr)

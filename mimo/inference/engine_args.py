@@ -74,7 +74,7 @@ def load_engine(args, n_slots: int = 1, quiet: bool = False, many_adapters: bool
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, quantize=args.quantize,
                                                 progress=not quiet and sys.stderr.isatty())
-    adapters = attach(args.adapter, model, args.model)
+    adapters = attach(args.adapter, model, args.model, serving=many_adapters)
     weights = module_bytes(model)
     dtype = model.model.embed_tokens.weight.dtype
     free_after = None if free_before is None else max(0, free_before - weights)
@@ -104,8 +104,9 @@ def parse_adapter(spec: str) -> tuple[str | None, Path]:
     return name, Path(path)
 
 
-def attach(specs: list[str], model, model_dir: str):
-    """Load the --adapter directories and stack them on the model: their AdapterSelection (None without)."""
+def attach(specs: list[str], model, model_dir: str, serving: bool = False):
+    """Load the --adapter directories and stack them on the model: their AdapterSelection (None without).
+    serving: the base model answers requests too, so no adapter may replace its LM head."""
     from mimo.inference.adapters import load_adapter
     from mimo.inference.lora import attach_adapters
 
@@ -115,6 +116,9 @@ def attach(specs: list[str], model, model_dir: str):
     for spec in specs:
         name, path = parse_adapter(spec)
         adapters.append(load_adapter(path, model, model_dir, name))
+        if serving and adapters[-1].head is not None:
+            raise MimoError(f"adapter {adapters[-1].name} replaces the LM head (modules_to_save), which the served base "
+                            "model and its other adapters share: merge it (mimo merge) and serve the merged model")
     names = [a.name for a in adapters]
     if len(set(names)) < len(names):
         raise MimoError(f"two adapters named {next(n for n in names if names.count(n) > 1)!r}: name them NAME=DIR")

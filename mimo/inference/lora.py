@@ -15,13 +15,17 @@ row add only its own adapter's update in mimo's kernel (kernels/lora.c, punica's
 with 8 adapters. The MTP layers stay un-adapted: they only draft, and the adapted main model verifies every
 draft, so speculation stays lossless.
 
+An adapter may also carry a whole LM head of its own (`mimo tune --train-head`; PEFT's modules_to_save
+["lm_head"]): the head replaces the base's where that adapter is the whole model (generate, chat, merge), not in a
+stack of adapters, whose rows share one head.
+
 Adapters on disk are PEFT's (mimo/inference/adapters.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -153,10 +157,12 @@ def add_lora(model: MiMoForCausalLM, cfg: LoRAConfig, seed: int = 0) -> MiMoForC
 
 @dataclass
 class Adapter:
-    """One adapter's weights, as read from disk: module name -> (A [r, in], B [out, r], scaling)."""
+    """One adapter's weights, as read from disk: module name -> (A [r, in], B [out, r], scaling), and the LM head
+    [vocab, hidden] it replaces the base's with (None: it keeps the base's)."""
     name: str
     path: str
     updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    head: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -168,6 +174,11 @@ def attach_adapters(model: MiMoForCausalLM, adapters: list[Adapter]) -> AdapterS
     selection the engine sets per forward pass; adapter a is index a, the base model is selection.base_index."""
     if not adapters:
         raise MimoError("no adapter to attach")
+    if len(adapters) > 1 and (own := next((a for a in adapters if a.head is not None), None)):
+        raise MimoError(f"adapter {own.name} replaces the LM head (modules_to_save), which stacked adapters share: "
+                        "use it alone, or merge it (mimo merge) and serve the merged model")
+    if adapters[0].head is not None:
+        replace_head(model, adapters[0].head)
     dtype = model.model.embed_tokens.weight.dtype
     device = model.model.embed_tokens.weight.device
     spans, offset = [], 0
@@ -193,9 +204,27 @@ def attach_adapters(model: MiMoForCausalLM, adapters: list[Adapter]) -> AdapterS
 def merge_adapter(model: MiMoForCausalLM, adapter: Adapter) -> MiMoForCausalLM:
     """Fold an adapter into the base weights: W += B A scaling, computed in float32, stored in W's dtype. The base
     must be in float (not quantized). In place; returns the model."""
+    if adapter.head is not None:
+        replace_head(model, adapter.head)
     for name, (A, B, scaling) in adapter.updates.items():
         base = model.get_submodule(name)
         if type(base) is not nn.Linear:
             raise MimoError("merging needs the base weights in float (load the model without --quantize)")
         base.weight.copy_((base.weight.float() + (B.float() @ A.float()) * scaling).to(base.weight.dtype))
     return model
+
+
+@torch.no_grad()
+def replace_head(model: MiMoForCausalLM, weight: torch.Tensor):
+    """The LM head's weight [vocab, hidden] replaced by an adapter's, in the head's dtype, quantized again where the
+    head is quantized; a head tied to the embedding is untied first (the embedding stays the base's)."""
+    head = model.lm_head
+    if weight.shape != (head.out_features, head.in_features):
+        raise MimoError(f"an LM head of {list(weight.shape)} for a model whose head is "
+                        f"[{head.out_features}, {head.in_features}]")
+    if type(head) is nn.Linear:
+        if head.weight is model.model.embed_tokens.weight:
+            model.config = replace(model.config, tie_word_embeddings=False)
+        head.weight = nn.Parameter(weight.to(head.weight.dtype, copy=True).to(head.weight.device), requires_grad=False)
+    else:  # quantize.Int8Linear / Int4Linear
+        model.lm_head = type(head).from_weight(weight.float()).to(next(head.buffers()).device)

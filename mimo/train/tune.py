@@ -125,9 +125,11 @@ class AdapterStore(ModelStore):
 
     def restore(self, path: Path, model, opt, optim_sd: dict):
         saved = load_file(str(path / WEIGHTS_FILE))
-        weights = {k.removeprefix(PREFIX).removesuffix(".weight"): v for k, v in saved.items()}
+        weights = {k.removeprefix(PREFIX).removesuffix(".weight") if ".lora_" in k else k.removeprefix(PREFIX): v
+                   for k, v in saved.items()}  # PEFT's lora_A.weight is mimo's parameter lora_A; the head's, weight
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
         missing, _ = model.load_state_dict(weights, strict=False)
-        if missing := [k for k in missing if ".lora_" in k]:
+        if missing := [k for k in missing if k in trained]:
             raise MimoError(f"{path}: the checkpoint lacks {missing[0]} (tuned with other settings?)")
         set_optimizer_state_dict(model, opt, optim_sd, options=StateDictOptions(full_state_dict=True))
 
@@ -160,6 +162,19 @@ def shrink_embedding(model):
     if stored in (torch.bfloat16, torch.float16) and getattr(model.lm_head, "weight", None) is not embedding.weight:
         embedding.weight.data = embedding.weight.data.to(stored)  # [vocab, hidden]: half the float32 bytes, exact
         embedding.register_forward_hook(lambda module, args, out: out.float())
+
+
+def train_head(model):
+    """Train the LM head too (PEFT's modules_to_save ["lm_head"], saved whole with the adapter): in float32, from
+    the base's (dequantized where the base is quantized), untied from the embedding. A small base whose head has
+    hardly seen the words of the user's material needs it (docs/benchmarks.md, "Personal models"); on a 7B the
+    head is 0.6B parameters, so it is off by default."""
+    head = model.lm_head
+    weight = head.weight.detach().float() if type(head) is nn.Linear else head.dequantized(torch.float32)
+    model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device=weight.device)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(weight)
+    model.config = replace(model.config, tie_word_embeddings=False)
 
 
 def checkpoint_activations(model):
@@ -224,6 +239,8 @@ def run(args):
     replay = load_replay(Path(args.out), model, tokenizer, args.replay, args.seed, info.is_main)
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
+    if args.train_head:
+        train_head(model)
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
     if recompute:
         checkpoint_activations(model)
@@ -254,6 +271,7 @@ def run(args):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tune_config.json").write_text(json.dumps(
             {"command": "tune", "model": str(args.model), "data": str(args.data), "quantize": args.quantize,
+             "train_head": args.train_head,
              "activation_checkpointing": bool(recompute),
              "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
     batches = SFTBatches(*packed[:2], cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
@@ -284,6 +302,9 @@ def add_arguments(p):
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the update's input")
     p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated projections of each layer to adapt (default: attention and MLP)")
+    p.add_argument("--train-head", action="store_true",
+                   help="train the LM head too, saved whole with the adapter (PEFT modules_to_save; used alone or "
+                   "merged, not stacked in mimo serve)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="hold the frozen base in ggml Q8_0 / Q4_0 blocks (QLoRA: less memory)")
     p.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],

@@ -298,6 +298,27 @@ def test_peft_opens_mimo_adapters_and_mimo_opens_peft_adapters(model_dir, tmp_pa
     with torch.no_grad():
         assert (theirs(x).logits - model(x).logits).abs().max() < 1e-5
 
+    # a head of the adapter's own (tune --train-head; PEFT's modules_to_save), both ways
+    ours = write_adapter(model_dir, tmp_path / "mimo-head", seed=3)
+    with torch.no_grad():
+        ours.lm_head.weight.add_(torch.randn(ours.lm_head.weight.shape, generator=torch.Generator().manual_seed(4)))
+    ours.lm_head.weight.requires_grad_(True)
+    save_adapter(ours, tmp_path / "mimo-head", LoRAConfig(r=4, alpha=8.0), str(model_dir))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    tuned = peft.PeftModel.from_pretrained(hf, str(tmp_path / "mimo-head")).eval()
+    with torch.no_grad():
+        assert (tuned(x).logits - ours(x).logits).abs().max() < 1e-5
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"],
+                                                      init_lora_weights=False)).eval()
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    theirs.save_pretrained(tmp_path / "peft-head")
+    model, _ = load_model_and_tokenizer(model_dir)
+    attach_adapters(model, [load_adapter(tmp_path / "peft-head", model, str(model_dir))])
+    with torch.no_grad():
+        assert (theirs(x).logits - model(x).logits).abs().max() < 1e-5
+
 
 def test_bad_input_gets_one_line(model_dir, notes, tmp_path, capfd, tokenizer):
     other_shape = save_model(tiny_model(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=96),
@@ -331,6 +352,53 @@ def test_bad_input_gets_one_line(model_dir, notes, tmp_path, capfd, tokenizer):
     # fingerprint mismatch even when the tensors have the right shapes: the base's name in the safetensors metadata
     with safe_open(str(tmp_path / "ad" / "adapter_model.safetensors"), "pt") as f:
         assert len(f.metadata()["mimo_base"]) == 16
+
+
+def test_a_head_of_its_own_is_tuned_saved_as_peft_does_and_used_alone_or_merged(model_dir, notes, tmp_path,
+                                                                                 monkeypatch):
+    """tune --train-head: the LM head trains beside the update and is saved whole (PEFT's modules_to_save), resumes
+    after a kill; the adapter on a float or int4 base computes what the merged model does; stacking or serving it
+    beside the base is refused."""
+    from mimo.errors import MimoError
+    from mimo.inference.engine_args import attach
+    from mimo.quantize import Int4Linear
+    from mimo.train import loop
+
+    def tune(out):
+        return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "4",
+                     "--save-every", "2", "--seq-len", "64", "--rank", "4", "--lr", "3e-2", "--replay", "0",
+                     "--train-head"])
+
+    assert tune(tmp_path / "ref") == 0
+    assert json.loads((tmp_path / "ref" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    tensors = load_file(str(tmp_path / "ref" / "adapter_model.safetensors"))
+    base, _ = load_model_and_tokenizer(model_dir)
+    head = tensors["base_model.model.lm_head.weight"]
+    assert head.shape == base.lm_head.weight.shape and not torch.equal(head, base.lm_head.weight)
+    run_killed_at_checkpoint(monkeypatch, loop, 4, lambda: tune(tmp_path / "killed"))
+    assert tune(tmp_path / "killed") == 0  # resumes from step 2, head and update alike
+    again = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
+    assert again.keys() == tensors.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+    x = torch.randint(0, 300, (2, 10))
+    adapter = load_adapter(tmp_path / "ref", base, str(model_dir))
+    assert torch.equal(adapter.head, head)
+    attach_adapters(base, [adapter])
+    assert main(["merge", str(model_dir), "--adapter", str(tmp_path / "ref"), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_model(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(base(x).logits, merged(x).logits, atol=1e-5)
+    q4, _ = load_model_and_tokenizer(model_dir, quantize="int4")
+    attach_adapters(q4, [load_adapter(tmp_path / "ref", q4, str(model_dir))])
+    assert isinstance(q4.lm_head, Int4Linear) and torch.allclose(
+        q4.lm_head.dequantized(), Int4Linear.from_weight(head).dequantized())
+
+    write_adapter(model_dir, tmp_path / "plain", seed=1)
+    m, _ = load_model_and_tokenizer(model_dir)
+    with pytest.raises(MimoError, match="replaces the LM head"):
+        attach_adapters(m, [load_adapter(tmp_path / d, m, str(model_dir)) for d in ("plain", "ref")])
+    with pytest.raises(MimoError, match="merge it"):
+        attach([f"mine={tmp_path / 'ref'}"], m, str(model_dir), serving=True)
 
 
 def test_serve_lists_adapters_and_the_model_field_picks_one(model_dir, tmp_path):
