@@ -106,7 +106,7 @@ def parse_adapter(spec: str) -> tuple[str | None, Path]:
 
 def attach(specs: list[str], model, model_dir: str, serving: bool = False):
     """Load the --adapter directories and stack them on the model: their AdapterSelection (None without).
-    serving: the base model answers requests too, so no adapter may replace its LM head."""
+    serving: the base model answers requests too (lora.attach_adapters' base_answers)."""
     from mimo.inference.adapters import load_adapter
     from mimo.inference.lora import attach_adapters
 
@@ -116,10 +116,7 @@ def attach(specs: list[str], model, model_dir: str, serving: bool = False):
     for spec in specs:
         name, path = parse_adapter(spec)
         adapters.append(load_adapter(path, model, model_dir, name))
-        if serving and adapters[-1].head is not None:
-            raise MimoError(f"adapter {adapters[-1].name} replaces the LM head (modules_to_save), which the served base "
-                            "model and its other adapters share: merge it (mimo merge) and serve the merged model")
     names = [a.name for a in adapters]
     if len(set(names)) < len(names):
         raise MimoError(f"two adapters named {next(n for n in names if names.count(n) > 1)!r}: name them NAME=DIR")
-    return attach_adapters(model, adapters)
+    return attach_adapters(model, adapters, base_answers=serving)

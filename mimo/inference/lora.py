@@ -169,14 +169,17 @@ class Adapter:
         return max(a.shape[0] for a, _, _ in self.updates.values())
 
 
-def attach_adapters(model: MiMoForCausalLM, adapters: list[Adapter]) -> AdapterSelection:
+def attach_adapters(model: MiMoForCausalLM, adapters: list[Adapter], base_answers: bool = False) -> AdapterSelection:
     """Stack adapters onto the model for inference (frozen; each one's scaling folded into its A). Returns the
-    selection the engine sets per forward pass; adapter a is index a, the base model is selection.base_index."""
+    selection the engine sets per forward pass; adapter a is index a, the base model is selection.base_index.
+    base_answers: requests for the base model come too (mimo serve). An adapter with a head of its own is attached
+    only where it is the whole model: alone, and no base requests."""
     if not adapters:
         raise MimoError("no adapter to attach")
-    if len(adapters) > 1 and (own := next((a for a in adapters if a.head is not None), None)):
-        raise MimoError(f"adapter {own.name} replaces the LM head (modules_to_save), which stacked adapters share: "
-                        "use it alone, or merge it (mimo merge) and serve the merged model")
+    own = next((a for a in adapters if a.head is not None), None)
+    if own is not None and (len(adapters) > 1 or base_answers):
+        raise MimoError(f"adapter {own.name} replaces the LM head (modules_to_save), which the base model and other "
+                        "adapters share: use it alone, or merge it (mimo merge) and serve the merged model")
     if adapters[0].head is not None:
         replace_head(model, adapters[0].head)
     dtype = model.model.embed_tokens.weight.dtype
@@ -225,6 +228,6 @@ def replace_head(model: MiMoForCausalLM, weight: torch.Tensor):
     if type(head) is nn.Linear:
         if head.weight is model.model.embed_tokens.weight:
             model.config = replace(model.config, tie_word_embeddings=False)
-        head.weight = nn.Parameter(weight.to(head.weight.dtype, copy=True).to(head.weight.device), requires_grad=False)
+        head.weight = nn.Parameter(weight.to(head.weight.device, head.weight.dtype, copy=True), requires_grad=False)
     else:  # quantize.Int8Linear / Int4Linear
         model.lm_head = type(head).from_weight(weight.float()).to(next(head.buffers()).device)
