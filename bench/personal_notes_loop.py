@@ -3,11 +3,13 @@ gradient clip 1.0, 8 rows of 256 tokens a step) with what `mimo tune` trains swa
 mimo tune, or --rank) with or without the LM head, or every weight but the embedding (a full fine-tune, with or
 without the head); the documents as written or with their order re-drawn every epoch (--shuffle: the profile's paragraphs and
 the sentences within each, the diary's lines), so that a fact is learnt keyed on what its sentence says rather than
-where it sits (knowledge augmentation: Allen-Zhu & Li, Physics of Language Models 3.1). Scores the held-out
-questions as bench/personal_notes.py does, every --every epochs.
+where it sits (knowledge augmentation: Allen-Zhu & Li, Physics of Language Models 3.1); --passages reads the
+documents as `mimo tune` now does (each paragraph or diary line an example of its own; with --shuffle, the
+sentences within each re-ordered every epoch). Scores the held-out questions as bench/personal_notes.py does, every
+--every epochs.
 
     python bench/personal_notes_loop.py MODEL_DIR --work DIR [--full [--freeze-head] | --train-head] [--shuffle]
-        [--rank 16] [--lr 5e-3] [--epochs 30] [--every 15]
+        [--passages] [--rank 16] [--lr 5e-3] [--epochs 30] [--every 15]
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ from personal_notes import VALUES, accuracy, write_data
 
 from mimo.inference.lora import LoRAConfig, add_lora
 from mimo.model import IGNORE_INDEX
-from mimo.train.sft import pack
-from mimo.train.tune import load_base, read_data, tokenize
+from mimo.train.sft import pack, pack_positions, tokenize_example
+from mimo.train.tune import load_base, read_data, tuning_examples
+
+
+def whole_documents(tok, docs: list[str], chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """Examples as `mimo tune` cut them before passages: each document whole, in pieces of 256 tokens."""
+    examples = []
+    for doc in docs:
+        ids = tok.encode(doc) + [tok.eos_token_id]
+        examples += [(ids[i: i + 257],) * 2 for i in range(0, len(ids) - 1, 257)]
+    return examples + [tokenize_example(tok, c) for c in chats]
 
 
 def reordered(docs: list[str], rng: random.Random) -> list[str]:
@@ -63,7 +74,10 @@ def main():
     p.add_argument("--full", action="store_true", help="train every weight but the embedding instead of LoRA")
     p.add_argument("--freeze-head", action="store_true", help="with --full: keep the LM head frozen")
     p.add_argument("--train-head", action="store_true", help="with LoRA: train the LM head too")
-    p.add_argument("--shuffle", action="store_true", help="re-draw the documents' order every epoch")
+    p.add_argument("--shuffle", action="store_true", help="re-draw the documents' order every epoch (with "
+                   "--passages: the sentences within each passage, as mimo tune's --sentence-order shuffle)")
+    p.add_argument("--passages", action="store_true", help="each passage of the documents an example of its own, as "
+                   "mimo tune reads them (default: each document whole, in pieces of 256 tokens)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha 2 x rank)")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--epochs", type=int, default=30)
@@ -84,15 +98,22 @@ def main():
     print(f"trainable parameters: {sum(w.numel() for w in params):,}", flush=True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, t0 = random.Random(0), time.time()
+    if args.passages:  # as mimo tune reads them: every epoch's copy, sentences re-ordered unless --shuffle is off
+        copies, _, _ = tuning_examples(tok, docs, chats, 256, args.epochs, 0.0, 0, args.shuffle)
+        n = len(copies) // args.epochs
     for epoch in range(1, args.epochs + 1):
-        examples, _ = tokenize(tok, reordered(docs, rng) if args.shuffle else docs, chats, 256)
+        if args.passages:
+            examples = copies[(epoch - 1) * n: epoch * n]
+        else:
+            examples = whole_documents(tok, reordered(docs, rng) if args.shuffle else docs, chats)
         rng.shuffle(examples)
         inputs, targets = pack(examples, 256, tok.eos_token_id)
+        positions = pack_positions(examples, 256) if args.passages else None  # each passage attends to itself
         order, total, steps = torch.randperm(len(inputs)), 0.0, 0
         model.train()
         for i in range(0, len(inputs), 8):
             rows = order[i: i + 8]
-            logits = model(inputs[rows]).logits  # [8, 256, vocab]
+            logits = model(inputs[rows], positions=None if positions is None else positions[rows]).logits  # [8, 256, V]
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[rows].flatten(),
                                                      ignore_index=IGNORE_INDEX)
             opt.zero_grad()

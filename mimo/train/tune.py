@@ -4,10 +4,14 @@
 
 Data: plain .txt / .md documents (language-modelling loss on every token) and .jsonl chat transcripts, one
 {"messages": [...]} (or {"prompt", "response"}) a line, loss on assistant turns only (as `mimo sft`); a
-directory is read recursively. Documents are cut into pieces of the sequence length and packed with the
-conversations into rows; a validation split (--val-fraction) is held out and scored as training goes. Beside
-them, --replay N (default 64) of the base model's own replies to procedural reasoning problems, generated before
-tuning: the adapter learns the user's material without unlearning how the model answers (self-distillation).
+directory is read recursively. Documents are read as the passages they are made of (paragraphs; the lines of a
+diary or a list of notes), each learnt on its own (packed into rows with the conversations, attending within
+itself), with the sentences of each passage re-ordered every epoch (--sentence-order): notes are a bag of facts,
+and a fact learnt from its own words, not from its neighbours, answers questions worded otherwise
+(docs/benchmarks.md, "Personal models"). A validation split (--val-fraction) is held out and scored as training
+goes. Beside them, the base model's own replies to --replay N (default 256) procedural reasoning problems,
+generated before tuning, 64 of them in each epoch in turn: the adapter learns the user's material without
+unlearning how the model answers (self-distillation).
 
 ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
 mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json, replay.json and checkpoints/; rerunning the command after
@@ -27,6 +31,7 @@ import functools
 import json
 import math
 import random
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -51,7 +56,8 @@ from mimo.weights import DTYPES
 TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=2e-3, min_lr_ratio=0.1,
                             warmup_steps=10, decay_fraction=0.5, weight_decay=0.0, mtp_weight=0.0,
                             mtp_weight_late=0.0, log_every=5, eval_every=25, eval_batches=4, save_every=25)
-REPLAY = 64  # --replay default
+REPLAY = 256  # --replay default: the base model's replies replayed, REPLAY_PER_EPOCH of them in each epoch
+REPLAY_PER_EPOCH = 64
 TEXT_SUFFIXES = (".txt", ".md")
 CHAT_SUFFIXES = (".jsonl",)
 
@@ -95,18 +101,92 @@ def read_data(path: Path) -> tuple[list[str], list[list[dict]]]:
     return documents, conversations
 
 
+SENTENCE_END = (".", "!", "?", ":", ";", ")", '"', "'")
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+ABBREVIATIONS = ("Mr.", "Mrs.", "Ms.", "Dr.", "St.", "Jr.", "Sr.", "vs.", "e.g.", "i.e.")
+
+
+def passages(document: str) -> list[str]:
+    """A document as the passages it is made of, each to be learnt on its own: paragraphs (blocks between blank
+    lines), and the lines of a block whose every line ends a sentence (a diary, a list of notes: one entry a line;
+    hard-wrapped prose stays one passage). Markdown headings stay with what follows them: a heading-only block
+    heads the next block, and a block's own headings head each of its lines. Notes are a bag of entries, so a
+    fact must be learnt from its own words rather than from the entry that happens to precede it in the file
+    (docs/benchmarks.md, "Personal models")."""
+    out, heading = [], []
+    for block in re.split(r"\n[ \t]*\n", document):
+        lines = [line.rstrip() for line in block.strip("\n").split("\n") if line.strip()]
+        head = heading + [line for line in lines if line.lstrip().startswith("#")]
+        body = [line for line in lines if not line.lstrip().startswith("#")]
+        if not body:  # headings alone: they head the next block
+            heading = head
+            continue
+        heading = []
+        if len(body) > 1 and all(line.endswith(SENTENCE_END) for line in body):
+            out += ["\n".join(head + [line]) for line in body]
+        else:
+            out.append("\n".join(head + body))
+    return out or ([document.strip()] if document.strip() else [])
+
+
 def tokenize(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int):
-    """-> examples (ids, labels), none longer than seq_len + 1 tokens: documents (each ending with the end of
-    text) cut into pieces, conversations whole (labels on assistant tokens; longer ones are dropped, counted)."""
+    """-> examples (ids, labels), none longer than seq_len + 1 tokens: each passage of the documents (ending with
+    the end of text; a long one cut into pieces), conversations whole (labels on assistant tokens; longer ones are
+    dropped, counted)."""
     from mimo.train.sft import tokenize_example
 
     examples = []
-    for doc in documents:
-        ids = tokenizer.encode(doc) + [tokenizer.eos_token_id]
+    for passage in (x for doc in documents for x in passages(doc)):
+        ids = tokenizer.encode(passage) + [tokenizer.eos_token_id]
         examples += [(ids[i: i + seq_len + 1],) * 2 for i in range(0, len(ids) - 1, seq_len + 1)]
     chats = [tokenize_example(tokenizer, c) for c in conversations]
     kept = [c for c in chats if len(c[0]) <= seq_len + 1]
     return examples + kept, len(chats) - len(kept)
+
+
+def reorder_sentences(passage: str, rng: random.Random) -> str:
+    """The passage with its sentences in an order drawn from rng (its headings first, as they were)."""
+    lines = passage.split("\n")
+    head = [line for line in lines if line.lstrip().startswith("#")]
+    body = " ".join(line.strip() for line in lines if not line.lstrip().startswith("#"))
+    sentences = []
+    for piece in SENTENCE_BREAK.split(body):
+        if sentences and sentences[-1].endswith(ABBREVIATIONS):  # "Dr. Smith": one sentence
+            sentences[-1] += " " + piece
+        else:
+            sentences.append(piece)
+    if len(sentences) < 2:
+        return passage
+    rng.shuffle(sentences)
+    return "\n".join(head + [" ".join(sentences)])
+
+
+def tuning_examples(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, epochs: int,
+                    val_fraction: float, seed: int, shuffle_sentences: bool, replay: list[list[dict]] = ()):
+    """-> (train examples for all `epochs`, validation examples, conversations too long to keep). The documents'
+    passages and the conversations are shuffled and val_fraction of them held out (of the replay too); the
+    training part is written out once per epoch, each copy with the sentences of every passage in a new order where
+    shuffle_sentences (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1": a fact is learnt
+    from the words that state it rather than from where it sits among the others, so that questions worded
+    otherwise reach it), and with the next REPLAY_PER_EPOCH of the replayed conversations, round-robin."""
+    items = [x for doc in documents for x in passages(doc)] + conversations
+    random.Random(seed).shuffle(items)
+    n_val = round(len(items) * val_fraction) if len(items) >= 10 else 0
+    n_val_replay = round(len(replay) * val_fraction) if len(replay) >= 10 else 0
+    train_texts = [x for x in items[n_val:] if isinstance(x, str)]
+    val, too_long_val = tokenize(tokenizer, [x for x in items[:n_val] if isinstance(x, str)],
+                                 [x for x in items[:n_val] if not isinstance(x, str)] + list(replay[:n_val_replay]),
+                                 seq_len)
+    chat_examples, too_long = tokenize(tokenizer, [], [x for x in items[n_val:] if not isinstance(x, str)], seq_len)
+    replay_examples, too_long_replay = tokenize(tokenizer, [], list(replay[n_val_replay:]), seq_len)
+    per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
+    train = []
+    for epoch in range(epochs):
+        rng = random.Random(seed * 1_000 + epoch)
+        copy = [reorder_sentences(t, rng) for t in train_texts] if shuffle_sentences else train_texts
+        replayed = [replay_examples[(epoch * per_epoch + i) % len(replay_examples)] for i in range(per_epoch)]
+        train += tokenize(tokenizer, copy, [], seq_len)[0] + chat_examples + replayed
+    return train, val, too_long + too_long_val + too_long_replay
 
 
 class AdapterStore(ModelStore):
@@ -162,6 +242,13 @@ def shrink_embedding(model):
     if stored in (torch.bfloat16, torch.float16) and getattr(model.lm_head, "weight", None) is not embedding.weight:
         embedding.weight.data = embedding.weight.data.to(stored)  # [vocab, hidden]: half the float32 bytes, exact
         embedding.register_forward_hook(lambda module, args, out: out.float())
+
+
+HEAD_AUTO_MAX = 32_000_000  # --train-head auto: a head of at most this many parameters (<= 512 MB with its AdamW state)
+
+
+def small_head(model) -> bool:
+    return model.lm_head.in_features * model.lm_head.out_features <= HEAD_AUTO_MAX
 
 
 def train_head(model):
@@ -239,44 +326,52 @@ def run(args):
     replay = load_replay(Path(args.out), model, tokenizer, args.replay, args.seed, info.is_main)
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
-    if args.train_head:
+    head_trains = args.train_head == "on" or (args.train_head == "auto" and small_head(model))
+    if head_trains:
         train_head(model)
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
     if recompute:
         checkpoint_activations(model)
     cfg = replace(TUNE_DEFAULTS, seed=args.seed, precision=args.precision, seq_len=args.seq_len)
     cfg = cfg.with_overrides(args, info.world_size)
-    examples, too_long = tokenize(tokenizer, documents, conversations + replay, cfg.seq_len)
-    if not examples:
+    epochs = math.ceil(args.epochs)
+    train_examples, val_examples, too_long = tuning_examples(
+        tokenizer, documents, conversations, cfg.seq_len, epochs, args.val_fraction, args.seed,
+        args.sentence_order == "shuffle", replay)
+    if not train_examples:
         raise MimoError(f"{args.data}: no example fits --seq-len {cfg.seq_len}")
-    random.Random(args.seed).shuffle(examples)
-    n_val = round(len(examples) * args.val_fraction) if len(examples) >= 10 else 0
-    from mimo.train.sft import SFTBatches, pack
+    from mimo.train.sft import SFTBatches, pack, pack_positions
 
-    packed = pack(examples[n_val:], cfg.seq_len, tokenizer.eos_token_id)  # inputs, targets (, positions)
+    def packed_rows(part):  # inputs, targets, positions: each example attends to itself only (document mask)
+        return (*pack(part, cfg.seq_len, tokenizer.eos_token_id), pack_positions(part, cfg.seq_len))
+
+    packed = packed_rows(train_examples)  # every epoch's copy of the data, shuffled together
     inputs, targets = packed[:2]
     if args.max_steps is None:
-        cfg = replace(cfg, max_steps=max(1, math.ceil(args.epochs * len(inputs) / cfg.global_batch_seqs)))
+        cfg = replace(cfg, max_steps=max(1, math.ceil(args.epochs / epochs * len(inputs) / cfg.global_batch_seqs)))
+    n_val = len(val_examples)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = {"documents": len(documents), "conversations": len(conversations), "replay": len(replay),
              "dropped_too_long": too_long,
-             "examples": len(examples), "validation_examples": n_val, "train_rows": len(inputs),
-             "train_tokens": int((targets != IGNORE_INDEX).sum()), "trainable_parameters": trainable}
+             "examples_per_epoch": len(train_examples) // epochs, "validation_examples": n_val,
+             "rows_per_epoch": len(inputs) // epochs, "sentence_order": args.sentence_order,
+             "train_tokens_per_epoch": int((targets != IGNORE_INDEX).sum()) // epochs,
+             "trainable_parameters": trainable}
     print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s), {len(replay)} replayed "
            f"({too_long} too long) -> "
-           f"{len(inputs)} rows of {cfg.seq_len} tokens, {n_val} validation example(s); LoRA rank {lora.r} on "
+           f"{len(inputs) // epochs} rows of {cfg.seq_len} tokens an epoch, {n_val} validation example(s); LoRA rank {lora.r} on "
            f"{', '.join(lora.target_modules)}: {trainable:,} trainable parameters; {cfg.max_steps} steps")
     run_dir = Path(args.out)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "tune_config.json").write_text(json.dumps(
             {"command": "tune", "model": str(args.model), "data": str(args.data), "quantize": args.quantize,
-             "train_head": args.train_head,
+             "train_head": head_trains,
              "activation_checkpointing": bool(recompute),
              "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
     batches = SFTBatches(*packed[:2], cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
-                         args.seed, info.device, *packed[2:])
-    val_packed = pack(examples[:n_val], cfg.seq_len, tokenizer.eos_token_id) if n_val else ()
+                         args.seed, info.device, packed[2])
+    val_packed = packed_rows(val_examples) if n_val else ()
 
     def val():
         for i in range(0, min(len(val_packed[0]), cfg.micro_batch * cfg.eval_batches), cfg.micro_batch):
@@ -302,22 +397,27 @@ def add_arguments(p):
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the update's input")
     p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated projections of each layer to adapt (default: attention and MLP)")
-    p.add_argument("--train-head", action="store_true",
+    p.add_argument("--train-head", default="auto", choices=["auto", "on", "off"],
                    help="train the LM head too, saved whole with the adapter (PEFT modules_to_save; used alone or "
-                   "merged, not stacked in mimo serve)")
+                   f"merged, not stacked in mimo serve); auto: where it has at most {HEAD_AUTO_MAX / 1e6:g}M "
+                   "parameters (a small model, whose head has not learnt the words of your notes; not a 7B's 0.6B)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="hold the frozen base in ggml Q8_0 / Q4_0 blocks (QLoRA: less memory)")
     p.add_argument("--activation-checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="recompute each layer's activations in the backward pass (less memory, ~10%% slower); "
                    "auto: on with --quantize")
+    p.add_argument("--sentence-order", default="shuffle", choices=["shuffle", "keep"],
+                   help="shuffle: each epoch re-orders the sentences within every passage of the documents, so a "
+                   "fact is learnt from its own words, not its place (notes); keep: as written (prose whose order "
+                   "matters)")
     p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TUNE_DEFAULTS.lr:g})")
     p.add_argument("--replay", type=int, default=REPLAY, help="the base model's own replies to this many procedural "
-                   "reasoning problems, tuned on beside the data so that the adapter keeps the model's skills "
-                   "(self-distillation; 0: off)")
+                   f"reasoning problems, tuned on beside the data ({REPLAY_PER_EPOCH} an epoch, in turn) so that the "
+                   "adapter keeps the model's skills (self-distillation; 0: off)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the examples held out for validation")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")

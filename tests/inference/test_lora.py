@@ -104,7 +104,7 @@ def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, n
     def tune(out, *extra):
         return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "6",
                      "--save-every", "3", "--eval-every", "1", "--seq-len", "64", "--rank", "4", "--lr", "3e-2",
-                     "--val-fraction", "0.1", *extra])
+                     "--val-fraction", "0.1", "--train-head", "off", *extra])
 
     monkeypatch.setattr(tune_module, "TUNE_DEFAULTS", replace(tune_module.TUNE_DEFAULTS, log_every=1, warmup_steps=2))
     ref = tmp_path / "ref"
@@ -208,6 +208,42 @@ def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
     n = len(tokenizer.encode("Ada drinks tea. " * 40)) + 1  # the end of text too (a lone last token: no target)
     assert too_long == 1 and sum(len(i) for i, _ in docs) >= n - 1 and all(i == lab and len(i) <= 65 for i, lab in docs)
     assert tokenizer.decode([t for t in labels if t >= 0]) == "Porto.<|im_end|>"
+
+
+def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_epoch(tokenizer, monkeypatch):
+    from mimo.train import tune as tune_module
+    from mimo.train.tune import passages, tuning_examples
+
+    notes = ("# People\n\n## Ada\nAda lives in Porto. Ada plays the oboe. Dr. Lee is her dentist.\n\n"
+             "Called Ada today.\nBo visited Ada!\n\nProse wrapped\nacross two lines.\n")
+    assert passages(notes) == ["# People\n## Ada\nAda lives in Porto. Ada plays the oboe. Dr. Lee is her dentist.",
+                               "Called Ada today.", "Bo visited Ada!", "Prose wrapped\nacross two lines."]
+    chat = [{"role": "user", "content": "Where does Ada live?"}, {"role": "assistant", "content": "Porto."}]
+    train, val, too_long = tuning_examples(tokenizer, [notes], [chat] * 6, 64, epochs=3, val_fraction=0.0,
+                                           seed=0, shuffle_sentences=True)
+    texts = [tokenizer.decode(ids).removesuffix("<|endoftext|>") for ids, labels in train if ids == labels]
+    assert too_long == 0 and val == [] and len(train) == 3 * 10 and len(texts) == 3 * 4
+    profiles = [t for t in texts if t.startswith("# People\n## Ada\n")]
+    sentences = ["Ada lives in Porto.", "Ada plays the oboe.", "Dr. Lee is her dentist."]
+    assert len(profiles) == 3 and len(set(profiles)) > 1  # each epoch its own order
+    assert all(sorted(t.split("\n")[2].replace(". ", ".|").replace("Dr.|", "Dr. ").split("|")) == sorted(sentences)
+               for t in profiles)
+    assert texts.count("Prose wrapped\nacross two lines.") == 3  # one sentence: as written
+    kept, _, _ = tuning_examples(tokenizer, [notes], [], 64, epochs=2, val_fraction=0.0, seed=0,
+                                 shuffle_sentences=False)
+    assert kept[:4] == kept[4:] and "# People\n## Ada\nAda lives in Porto. Ada plays the oboe. Dr. Lee is her " \
+        "dentist.<|endoftext|>" in [tokenizer.decode(ids) for ids, _ in kept]
+    # held-out passages and chats are in no epoch's training copy
+    train, val, _ = tuning_examples(tokenizer, [notes], [chat] * 6, 64, epochs=2, val_fraction=0.2, seed=0,
+                                    shuffle_sentences=False)
+    assert len(val) == 2 and len(train) == 2 * 8 and not any(v in train for v in val if v[0] == v[1])
+    # the replay: REPLAY_PER_EPOCH of its conversations in each epoch, in turn
+    monkeypatch.setattr(tune_module, "REPLAY_PER_EPOCH", 2)
+    replay = [[{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}] for i in range(3)]
+    train, _, _ = tuning_examples(tokenizer, [notes], [], 64, epochs=3, val_fraction=0.0, seed=0,
+                                  shuffle_sentences=False, replay=replay)
+    answers = [tokenizer.decode([t for t in labels if t >= 0]) for ids, labels in train if ids != labels]
+    assert answers == [f"{i}<|im_end|>" for i in (1, 2, 3, 1, 2, 3)]
 
 
 def test_adapter_on_the_engine_equals_the_merged_model_and_batches_mix_adapters(model_dir, tmp_path):
@@ -367,7 +403,7 @@ def test_a_head_of_its_own_is_tuned_saved_as_peft_does_and_used_alone_or_merged(
     def tune(out):
         return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "4",
                      "--save-every", "2", "--seq-len", "64", "--rank", "4", "--lr", "3e-2", "--replay", "0",
-                     "--train-head"])
+                     "--train-head", "on"])
 
     assert tune(tmp_path / "ref") == 0
     assert json.loads((tmp_path / "ref" / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
