@@ -192,7 +192,7 @@ def main():
     p.add_argument("--work", required=True, type=Path)
     p.add_argument("--people", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-limit", type=int, default=48, help="reasoning problems for mimo eval (0: skip)")
+    p.add_argument("--eval-limit", type=int, default=480, help="reasoning problems for mimo eval (0: skip)")
     p.add_argument("--tune-args", default="", help="flags for mimo tune beyond its defaults, e.g. \"--epochs 50\"")
     args = p.parse_args()
     questions = write_data(args.work, args.people, args.seed)

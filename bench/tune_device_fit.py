@@ -3,7 +3,7 @@ random bf16 weights, Qwen2's vocabulary size) with an int4 base. Runs the comman
 peak resident memory (the child process's maxrss) and the training tokens/s from its metrics.jsonl.
 
     python bench/tune_device_fit.py --standin /work/standins/mimo-1.5b --data NOTES --out DIR [--quantize int4]
-        [--max-steps 2] [--seq-len 128] [--micro-batch 1]
+        [--max-steps 2] [--seq-len 128] [--micro-batch 1] [--replay 64]
 
 Write the stand-in first, in its own command (its writer's memory must not count here), and delete it after:
     python bench/write_standin.py /work/standins/mimo-1.5b --shape 1.5b
@@ -29,13 +29,15 @@ def main():
     ap.add_argument("--max-steps", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--replay", type=int, default=64, help="mimo tune --replay: its generation takes minutes on a "
+                    "random-weight stand-in (no reply ever stops); memory does not grow with it")
     args = ap.parse_args()
     bin_dir = Path(sys.executable).parent
     if not (args.standin / "config.json").exists():
         sys.exit(f"{args.standin}: no model directory (bench/write_standin.py writes one)")
     cmd = [str(bin_dir / "mimo"), "tune", str(args.standin), "--data", str(args.data), "--out", str(args.out),
            "--quantize", args.quantize, "--max-steps", str(args.max_steps), "--seq-len", str(args.seq_len),
-           "--micro-batch", str(args.micro_batch), "--val-fraction", "0", "--save-every", str(args.max_steps)]
+           "--micro-batch", str(args.micro_batch), "--replay", str(args.replay), "--val-fraction", "0", "--save-every", str(args.max_steps)]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)

@@ -53,9 +53,11 @@ from mimo.parallel import init_distributed, print0
 from mimo.train.loop import FULL_STATE, ModelStore, TrainConfig, train
 from mimo.weights import DTYPES
 
-TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=2e-3, min_lr_ratio=0.1,
+TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=5e-3, min_lr_ratio=0.1,
                             warmup_steps=10, decay_fraction=0.5, weight_decay=0.0, mtp_weight=0.0,
                             mtp_weight_late=0.0, log_every=5, eval_every=25, eval_batches=4, save_every=25)
+LR_WIDTH = 384  # the default peak rate, TUNE_DEFAULTS.lr, is for models this wide or narrower; wider ones get
+# lr x LR_WIDTH / hidden (Adam's rate for hidden weights goes as 1 / width, as in muP): 4.7e-4 at MiMo-7B's 4096
 REPLAY = 256  # --replay default: the base model's replies replayed, REPLAY_PER_EPOCH of them in each epoch
 REPLAY_PER_EPOCH = 64
 TEXT_SUFFIXES = (".txt", ".md")
@@ -332,7 +334,8 @@ def run(args):
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
     if recompute:
         checkpoint_activations(model)
-    cfg = replace(TUNE_DEFAULTS, seed=args.seed, precision=args.precision, seq_len=args.seq_len)
+    cfg = replace(TUNE_DEFAULTS, seed=args.seed, precision=args.precision, seq_len=args.seq_len,
+                  lr=TUNE_DEFAULTS.lr * min(1.0, LR_WIDTH / model.config.hidden_size))
     cfg = cfg.with_overrides(args, info.world_size)
     epochs = math.ceil(args.epochs)
     train_examples, val_examples, too_long = tuning_examples(
@@ -414,7 +417,8 @@ def add_arguments(p):
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TUNE_DEFAULTS.lr:g})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TUNE_DEFAULTS.lr:g}, times "
+                   f"{LR_WIDTH} / hidden size for models wider than {LR_WIDTH}: 4.7e-4 for MiMo-7B)")
     p.add_argument("--replay", type=int, default=REPLAY, help="the base model's own replies to this many procedural "
                    f"reasoning problems, tuned on beside the data ({REPLAY_PER_EPOCH} an epoch, in turn) so that the "
                    "adapter keeps the model's skills (self-distillation; 0: off)")
