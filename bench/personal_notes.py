@@ -139,13 +139,19 @@ def write_data(out: Path, people: int, seed: int) -> list[dict]:
 
 
 @torch.no_grad()
-def accuracy(model, tok, questions: list[dict], values: dict[str, list[str]]) -> dict:
-    """The share of questions whose right value gives the likeliest reply among the attribute's values."""
+def accuracy(model, tok, questions: list[dict], values: dict[str, list[str]], notes_wording: bool = False) -> dict:
+    """The share of questions whose right value gives the likeliest reply among the attribute's values; with
+    notes_wording, the likeliest profile line of the notes after the person's heading instead of a chat (what
+    the model recalls as a document, before any rephrasing)."""
     right = {"all": [], "asked_in_chats": [], "notes_only": []}
     for q in questions:
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": q["question"]}]))
-        cands = values[q["attribute"]]
-        replies = [tok.encode(ANSWER[q["attribute"]].format(n=q["name"], v=v) + "<|im_end|>") for v in cands]
+        cands, a, n = values[q["attribute"]], q["attribute"], q["name"]
+        if notes_wording:
+            prompt = tok.encode(f"## {n}\n")
+            replies = [tok.encode(NOTES[a][0].format(n=n, v=v)) for v in cands]
+        else:
+            prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": q["question"]}]))
+            replies = [tok.encode(ANSWER[a].format(n=n, v=v) + "<|im_end|>") for v in cands]
         T = len(prompt) + max(len(r) for r in replies)
         ids = torch.zeros(len(cands), T, dtype=torch.long)
         mask = torch.zeros(len(cands), T, dtype=torch.bool)

@@ -5,8 +5,8 @@ without the head); the documents as written or with their order re-drawn every e
 the sentences within each, the diary's lines), so that a fact is learnt keyed on what its sentence says rather than
 where it sits (knowledge augmentation: Allen-Zhu & Li, Physics of Language Models 3.1); --passages reads the
 documents as `mimo tune` now does (each paragraph or diary line an example of its own; with --shuffle, the
-sentences within each re-ordered every epoch). Scores the held-out questions as bench/personal_notes.py does, every
---every epochs.
+sentences within each re-ordered every epoch). Scores the held-out questions as bench/personal_notes.py does, and the facts in the notes' own
+wording (the likeliest profile line after "## NAME"), every --every epochs.
 
     python bench/personal_notes_loop.py MODEL_DIR --work DIR [--full [--freeze-head] | --train-head] [--shuffle]
         [--passages] [--rank 16] [--lr 5e-3] [--epochs 30] [--every 15]
@@ -123,7 +123,9 @@ def main():
             total, steps = total + loss.item(), steps + 1
         if epoch % args.every == 0 or epoch == args.epochs:
             scores = accuracy(model.eval(), tok, questions, values)
-            print(f"epoch {epoch}: loss {total / steps:.3f}, accuracy {scores}, {time.time() - t0:.0f} s", flush=True)
+            recall = accuracy(model, tok, questions, values, notes_wording=True)
+            print(f"epoch {epoch}: loss {total / steps:.3f}, accuracy {scores}, in the notes' wording {recall}, "
+                  f"{time.time() - t0:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ diary or a list of notes), each learnt on its own (packed into rows with the con
 itself), with the sentences of each passage re-ordered every epoch (--sentence-order): notes are a bag of facts,
 and a fact learnt from its own words, not from its neighbours, answers questions worded otherwise
 (docs/benchmarks.md, "Personal models"). A validation split (--val-fraction) is held out and scored as training
-goes. Beside them, the base model's own replies to --replay N (default 256) procedural reasoning problems,
-generated before tuning, 64 of them in each epoch in turn: the adapter learns the user's material without
+goes. Beside them, the base model's own replies to --replay N procedural reasoning problems (default 1,024 on
+a model of at most 100M parameters, 64 on larger ones), generated before tuning, 64 of them in each epoch in turn: the adapter learns the user's material without
 unlearning how the model answers (self-distillation).
 
 ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
@@ -58,7 +58,10 @@ TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro
                             mtp_weight_late=0.0, log_every=5, eval_every=25, eval_batches=4, save_every=25)
 LR_WIDTH = 384  # the default peak rate, TUNE_DEFAULTS.lr, is for models this wide or narrower; wider ones get
 # lr x LR_WIDTH / hidden (Adam's rate for hidden weights goes as 1 / width, as in muP): 4.7e-4 at MiMo-7B's 4096
-REPLAY = 256  # --replay default: the base model's replies replayed, REPLAY_PER_EPOCH of them in each epoch
+# --replay default: the base model's replies to this many problems, REPLAY_PER_EPOCH of them in each epoch in turn;
+# more distinct replies keep more of the reasoning (docs/benchmarks.md, "Personal models"), but each costs a
+# generation: 1,024 take ~2 minutes on the tiny model and would take an hour on a 7B, which gets 64
+REPLAY_SMALL, REPLAY_LARGE, REPLAY_SMALL_MAX_PARAMS = 1024, 64, 100_000_000
 REPLAY_PER_EPOCH = 64
 TEXT_SUFFIXES = (".txt", ".md")
 CHAT_SUFFIXES = (".jsonl",)
@@ -320,12 +323,14 @@ def run(args):
         raise MimoError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
     if args.epochs <= 0:
         raise MimoError(f"--epochs must be > 0, got {args.epochs}")
-    if args.replay < 0:
+    if args.replay is not None and args.replay < 0:
         raise MimoError(f"--replay must be >= 0, got {args.replay}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize, shrink=False)
     lora.validate(model)  # bad flags fail before the replay's minutes
-    replay = load_replay(Path(args.out), model, tokenizer, args.replay, args.seed, info.is_main)
+    n_replay = args.replay if args.replay is not None else REPLAY_SMALL if sum(
+        p.numel() for p in model.parameters()) <= REPLAY_SMALL_MAX_PARAMS else REPLAY_LARGE
+    replay = load_replay(Path(args.out), model, tokenizer, n_replay, args.seed, info.is_main)
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
     head_trains = args.train_head == "on" or (args.train_head == "auto" and small_head(model))
@@ -419,9 +424,11 @@ def add_arguments(p):
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {TUNE_DEFAULTS.lr:g}, times "
                    f"{LR_WIDTH} / hidden size for models wider than {LR_WIDTH}: 4.7e-4 for MiMo-7B)")
-    p.add_argument("--replay", type=int, default=REPLAY, help="the base model's own replies to this many procedural "
+    p.add_argument("--replay", type=int, default=None, help="the base model's own replies to this many procedural "
                    f"reasoning problems, tuned on beside the data ({REPLAY_PER_EPOCH} an epoch, in turn) so that the "
-                   "adapter keeps the model's skills (self-distillation; 0: off)")
+                   f"adapter keeps the model's skills (self-distillation; 0: off; default {REPLAY_SMALL} for a model "
+                   f"of at most {REPLAY_SMALL_MAX_PARAMS / 1e6:g}M parameters, {REPLAY_LARGE} for larger ones, whose "
+                   "replies take longer to generate)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the examples held out for validation")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")

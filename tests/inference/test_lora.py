@@ -104,7 +104,7 @@ def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, n
     def tune(out, *extra):
         return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "6",
                      "--save-every", "3", "--eval-every", "1", "--seq-len", "64", "--rank", "4", "--lr", "3e-2",
-                     "--val-fraction", "0.1", "--train-head", "off", *extra])
+                     "--val-fraction", "0.1", "--train-head", "off", "--replay", "16", *extra])
 
     monkeypatch.setattr(tune_module, "TUNE_DEFAULTS", replace(tune_module.TUNE_DEFAULTS, log_every=1, warmup_steps=2))
     ref = tmp_path / "ref"
