@@ -31,7 +31,7 @@ from personal_notes import VALUES, accuracy, write_data
 from mimo.inference.lora import LoRAConfig, add_lora
 from mimo.model import IGNORE_INDEX
 from mimo.train.sft import pack, pack_positions, tokenize_example
-from mimo.train.tune import load_base, read_data, tuning_examples
+from mimo.train.tune import load_base, read_data, tuning_data
 
 
 def whole_documents(tok, docs: list[str], chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
@@ -99,11 +99,10 @@ def main():
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, t0 = random.Random(0), time.time()
     if args.passages:  # as mimo tune reads them: every epoch's copy, sentences re-ordered unless --shuffle is off
-        copies, _, _ = tuning_examples(tok, docs, chats, 256, args.epochs, 0.0, 0, args.shuffle)
-        n = len(copies) // args.epochs
+        epoch_examples, _, _ = tuning_data(tok, docs, chats, 256, 0.0, 0, args.shuffle)
     for epoch in range(1, args.epochs + 1):
         if args.passages:
-            examples = copies[(epoch - 1) * n: epoch * n]
+            examples = epoch_examples(epoch - 1)
         else:
             examples = whole_documents(tok, reordered(docs, rng) if args.shuffle else docs, chats)
         rng.shuffle(examples)

@@ -166,14 +166,14 @@ def reorder_sentences(passage: str, rng: random.Random) -> str:
     return "\n".join(head + [" ".join(sentences)])
 
 
-def tuning_examples(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, epochs: int,
-                    val_fraction: float, seed: int, shuffle_sentences: bool, replay: list[list[dict]] = ()):
-    """-> (train examples for all `epochs`, validation examples, conversations too long to keep). The documents'
-    passages and the conversations are shuffled and val_fraction of them held out (of the replay too); the
-    training part is written out once per epoch, each copy with the sentences of every passage in a new order where
+def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, val_fraction: float,
+                seed: int, shuffle_sentences: bool, replay: list[list[dict]] = ()):
+    """-> (epoch_examples(epoch) -> that epoch's training examples, validation examples, conversations too long to
+    keep). The documents' passages and the conversations are shuffled and val_fraction of them held out (of the
+    replay too); each epoch's copy of the rest has the sentences of every passage in an order of its own where
     shuffle_sentences (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1": a fact is learnt
     from the words that state it rather than from where it sits among the others, so that questions worded
-    otherwise reach it), and with the next REPLAY_PER_EPOCH of the replayed conversations, round-robin."""
+    otherwise reach it), and the next REPLAY_PER_EPOCH of the replayed conversations, round-robin."""
     items = [x for doc in documents for x in passages(doc)] + conversations
     random.Random(seed).shuffle(items)
     n_val = round(len(items) * val_fraction) if len(items) >= 10 else 0
@@ -185,13 +185,63 @@ def tuning_examples(tokenizer, documents: list[str], conversations: list[list[di
     chat_examples, too_long = tokenize(tokenizer, [], [x for x in items[n_val:] if not isinstance(x, str)], seq_len)
     replay_examples, too_long_replay = tokenize(tokenizer, [], list(replay[n_val_replay:]), seq_len)
     per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
-    train = []
-    for epoch in range(epochs):
+    as_written = tokenize(tokenizer, train_texts, [], seq_len)[0]
+
+    def epoch_examples(epoch: int) -> list[tuple[list[int], list[int]]]:
         rng = random.Random(seed * 1_000 + epoch)
-        copy = [reorder_sentences(t, rng) for t in train_texts] if shuffle_sentences else train_texts
+        texts = tokenize(tokenizer, [reorder_sentences(t, rng) for t in train_texts], [], seq_len)[0] \
+            if shuffle_sentences else as_written
         replayed = [replay_examples[(epoch * per_epoch + i) % len(replay_examples)] for i in range(per_epoch)]
-        train += tokenize(tokenizer, copy, [], seq_len)[0] + chat_examples + replayed
-    return train, val, too_long + too_long_val + too_long_replay
+        return texts + chat_examples + replayed
+
+    return epoch_examples, val, too_long + too_long_val + too_long_replay
+
+
+class EpochBatches:
+    """Rows for the training loop, each epoch packed from its own copy of the data (tuning_data's epoch_examples)
+    when first reached, and reshuffled with the seed; step s takes global rows [s*G, (s+1)*G) of the epochs laid end
+    to end. Memory holds two epochs' rows, not all of them. Yields (inputs, targets, positions) [micro, T]: each
+    example attends to itself only (document mask)."""
+
+    def __init__(self, epoch_examples, seq_len: int, pad_id: int, global_seqs: int, micro: int, rank: int,
+                 world: int, seed: int, device):
+        if global_seqs % (micro * world):
+            raise MimoError(f"global batch {global_seqs} is not a multiple of micro batch {micro} x {world}")
+        self.epoch_examples, self.seq_len, self.pad_id = epoch_examples, seq_len, pad_id
+        self.G, self.micro, self.accum = global_seqs, micro, global_seqs // (micro * world)
+        self.rank, self.world, self.seed, self.device = rank, world, seed, device
+        self.counts: list[int] = []  # rows of each epoch reached so far
+        self.cache: dict[int, tuple] = {}
+
+    def packed(self, epoch: int) -> tuple:
+        """(inputs, targets, positions) [rows, T] of one epoch, in a seeded order."""
+        if epoch not in self.cache:
+            from mimo.train.sft import pack, pack_positions
+
+            examples = self.epoch_examples(epoch)
+            rows = (*pack(examples, self.seq_len, self.pad_id), pack_positions(examples, self.seq_len))
+            order = torch.randperm(len(rows[0]), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+            self.cache = {e: v for e, v in self.cache.items() if e == epoch - 1}  # a micro batch may span two
+            self.cache[epoch] = tuple(t[order] for t in rows)
+        return self.cache[epoch]
+
+    def rows(self, epoch: int) -> int:
+        while len(self.counts) <= epoch:
+            self.counts.append(len(self.packed(len(self.counts))[0]))
+        return self.counts[epoch]
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        epoch = 0
+        while i >= self.rows(epoch):
+            i, epoch = i - self.rows(epoch), epoch + 1
+        return epoch, i
+
+    def micro_batches(self, step: int):
+        base = step * self.G
+        for m in range(self.accum):
+            first = base + (m * self.world + self.rank) * self.micro
+            rows = [self._locate(i) for i in range(first, first + self.micro)]
+            yield tuple(torch.stack([self.packed(e)[k][j] for e, j in rows]).to(self.device) for k in range(3))
 
 
 class AdapterStore(ModelStore):
@@ -342,33 +392,26 @@ def run(args):
     cfg = replace(TUNE_DEFAULTS, seed=args.seed, precision=args.precision, seq_len=args.seq_len,
                   lr=TUNE_DEFAULTS.lr * min(1.0, LR_WIDTH / model.config.hidden_size))
     cfg = cfg.with_overrides(args, info.world_size)
-    epochs = math.ceil(args.epochs)
-    train_examples, val_examples, too_long = tuning_examples(
-        tokenizer, documents, conversations, cfg.seq_len, epochs, args.val_fraction, args.seed,
+    epoch_examples, val_examples, too_long = tuning_data(
+        tokenizer, documents, conversations, cfg.seq_len, args.val_fraction, args.seed,
         args.sentence_order == "shuffle", replay)
-    if not train_examples:
+    batches = EpochBatches(epoch_examples, cfg.seq_len, tokenizer.eos_token_id, cfg.global_batch_seqs,
+                           cfg.micro_batch, info.rank, info.world_size, args.seed, info.device)
+    if not batches.rows(0):
         raise MimoError(f"{args.data}: no example fits --seq-len {cfg.seq_len}")
-    from mimo.train.sft import SFTBatches, pack, pack_positions
-
-    def packed_rows(part):  # inputs, targets, positions: each example attends to itself only (document mask)
-        return (*pack(part, cfg.seq_len, tokenizer.eos_token_id), pack_positions(part, cfg.seq_len))
-
-    packed = packed_rows(train_examples)  # every epoch's copy of the data, shuffled together
-    inputs, targets = packed[:2]
     if args.max_steps is None:
-        cfg = replace(cfg, max_steps=max(1, math.ceil(args.epochs / epochs * len(inputs) / cfg.global_batch_seqs)))
+        cfg = replace(cfg, max_steps=max(1, math.ceil(args.epochs * batches.rows(0) / cfg.global_batch_seqs)))
     n_val = len(val_examples)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = {"documents": len(documents), "conversations": len(conversations), "replay": len(replay),
-             "dropped_too_long": too_long,
-             "examples_per_epoch": len(train_examples) // epochs, "validation_examples": n_val,
-             "rows_per_epoch": len(inputs) // epochs, "sentence_order": args.sentence_order,
-             "train_tokens_per_epoch": int((targets != IGNORE_INDEX).sum()) // epochs,
+             "dropped_too_long": too_long, "examples_per_epoch": len(epoch_examples(0)),
+             "validation_examples": n_val, "rows_per_epoch": batches.rows(0), "sentence_order": args.sentence_order,
+             "train_tokens_per_epoch": int((batches.packed(0)[1] != IGNORE_INDEX).sum()),
              "trainable_parameters": trainable}
     print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s), {len(replay)} replayed "
-           f"({too_long} too long) -> "
-           f"{len(inputs) // epochs} rows of {cfg.seq_len} tokens an epoch, {n_val} validation example(s); LoRA rank {lora.r} on "
-           f"{', '.join(lora.target_modules)}: {trainable:,} trainable parameters; {cfg.max_steps} steps")
+           f"({too_long} too long) -> {batches.rows(0)} rows of {cfg.seq_len} tokens an epoch, {n_val} validation "
+           f"example(s); LoRA rank {lora.r} on {', '.join(lora.target_modules)}: {trainable:,} trainable "
+           f"parameters; {cfg.max_steps} steps")
     run_dir = Path(args.out)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -377,9 +420,10 @@ def run(args):
              "train_head": head_trains,
              "activation_checkpointing": bool(recompute),
              "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
-    batches = SFTBatches(*packed[:2], cfg.global_batch_seqs, cfg.micro_batch, info.rank, info.world_size,
-                         args.seed, info.device, packed[2])
-    val_packed = packed_rows(val_examples) if n_val else ()
+    from mimo.train.sft import pack, pack_positions
+
+    val_packed = (*pack(val_examples, cfg.seq_len, tokenizer.eos_token_id),
+                  pack_positions(val_examples, cfg.seq_len)) if n_val else ()
 
     def val():
         for i in range(0, min(len(val_packed[0]), cfg.micro_batch * cfg.eval_batches), cfg.micro_batch):

@@ -212,7 +212,11 @@ def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
 
 def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_epoch(tokenizer, monkeypatch):
     from mimo.train import tune as tune_module
-    from mimo.train.tune import passages, tuning_examples
+    from mimo.train.tune import passages, tuning_data
+
+    def tuning_examples(*args, epochs, **kwargs):  # every epoch's examples, laid end to end
+        epoch_examples, val, too_long = tuning_data(*args, **kwargs)
+        return [x for e in range(epochs) for x in epoch_examples(e)], val, too_long
 
     notes = ("# People\n\n## Ada\nAda lives in Porto. Ada plays the oboe. Dr. Lee is her dentist.\n\n"
              "Called Ada today.\nBo visited Ada!\n\nProse wrapped\nacross two lines.\n")
@@ -237,6 +241,14 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
     train, val, _ = tuning_examples(tokenizer, [notes], [chat] * 6, 64, epochs=2, val_fraction=0.2, seed=0,
                                     shuffle_sentences=False)
     assert len(val) == 2 and len(train) == 2 * 8 and not any(v in train for v in val if v[0] == v[1])
+    # the loop's rows: epoch after epoch, each epoch's every row once (two rows a step, one a micro batch)
+    batches = tune_module.EpochBatches(tuning_data(tokenizer, [notes] * 3, [chat] * 6, 64, 0.0, 0, True)[0], 64,
+                                       tokenizer.eos_token_id, 2, 1, 0, 1, 0, "cpu")
+    n = batches.rows(0) + batches.rows(1)
+    seen = [tuple(x[0].tolist()) for step in range(n // 2) for x, _, _ in batches.micro_batches(step)]
+    expect = [tuple(r.tolist()) for e in (0, 1) for r in batches.packed(e)[0]]
+    assert n % 2 == 0 and batches.rows(0) > 2 and sorted(seen) == sorted(expect)
+    assert sorted(seen[: batches.rows(0)]) == sorted(expect[: batches.rows(0)])
     # the replay: REPLAY_PER_EPOCH of its conversations in each epoch, in turn
     monkeypatch.setattr(tune_module, "REPLAY_PER_EPOCH", 2)
     replay = [[{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}] for i in range(3)]
