@@ -10,8 +10,8 @@ itself), with the sentences of each passage re-ordered every epoch (--sentence-o
 and a fact learnt from its own words, not from its neighbours, answers questions worded otherwise
 (docs/benchmarks.md, "Personal models"). A validation split (--val-fraction) is held out and scored as training
 goes. Beside them, the base model's own replies to --replay N procedural reasoning problems (default 1,024 on
-a model of at most 100M parameters, 64 on larger ones), generated before tuning, 64 of them in each epoch in turn: the adapter learns the user's material without
-unlearning how the model answers (self-distillation).
+a model of at most 100M parameters, 64 on larger ones), generated before tuning, 64 of them in each epoch in
+turn: the adapter learns the user's material without unlearning how the model answers (self-distillation).
 
 ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
 mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json, replay.json and checkpoints/; rerunning the command after
@@ -310,7 +310,7 @@ def train_head(model):
     """Train the LM head too (PEFT's modules_to_save ["lm_head"], saved whole with the adapter): in float32, from
     the base's (dequantized where the base is quantized), untied from the embedding. A small base whose head has
     hardly seen the words of the user's material needs it (docs/benchmarks.md, "Personal models"); on a 7B the
-    head is 0.6B parameters, so it is off by default."""
+    head is 0.6B parameters, so --train-head auto (small_head) leaves it frozen there."""
     head = model.lm_head
     weight = head.weight.detach().float() if type(head) is nn.Linear else head.dequantized(torch.float32)
     model.lm_head = nn.Linear(head.in_features, head.out_features, bias=False, device=weight.device)
