@@ -30,17 +30,8 @@ from personal_notes import VALUES, accuracy, write_data
 
 from mimo.inference.lora import LoRAConfig, add_lora
 from mimo.model import IGNORE_INDEX
-from mimo.train.sft import pack, pack_positions, tokenize_example
-from mimo.train.tune import load_base, read_data, tuning_data
-
-
-def whole_documents(tok, docs: list[str], chats: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
-    """Examples as `mimo tune` cut them before passages: each document whole, in pieces of 256 tokens."""
-    examples = []
-    for doc in docs:
-        ids = tok.encode(doc) + [tok.eos_token_id]
-        examples += [(ids[i: i + 257],) * 2 for i in range(0, len(ids) - 1, 257)]
-    return examples + [tokenize_example(tok, c) for c in chats]
+from mimo.train.sft import pack, pack_positions
+from mimo.train.tune import load_base, read_data, tokenize, tuning_data
 
 
 def reordered(docs: list[str], rng: random.Random) -> list[str]:
@@ -104,7 +95,8 @@ def main():
         if args.passages:
             examples = epoch_examples(epoch - 1)
         else:
-            examples = whole_documents(tok, reordered(docs, rng) if args.shuffle else docs, chats)
+            # each document whole, in pieces of 256 tokens, as mimo tune read them before passages
+            examples = tokenize(tok, reordered(docs, rng) if args.shuffle else docs, chats, 256)[0]
         rng.shuffle(examples)
         inputs, targets = pack(examples, 256, tok.eos_token_id)
         positions = pack_positions(examples, 256) if args.passages else None  # each passage attends to itself

@@ -136,9 +136,13 @@ class SFTBatches:
     targets, positions) [micro, T] (pack's), or (inputs, targets) without positions (rows attend across examples)."""
 
     def __init__(self, inputs, targets, global_seqs, micro, rank, world, seed, device, positions=None):
+        self._layout(global_seqs, micro, rank, world, seed, device)
+        self.packed = (inputs, targets) if positions is None else (inputs, targets, positions)
+
+    def _layout(self, global_seqs, micro, rank, world, seed, device):
+        """Which global rows each process takes, shared with batch sources that hold their rows otherwise."""
         if global_seqs % (micro * world):
             raise MimoError(f"global batch {global_seqs} is not a multiple of micro batch {micro} x {world}")
-        self.packed = (inputs, targets) if positions is None else (inputs, targets, positions)
         self.G, self.micro = global_seqs, micro
         self.rank, self.world, self.seed, self.device = rank, world, seed, device
         self.accum = global_seqs // (micro * world)
@@ -148,12 +152,16 @@ class SFTBatches:
         epoch, j = divmod(i, n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))[j].item()
 
+    def take(self, rows: range) -> tuple:
+        """Global rows -> (inputs, targets[, positions]) [len(rows), T]."""
+        idx = [self._row(i) for i in rows]
+        return tuple(t[idx] for t in self.packed)
+
     def micro_batches(self, step: int):
         base = step * self.G
         for m in range(self.accum):
             first = base + (m * self.world + self.rank) * self.micro
-            rows = [self._row(i) for i in range(first, first + self.micro)]
-            yield tuple(t[rows].to(self.device) for t in self.packed)
+            yield tuple(t.to(self.device) for t in self.take(range(first, first + self.micro)))
 
 
 def run(args):

@@ -51,6 +51,7 @@ from mimo.inference.lora import DEFAULT_TARGETS, LoRAConfig, add_lora
 from mimo.model import IGNORE_INDEX
 from mimo.parallel import init_distributed, print0
 from mimo.train.loop import FULL_STATE, ModelStore, TrainConfig, train
+from mimo.train.sft import SFTBatches, pack, pack_positions, read_examples, tokenize_example
 from mimo.weights import DTYPES
 
 TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=5e-3, min_lr_ratio=0.1,
@@ -94,8 +95,6 @@ def read_text(path: Path) -> str:
 
 def read_data(path: Path) -> tuple[list[str], list[list[dict]]]:
     """(documents, conversations) from a file or a directory of them."""
-    from mimo.train.sft import read_examples
-
     documents, conversations = [], []
     for f in data_files(path):
         if f.suffix.lower() in CHAT_SUFFIXES:
@@ -134,15 +133,13 @@ def passages(document: str) -> list[str]:
     return out or ([document.strip()] if document.strip() else [])
 
 
-def tokenize(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int):
-    """-> examples (ids, labels), none longer than seq_len + 1 tokens: each passage of the documents (ending with
-    the end of text; a long one cut into pieces), conversations whole (labels on assistant tokens; longer ones are
-    dropped, counted)."""
-    from mimo.train.sft import tokenize_example
-
+def tokenize(tokenizer, texts: list[str], conversations: list[list[dict]], seq_len: int):
+    """-> examples (ids, labels), none longer than seq_len + 1 tokens: each text (a passage; ending with the end of
+    text; a long one cut into pieces), conversations whole (labels on assistant tokens; longer ones are dropped,
+    counted)."""
     examples = []
-    for passage in (x for doc in documents for x in passages(doc)):
-        ids = tokenizer.encode(passage) + [tokenizer.eos_token_id]
+    for text in texts:
+        ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
         examples += [(ids[i: i + seq_len + 1],) * 2 for i in range(0, len(ids) - 1, seq_len + 1)]
     chats = [tokenize_example(tokenizer, c) for c in conversations]
     kept = [c for c in chats if len(c[0]) <= seq_len + 1]
@@ -178,14 +175,17 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
     random.Random(seed).shuffle(items)
     n_val = round(len(items) * val_fraction) if len(items) >= 10 else 0
     n_val_replay = round(len(replay) * val_fraction) if len(replay) >= 10 else 0
-    train_texts = [x for x in items[n_val:] if isinstance(x, str)]
-    val, too_long_val = tokenize(tokenizer, [x for x in items[:n_val] if isinstance(x, str)],
-                                 [x for x in items[:n_val] if not isinstance(x, str)] + list(replay[:n_val_replay]),
-                                 seq_len)
-    chat_examples, too_long = tokenize(tokenizer, [], [x for x in items[n_val:] if not isinstance(x, str)], seq_len)
+
+    def texts_and_chats(part):
+        return [x for x in part if isinstance(x, str)], [x for x in part if not isinstance(x, str)]
+
+    val_texts, val_chats = texts_and_chats(items[:n_val])
+    train_texts, train_chats = texts_and_chats(items[n_val:])
+    val, too_long_val = tokenize(tokenizer, val_texts, val_chats + list(replay[:n_val_replay]), seq_len)
+    chat_examples, too_long = tokenize(tokenizer, [], train_chats, seq_len)
     replay_examples, too_long_replay = tokenize(tokenizer, [], list(replay[n_val_replay:]), seq_len)
     per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
-    as_written = tokenize(tokenizer, train_texts, [], seq_len)[0]
+    as_written = None if shuffle_sentences else tokenize(tokenizer, train_texts, [], seq_len)[0]
 
     def epoch_examples(epoch: int) -> list[tuple[list[int], list[int]]]:
         rng = random.Random(seed * 1_000 + epoch)
@@ -197,27 +197,22 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
     return epoch_examples, val, too_long + too_long_val + too_long_replay
 
 
-class EpochBatches:
-    """Rows for the training loop, each epoch packed from its own copy of the data (tuning_data's epoch_examples)
-    when first reached, and reshuffled with the seed; step s takes global rows [s*G, (s+1)*G) of the epochs laid end
-    to end. Memory holds two epochs' rows, not all of them. Yields (inputs, targets, positions) [micro, T]: each
+class EpochBatches(SFTBatches):
+    """SFTBatches whose every epoch is packed from its own copy of the data (tuning_data's epoch_examples) when
+    first reached, and reshuffled with the seed; step s takes global rows [s*G, (s+1)*G) of the epochs laid end to
+    end. Memory holds two epochs' rows, not all of them. Yields (inputs, targets, positions) [micro, T]: each
     example attends to itself only (document mask)."""
 
     def __init__(self, epoch_examples, seq_len: int, pad_id: int, global_seqs: int, micro: int, rank: int,
                  world: int, seed: int, device):
-        if global_seqs % (micro * world):
-            raise MimoError(f"global batch {global_seqs} is not a multiple of micro batch {micro} x {world}")
+        self._layout(global_seqs, micro, rank, world, seed, device)
         self.epoch_examples, self.seq_len, self.pad_id = epoch_examples, seq_len, pad_id
-        self.G, self.micro, self.accum = global_seqs, micro, global_seqs // (micro * world)
-        self.rank, self.world, self.seed, self.device = rank, world, seed, device
         self.counts: list[int] = []  # rows of each epoch reached so far
         self.cache: dict[int, tuple] = {}
 
-    def packed(self, epoch: int) -> tuple:
+    def packed_epoch(self, epoch: int) -> tuple:
         """(inputs, targets, positions) [rows, T] of one epoch, in a seeded order."""
         if epoch not in self.cache:
-            from mimo.train.sft import pack, pack_positions
-
             examples = self.epoch_examples(epoch)
             rows = (*pack(examples, self.seq_len, self.pad_id), pack_positions(examples, self.seq_len))
             order = torch.randperm(len(rows[0]), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
@@ -227,7 +222,7 @@ class EpochBatches:
 
     def rows(self, epoch: int) -> int:
         while len(self.counts) <= epoch:
-            self.counts.append(len(self.packed(len(self.counts))[0]))
+            self.counts.append(len(self.packed_epoch(len(self.counts))[0]))
         return self.counts[epoch]
 
     def _locate(self, i: int) -> tuple[int, int]:
@@ -236,12 +231,9 @@ class EpochBatches:
             i, epoch = i - self.rows(epoch), epoch + 1
         return epoch, i
 
-    def micro_batches(self, step: int):
-        base = step * self.G
-        for m in range(self.accum):
-            first = base + (m * self.world + self.rank) * self.micro
-            rows = [self._locate(i) for i in range(first, first + self.micro)]
-            yield tuple(torch.stack([self.packed(e)[k][j] for e, j in rows]).to(self.device) for k in range(3))
+    def take(self, rows: range) -> tuple:
+        where = [self._locate(i) for i in rows]
+        return tuple(torch.stack([self.packed_epoch(e)[k][j] for e, j in where]) for k in range(3))
 
 
 class AdapterStore(ModelStore):
@@ -406,7 +398,7 @@ def run(args):
     stats = {"documents": len(documents), "conversations": len(conversations), "replay": len(replay),
              "dropped_too_long": too_long, "examples_per_epoch": len(epoch_examples(0)),
              "validation_examples": n_val, "rows_per_epoch": batches.rows(0), "sentence_order": args.sentence_order,
-             "train_tokens_per_epoch": int((batches.packed(0)[1] != IGNORE_INDEX).sum()),
+             "train_tokens_per_epoch": int((batches.packed_epoch(0)[1] != IGNORE_INDEX).sum()),
              "trainable_parameters": trainable}
     print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s), {len(replay)} replayed "
            f"({too_long} too long) -> {batches.rows(0)} rows of {cfg.seq_len} tokens an epoch, {n_val} validation "
@@ -420,8 +412,6 @@ def run(args):
              "train_head": head_trains,
              "activation_checkpointing": bool(recompute),
              "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
-    from mimo.train.sft import pack, pack_positions
-
     val_packed = (*pack(val_examples, cfg.seq_len, tokenizer.eos_token_id),
                   pack_positions(val_examples, cfg.seq_len)) if n_val else ()
 

@@ -246,7 +246,7 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
                                        tokenizer.eos_token_id, 2, 1, 0, 1, 0, "cpu")
     n = batches.rows(0) + batches.rows(1)
     seen = [tuple(x[0].tolist()) for step in range(n // 2) for x, _, _ in batches.micro_batches(step)]
-    expect = [tuple(r.tolist()) for e in (0, 1) for r in batches.packed(e)[0]]
+    expect = [tuple(r.tolist()) for e in (0, 1) for r in batches.packed_epoch(e)[0]]
     assert n % 2 == 0 and batches.rows(0) > 2 and sorted(seen) == sorted(expect)
     assert sorted(seen[: batches.rows(0)]) == sorted(expect[: batches.rows(0)])
     # the replay: REPLAY_PER_EPOCH of its conversations in each epoch, in turn
