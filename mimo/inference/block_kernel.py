@@ -7,6 +7,13 @@ Taken when mimo's kernels compute every product of every block (Q8_0 / Q4_0 modu
 CPU), activations are fp32 or bf16, no LoRA adapters are stacked, and the pass is small (at most MAX_TOKENS new
 tokens a row and MAX_ROWS rows in all, and below the row count where bf16 products go to oneDNN's GEMM);
 otherwise ModelRunner._block, its torch twin, runs (tests check the two against each other).
+
+Small models take larger passes: torch's ~30 ops a block cost about as much at any width (each op an OpenMP
+wake-up, ~60 us on 2 threads), while the kernels' products lose to oneDNN's GEMM only as rows x weights grow. So a
+pass goes to block.c while rows x a block's weights stay within SMALL_PASS_ROW_WEIGHTS, whatever the row caps above:
+the tiny speedrun model (1.6M weights a block) in bf16 decodes 128 rows at 5,068 against 3,234 tokens/s through
+torch and oneDNN, 256 rows at 5,432 against 3,571; the small preset (6M) 128 rows at 999 against 726; MiMo-7B's
+blocks (218M) keep the caps (docs/benchmarks.md, "RL against a peer").
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ def _linear_args(linear, keep: list) -> tuple[kernels.LinearArgs, str] | None:
 class BlockKernel:
     MAX_TOKENS = 8  # new tokens a row (a decode step 1, MTP's verify pass drafts + 1)
     MAX_ROWS = 64  # rows x tokens of a pass
+    SMALL_PASS_ROW_WEIGHTS = 1 << 29  # rows x tokens x a block's product weights of a pass taken whatever the caps
 
     def __init__(self, blocks: ctypes.Array, keep: list, max_rows: int, runner):
         self.blocks, self.keep, self.max_rows = blocks, keep, max_rows
@@ -57,7 +65,7 @@ class BlockKernel:
                 or runner.adapters is not None or not kernels.available()):
             return None
         layers = list(runner.model.model.layers) + list(runner.mtp_layers)
-        keep, args, formats = [runner.cos, runner.sin], [], set()
+        keep, args, formats, block_weights = [runner.cos, runner.sin], [], set(), 1
         for i, layer in enumerate(layers):
             a, m = layer.self_attn, layer.mlp
             linears = [_linear_args(lin, keep) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj,
@@ -67,6 +75,7 @@ class BlockKernel:
                                                            for w in norms):
                 return None
             formats.update(fmt for _, fmt in linears)
+            block_weights = max(block_weights, sum(lin.n * lin.k for lin, _ in linears))
             kc, vc = runner.cache.k[i], runner.cache.v[i]
             keep.extend(norms)
             args.append(kernels.BlockArgs(*(lin for lin, _ in linears), norms[0].data_ptr(), norms[1].data_ptr(),
@@ -74,6 +83,8 @@ class BlockKernel:
         max_rows = cls.MAX_ROWS if kernels.SIMD else PORTABLE_MAX_ROWS
         if runner.dtype == torch.bfloat16 and kernels.native_bf16():  # _linear hands these to oneDNN's GEMM
             max_rows = min([max_rows] + [BF16_GEMM_MIN_ROWS[f] - 1 for f in formats])
+        if kernels.SIMD:
+            max_rows = max(max_rows, cls.SMALL_PASS_ROW_WEIGHTS // block_weights)
         return cls((kernels.BlockArgs * len(args))(*args), keep, max_rows, runner)
 
     def takes(self, rows: int, tokens: int) -> bool:

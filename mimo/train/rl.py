@@ -17,8 +17,9 @@ One step = one rollout batch:
    finished; first-finished takes the first valid groups to finish (faster, biased to short responses).
    --naive-rollout generates a whole round, then grades it (the baseline of MiMo's "2.29x faster training").
    step_s / rollout_s in metrics.jsonl compare them; trained_response_length against response_length shows the
-   length bias. Decoding is mimo.inference.engine's session, in the policy's own fp32 weights (--precision applies to the
-   update).
+   length bias. Decoding is mimo.inference.engine's session, on a bf16 copy of the policy refreshed after every
+   update where the device multiplies bf16 natively (--rollout-precision; as vLLM's rollouts beside an fp32 trainer),
+   else on the fp32 policy itself; --precision is the update's autocast.
 2. Dynamic sampling: a group whose rewards are all equal has zero advantage and is dropped; further problems are
    drawn, at most --max-resample-rounds extra batches' worth. A problem every rollout solved joins the easy pool.
 3. Update. Advantage (r - mean) / (std + eps) within each group; old log-probs recomputed by a no-grad forward
@@ -69,7 +70,7 @@ from mimo.train.loop import (
     trim_metrics,
 )
 from mimo.train.rl_config import FLAG_GROUPS, RLConfig, add_flags
-from mimo.train.rollout import Group, ProblemStream, rollout
+from mimo.train.rollout import Group, ProblemStream, rollout, rollout_model, sync_rollout_model
 
 # ---- GRPO pieces -----------------------------------------------------------------------------------
 
@@ -279,7 +280,8 @@ def run(args) -> dict:
         print0(f"{run_dir}: already trained to step {start}")
         return {}
     last: dict = {}
-    engine = Engine(model, None, max_len)
+    policy = rollout_model(model, cfg.rollout_precision, device)
+    engine = Engine(policy, None, max_len)
     with rewards.RewardPool(cfg.reward_workers) as pool:
         def pass_rates(candidates):
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
@@ -302,7 +304,8 @@ def run(args) -> dict:
              "rl": asdict(cfg)}, indent=2))
         mode = "naive" if cfg.naive_rollout else f"continuous ({cfg.early_termination} early termination)"
         print0(f"GRPO on {len(problems)} problems: {cfg.batch_prompts} groups x {cfg.group_size} samples per step, "
-               f"{mode} rollout, {cfg.max_steps} steps, device {device}")
+               f"{mode} rollout in {str(policy.lm_head.weight.dtype).removeprefix('torch.')}, {cfg.max_steps} steps, "
+               f"device {device}")
         t_train = time.perf_counter()
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
@@ -310,6 +313,7 @@ def run(args) -> dict:
             groups, roll = rollout(engine, tokenizer, stream, pool, cfg, step, prompt_ids, max_len)
             t1 = time.perf_counter()
             upd = grpo_update(model, opt, groups, cfg, ref_model, seed=cfg.seed * 1_000_003 + step) if groups else {}
+            sync_rollout_model(policy, model)
             done = step + 1
             last = {"step": done, **roll, "rollout_mode": "naive" if cfg.naive_rollout else "continuous",
                     "early_termination": None if cfg.naive_rollout else cfg.early_termination,

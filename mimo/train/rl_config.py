@@ -74,8 +74,12 @@ class RLConfig:
     math: str | None = field(default=None, metadata=flag('math problems, lines {"problem", "answer"}', metavar="JSONL"))
     code: str | None = field(default=None, metadata=flag(
         'code problems, lines {"prompt", "tests": [...], "entry_point"}', metavar="JSONL"))
-    precision: str = field(default="auto", metadata=flag("autocast of the update (rollouts decode in fp32)",
+    precision: str = field(default="auto", metadata=flag("autocast of the update (see --rollout-precision)",
                                                          choices=["auto", "fp32", "bf16"]))
+    rollout_precision: str = field(default="auto", metadata=flag(
+        "weights rollouts decode with: bf16, a copy refreshed after every update (as vLLM's rollouts beside an "
+        "fp32 trainer; the update recomputes log-probs with the training weights), or the fp32 policy itself; "
+        "auto: bf16 where the device multiplies bf16 natively", choices=["auto", "fp32", "bf16"]))
     seed: int = field(default=0, metadata=flag("problems, sampling and easy-pool draws"))
 
     def validate(self):
@@ -110,7 +114,7 @@ FLAG_GROUPS = {
     "GRPO": ("group_size", "batch_prompts", "mini_batch", "micro_batch", "epochs", "eps_low", "eps_high", "adv_std",
              "loss_norm", "kl_coef", "max_resample_rounds", "easy_prob"),
     "rollout": ("temperature", "max_new_tokens", "naive_rollout", "early_termination", "rollout_slots",
-                "reward_workers", "code_reward", "level_thresholds", "level_scores"),
+                "rollout_precision", "reward_workers", "code_reward", "level_thresholds", "level_scores"),
     "optimisation": ("max_steps", "max_minutes", "save_every", "lr", "weight_decay", "grad_clip", "precision", "seed"),
 }
 

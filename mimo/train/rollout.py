@@ -19,6 +19,7 @@ that finished decoding in the step) to show that bias.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import time
@@ -28,10 +29,31 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from mimo.inference.engine import Engine
 from mimo.inference.sampling import SamplingParams, row_seed
 from mimo.train import rewards
+from mimo.train.loop import bf16_supported
 from mimo.train.rl_config import RLConfig
+
+
+def rollout_model(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """The weights rollouts decode with (--rollout-precision): the fp32 policy itself, or a bf16 copy that
+    sync_rollout_model refreshes after every update. bf16 halves the bytes a decode step reads and, on a CPU,
+    hands every block of a decode pass to mimo's kernels in one call (block_kernel): the tiny speedrun model's
+    128-row rollout batch decodes ~1.6x faster (docs/benchmarks.md, "RL against a peer")."""
+    if precision == "fp32" or (precision == "auto" and not bf16_supported(device)):
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sync_rollout_model(rollout: torch.nn.Module, model: torch.nn.Module):
+    """Copy the policy's weights into its rollout copy, in place (the engine's kernels keep their pointers)."""
+    if rollout is not model:
+        for dst, src in zip(rollout.parameters(), model.parameters(), strict=True):
+            dst.copy_(src)
 
 
 class RolloutDecoder:

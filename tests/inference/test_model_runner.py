@@ -113,7 +113,7 @@ def test_the_block_kernel_computes_what_the_torch_blocks_do(method, dtype, heads
                        hidden_size=128 if heads == 1 else 64).to(dtype)
     if method:
         model = quantize_model(model, method)
-    fused, plain = ModelRunner(model, n_slots=3, capacity=32), ModelRunner(model, n_slots=3, capacity=32)
+    fused, plain = ModelRunner(model, n_slots=20, capacity=32), ModelRunner(model, n_slots=20, capacity=32)
     assert fused.block_kernel is not None
     plain.block_kernel = None
     ids = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8]])
@@ -127,10 +127,12 @@ def test_the_block_kernel_computes_what_the_torch_blocks_do(method, dtype, heads
             got.append(r.logits(r.hidden(torch.tensor([[1, 2, 3], [4, 5, 6]]), ctx)))
             z = r.mtp(0, h[:, :4], ids[:, 1:5], r.context(torch.arange(4)[None], torch.tensor([1]), 4))
             got.append(r.mtp_logits(0, z))
+            at = torch.arange(2).expand(20, 2)  # 20 fresh rows of 2 tokens, each in its own slot
+            got.append(r.logits(r.hidden((torch.arange(40).view(20, 2) * 7 + 3) % 64, r.context(at, torch.arange(20), 2))))
             outs.append(got)
     tol = 1e-5 if dtype == torch.float32 else 1 / 64  # bf16: a rounding of the activations apart at most
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0)
+    for i, (a, b) in enumerate(zip(*outs)):  # the wide pass (last): 40 rows, summed in another order
+        torch.testing.assert_close(a.float(), b.float(), atol=tol * (10 if i == len(outs[0]) - 1 else 1), rtol=0)
 
 
 def test_the_block_kernel_is_left_out_where_it_cannot_compute_the_blocks():
@@ -143,3 +145,7 @@ def test_the_block_kernel_is_left_out_where_it_cannot_compute_the_blocks():
     runner = ModelRunner(quantize_model(tiny_model(vocab_size=64), "int8"), n_slots=1, capacity=16)
     assert runner.block_kernel.takes(1, 1) and runner.block_kernel.takes(4, 2)
     assert not runner.block_kernel.takes(1, 64)  # a prompt: the torch blocks
+    if kernels.SIMD:  # (the portable build's scalar products stop at PORTABLE_MAX_ROWS)
+        assert runner.block_kernel.takes(512, 1)  # a small model's wide decode pass: block.c, no per-op dispatch
+    runner.block_kernel.max_rows = 64  # a large model's: its format's row cap
+    assert runner.block_kernel.takes(64, 1) and not runner.block_kernel.takes(65, 1)

@@ -271,6 +271,25 @@ def test_update_freezes_mtp_and_recomputes_old_logprobs():
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_rollouts_decode_with_a_bf16_copy_refreshed_after_each_update():
+    from mimo.train.rollout import rollout_model, sync_rollout_model
+
+    model = tiny_model(vocab_size=64)
+    cpu = torch.device("cpu")
+    assert rollout_model(model, "fp32", cpu) is model
+    copy = rollout_model(model, "bf16", cpu)
+    assert copy is not model and copy.lm_head.weight.dtype == torch.bfloat16 and not copy.lm_head.weight.requires_grad
+    kept = copy.model.layers[0].mlp.up_proj.weight.data_ptr()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    sync_rollout_model(copy, model)
+    assert copy.model.layers[0].mlp.up_proj.weight.data_ptr() == kept  # in place: the engine's kernels keep it
+    for (name, a), b in zip(model.named_parameters(), copy.parameters(), strict=True):
+        assert torch.equal(a.detach().to(torch.bfloat16), b), name
+    sync_rollout_model(model, model)  # the fp32 policy itself: nothing to copy
+
+
 def rl_args(model_dir, out, steps, save_every=1):
     p = argparse.ArgumentParser()
     rl.add_arguments(p)
