@@ -10,7 +10,8 @@ otherwise ModelRunner._block, its torch twin, runs (tests check the two against 
 
 Small models take larger passes: torch's ~30 ops a block cost about as much at any width (each op an OpenMP
 wake-up, ~60 us on 2 threads), while the kernels' products lose to oneDNN's GEMM only as rows x weights grow. So a
-pass goes to block.c while rows x a block's weights stay within SMALL_PASS_ROW_WEIGHTS, whatever the row caps above:
+pass (decode or prefill) goes to block.c while its rows x tokens x a block's weights stay within
+SMALL_PASS_ROW_WEIGHTS, whatever the caps above:
 the tiny speedrun model (1.6M weights a block) in bf16 decodes 128 rows at 5,068 against 3,234 tokens/s through
 torch and oneDNN, 256 rows at 5,432 against 3,571; the small preset (6M) 128 rows at 999 against 726; MiMo-7B's
 blocks (218M) keep the caps (docs/benchmarks.md, "RL against a peer").
@@ -48,8 +49,8 @@ class BlockKernel:
     MAX_ROWS = 64  # rows x tokens of a pass
     SMALL_PASS_ROW_WEIGHTS = 1 << 29  # rows x tokens x a block's product weights of a pass taken whatever the caps
 
-    def __init__(self, blocks: ctypes.Array, keep: list, max_rows: int, runner):
-        self.blocks, self.keep, self.max_rows = blocks, keep, max_rows
+    def __init__(self, blocks: ctypes.Array, keep: list, max_rows: int, small_pass_rows: int, runner):
+        self.blocks, self.keep, self.max_rows, self.small_pass_rows = blocks, keep, max_rows, small_pass_rows
         cfg = runner.cfg
         self.dt = kernels.DTYPES[runner.dtype]
         self.cos, self.sin = runner.cos, runner.sin
@@ -83,12 +84,13 @@ class BlockKernel:
         max_rows = cls.MAX_ROWS if kernels.SIMD else PORTABLE_MAX_ROWS
         if runner.dtype == torch.bfloat16 and kernels.native_bf16():  # _linear hands these to oneDNN's GEMM
             max_rows = min([max_rows] + [BF16_GEMM_MIN_ROWS[f] - 1 for f in formats])
-        if kernels.SIMD:
-            max_rows = max(max_rows, cls.SMALL_PASS_ROW_WEIGHTS // block_weights)
-        return cls((kernels.BlockArgs * len(args))(*args), keep, max_rows, runner)
+        small_pass_rows = cls.SMALL_PASS_ROW_WEIGHTS // block_weights if kernels.SIMD else 0
+        return cls((kernels.BlockArgs * len(args))(*args), keep, max_rows, small_pass_rows, runner)
 
     def takes(self, rows: int, tokens: int) -> bool:
-        return tokens <= self.MAX_TOKENS and rows * tokens <= self.max_rows and not torch.compiler.is_compiling()
+        n = rows * tokens
+        return ((tokens <= self.MAX_TOKENS and n <= self.max_rows) or n <= self.small_pass_rows) \
+            and not torch.compiler.is_compiling()
 
     def run(self, x: torch.Tensor, ctx, first: int, count: int) -> torch.Tensor:
         """x [b, T, H] (a fresh contiguous tensor: updated in place) through blocks first..first+count-1 at

@@ -127,12 +127,15 @@ def test_the_block_kernel_computes_what_the_torch_blocks_do(method, dtype, heads
             got.append(r.logits(r.hidden(torch.tensor([[1, 2, 3], [4, 5, 6]]), ctx)))
             z = r.mtp(0, h[:, :4], ids[:, 1:5], r.context(torch.arange(4)[None], torch.tensor([1]), 4))
             got.append(r.mtp_logits(0, z))
-            at = torch.arange(2).expand(20, 2)  # 20 fresh rows of 2 tokens, each in its own slot
-            got.append(r.logits(r.hidden((torch.arange(40).view(20, 2) * 7 + 3) % 64, r.context(at, torch.arange(20), 2))))
+            wide = (torch.arange(40) * 7 + 3) % 64  # the small model's wide passes: 20 fresh rows of 2 tokens,
+            at = torch.arange(2).expand(20, 2)  # each in its own slot, and two prompts of 20 tokens
+            got.append(r.logits(r.hidden(wide.view(20, 2), r.context(at, torch.arange(20), 2))))
+            at = torch.arange(20).expand(2, 20)
+            got.append(r.logits(r.hidden(wide.view(2, 20), r.context(at, torch.tensor([5, 6]), 20))))
             outs.append(got)
     tol = 1e-5 if dtype == torch.float32 else 1 / 64  # bf16: a rounding of the activations apart at most
-    for i, (a, b) in enumerate(zip(*outs)):  # the wide pass (last): 40 rows, summed in another order
-        torch.testing.assert_close(a.float(), b.float(), atol=tol * (10 if i == len(outs[0]) - 1 else 1), rtol=0)
+    for i, (a, b) in enumerate(zip(*outs)):  # the wide passes (last two): 40 rows, summed in another order
+        torch.testing.assert_close(a.float(), b.float(), atol=tol * (10 if i >= len(outs[0]) - 2 else 1), rtol=0)
 
 
 def test_the_block_kernel_is_left_out_where_it_cannot_compute_the_blocks():
@@ -144,8 +147,9 @@ def test_the_block_kernel_is_left_out_where_it_cannot_compute_the_blocks():
     assert ModelRunner(tiny_model(vocab_size=64), n_slots=1, capacity=16).block_kernel is None  # fp32 weights
     runner = ModelRunner(quantize_model(tiny_model(vocab_size=64), "int8"), n_slots=1, capacity=16)
     assert runner.block_kernel.takes(1, 1) and runner.block_kernel.takes(4, 2)
-    assert not runner.block_kernel.takes(1, 64)  # a prompt: the torch blocks
     if kernels.SIMD:  # (the portable build's scalar products stop at PORTABLE_MAX_ROWS)
-        assert runner.block_kernel.takes(512, 1)  # a small model's wide decode pass: block.c, no per-op dispatch
-    runner.block_kernel.max_rows = 64  # a large model's: its format's row cap
+        assert runner.block_kernel.takes(512, 1) and runner.block_kernel.takes(2, 64)  # a small model's wide
+        # decode and prefill passes: block.c, no per-op dispatch
+    runner.block_kernel.small_pass_rows, runner.block_kernel.max_rows = 0, 64  # a large model's: its format's caps
     assert runner.block_kernel.takes(64, 1) and not runner.block_kernel.takes(65, 1)
+    assert not runner.block_kernel.takes(1, 64)  # a prompt: the torch blocks
