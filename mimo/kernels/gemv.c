@@ -225,12 +225,16 @@ static void parallel_for(chunk_fn fn, void *ctx, int64_t n, int nth) {
     }
     if (!atfork) { pthread_atfork(NULL, NULL, after_fork_child); atfork = 1; }
     if (pool.nworkers < nth - 1) start_workers(nth - 1);
+    uint32_t g = atomic_load(&pool.gen) + 1;
+    /* First retire the last job's claims: a worker late in run_chunks for it may have read its `next` (all of its
+     * chunks claimed) and then read this job's larger `n`; its claim must fail, not run a chunk of this job with
+     * the last job's index or count it in this job's `done` (which let a job end while a chunk still ran). */
+    atomic_store(&pool.next, ((uint64_t)g << 32) | 0xffffffffu);
     pool.fn = fn;
     pool.ctx = ctx;
     atomic_store(&pool.n, n);
     atomic_store(&pool.done, 0);
     atomic_store(&pool.active, nth - 1);
-    uint32_t g = atomic_load(&pool.gen) + 1;
     atomic_store(&pool.next, (uint64_t)g << 32);
     atomic_store(&pool.gen, g);
     if (atomic_load(&pool.sleepers) > 0) futex_wake_all(&pool.gen);
