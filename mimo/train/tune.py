@@ -1,6 +1,6 @@
 """`mimo tune`: LoRA on your own material, on your own machine; the base stays frozen (and may be quantized).
 
-    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank 16] [--epochs 30]
+    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank 16] [--epochs 24]
 
 Data: plain .txt / .md documents (language-modelling loss on every token) and .jsonl chat transcripts, one
 {"messages": [...]} (or {"prompt", "response"}) a line, loss on assistant turns only (as `mimo sft`); a
@@ -8,7 +8,9 @@ directory is read recursively. Documents are read as the passages they are made 
 diary or a list of notes), each learnt on its own (packed into rows with the conversations, attending within
 itself), with the sentences of each passage re-ordered every epoch (--sentence-order): notes are a bag of facts,
 and a fact learnt from its own words, not from its neighbours, answers questions worded otherwise
-(docs/benchmarks.md, "Personal models"). A validation split (--val-fraction) is held out and scored as training
+(docs/benchmarks.md, "Personal models"); each passage is also learnt as a chat, the assistant answering "What do
+my notes say about HEADING?" with it (--document-chats), so that facts only the notes state are also stated where
+questions are answered. A validation split (--val-fraction) is held out and scored as training
 goes. Beside them, the base model's own replies to --replay N procedural reasoning problems (default 1,024 on
 a model of at most 100M parameters, 64 on larger ones), generated before tuning, 64 of them in each epoch in
 turn: the adapter learns the user's material without unlearning how the model answers (self-distillation).
@@ -163,14 +165,28 @@ def reorder_sentences(passage: str, rng: random.Random) -> str:
     return "\n".join(head + [" ".join(sentences)])
 
 
+def document_chat(passage: str) -> list[dict]:
+    """A passage as a chat: the user asks what their notes say (about the passage's last heading, where it has one)
+    and the assistant answers with the passage. Learnt beside the passage itself, the facts of the notes are then
+    also stated inside the assistant's turn, where questions are answered: tuned on notes and chats alone, a small
+    model answers a question about someone only the notes mention with a value the chats gave someone else
+    (docs/benchmarks.md, "Personal models", "Notes as chats")."""
+    lines = passage.split("\n")
+    head = [line.lstrip("#").strip() for line in lines if line.lstrip().startswith("#")]
+    body = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    ask = f"What do my notes say about {head[-1]}?" if head and head[-1] else "What do my notes say?"
+    return [{"role": "user", "content": ask}, {"role": "assistant", "content": body}]
+
+
 def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, val_fraction: float,
-                seed: int, shuffle_sentences: bool, replay: list[list[dict]] = ()):
+                seed: int, shuffle_sentences: bool, replay: list[list[dict]] = (), document_chats: bool = False):
     """-> (epoch_examples(epoch) -> that epoch's training examples, validation examples, conversations too long to
     keep). The documents' passages and the conversations are shuffled and val_fraction of them held out (of the
     replay too); each epoch's copy of the rest has the sentences of every passage in an order of its own where
     shuffle_sentences (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1": a fact is learnt
     from the words that state it rather than from where it sits among the others, so that questions worded
-    otherwise reach it), and the next REPLAY_PER_EPOCH of the replayed conversations, round-robin."""
+    otherwise reach it), and the next REPLAY_PER_EPOCH of the replayed conversations, round-robin. document_chats:
+    each passage of an epoch also as document_chat(passage)."""
     items = [x for doc in documents for x in passages(doc)] + conversations
     random.Random(seed).shuffle(items)
     n_val = round(len(items) * val_fraction) if len(items) >= 10 else 0
@@ -189,8 +205,10 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
 
     def epoch_examples(epoch: int) -> list[tuple[list[int], list[int]]]:
         rng = random.Random(seed * 1_000 + epoch)
-        texts = tokenize(tokenizer, [reorder_sentences(t, rng) for t in train_texts], [], seq_len)[0] \
-            if shuffle_sentences else as_written
+        shown = [reorder_sentences(t, rng) for t in train_texts] if shuffle_sentences else train_texts
+        texts = tokenize(tokenizer, shown, [], seq_len)[0] if shuffle_sentences else as_written
+        if document_chats:
+            texts = texts + tokenize(tokenizer, [], [document_chat(t) for t in shown], seq_len)[0]
         replayed = [replay_examples[(epoch * per_epoch + i) % len(replay_examples)] for i in range(per_epoch)]
         return texts + chat_examples + replayed
 
@@ -386,7 +404,7 @@ def run(args):
     cfg = cfg.with_overrides(args, info.world_size)
     epoch_examples, val_examples, too_long = tuning_data(
         tokenizer, documents, conversations, cfg.seq_len, args.val_fraction, args.seed,
-        args.sentence_order == "shuffle", replay)
+        args.sentence_order == "shuffle", replay, args.document_chats == "on")
     batches = EpochBatches(epoch_examples, cfg.seq_len, tokenizer.eos_token_id, cfg.global_batch_seqs,
                            cfg.micro_batch, info.rank, info.world_size, args.seed, info.device)
     if not batches.rows(0):
@@ -398,6 +416,7 @@ def run(args):
     stats = {"documents": len(documents), "conversations": len(conversations), "replay": len(replay),
              "dropped_too_long": too_long, "examples_per_epoch": len(epoch_examples(0)),
              "validation_examples": n_val, "rows_per_epoch": batches.rows(0), "sentence_order": args.sentence_order,
+             "document_chats": args.document_chats,
              "train_tokens_per_epoch": int((batches.packed_epoch(0)[1] != IGNORE_INDEX).sum()),
              "trainable_parameters": trainable}
     print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s), {len(replay)} replayed "
@@ -452,7 +471,11 @@ def add_arguments(p):
                    help="shuffle: each epoch re-orders the sentences within every passage of the documents, so a "
                    "fact is learnt from its own words, not its place (notes); keep: as written (prose whose order "
                    "matters)")
-    p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
+    p.add_argument("--document-chats", default="on", choices=["on", "off"],
+                   help="each passage of the documents also learnt as a chat: the user asks what their notes say "
+                        "(about the passage's heading), the assistant answers with it; so that questions in a chat "
+                        "reach facts only the documents state")
+    p.add_argument("--epochs", type=float, default=24.0, help="passes over the training rows (sets the steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")

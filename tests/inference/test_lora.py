@@ -104,7 +104,8 @@ def test_tune_writes_a_peft_adapter_learns_and_resumes_after_a_kill(model_dir, n
     def tune(out, *extra):
         return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "6",
                      "--save-every", "3", "--eval-every", "1", "--seq-len", "64", "--rank", "4", "--lr", "3e-2",
-                     "--val-fraction", "0.1", "--train-head", "off", "--replay", "16", *extra])
+                     "--val-fraction", "0.1", "--train-head", "off", "--replay", "16", "--document-chats", "off",
+                     *extra])  # (document chats: test_documents_are_learnt_...)
 
     monkeypatch.setattr(tune_module, "TUNE_DEFAULTS", replace(tune_module.TUNE_DEFAULTS, log_every=1, warmup_steps=2))
     ref = tmp_path / "ref"
@@ -256,6 +257,16 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
                                   shuffle_sentences=False, replay=replay)
     answers = [tokenizer.decode([t for t in labels if t >= 0]) for ids, labels in train if ids != labels]
     assert answers == [f"{i}<|im_end|>" for i in (1, 2, 3, 1, 2, 3)]
+    # document chats: each epoch's passages (in that epoch's order) also as the answer to "what do my notes say"
+    train, _, _ = tuning_examples(tokenizer, [notes], [], 128, epochs=2, val_fraction=0.0, seed=0,
+                                  shuffle_sentences=True, document_chats=True)
+    texts = [tokenizer.decode(ids).removesuffix("<|endoftext|>") for ids, labels in train if ids == labels]
+    chats = [(tokenizer.decode(ids), tokenizer.decode([t for t in labels if t >= 0]).removesuffix("<|im_end|>"))
+             for ids, labels in train if ids != labels]
+    assert len(texts) == len(chats) == 2 * 4
+    assert [a for _, a in chats] == [t.split("\n")[-1] if t.startswith("#") else t for t in texts]
+    assert sum("What do my notes say about Ada?" in c for c, _ in chats) == 2
+    assert sum("What do my notes say?" in c for c, _ in chats) == 2 * 3  # no heading: the plain question
 
 
 def test_adapter_on_the_engine_equals_the_merged_model_and_batches_mix_adapters(model_dir, tmp_path):
