@@ -201,14 +201,17 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
     chat_examples, too_long = tokenize(tokenizer, [], train_chats, seq_len)
     replay_examples, too_long_replay = tokenize(tokenizer, [], list(replay[n_val_replay:]), seq_len)
     per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
-    as_written = None if shuffle_sentences else tokenize(tokenizer, train_texts, [], seq_len)[0]
+
+    def passage_examples(shown: list[str]) -> list[tuple[list[int], list[int]]]:  # and their document chats
+        chats = [document_chat(t) for t in shown] if document_chats else []
+        return tokenize(tokenizer, shown, [], seq_len)[0] + tokenize(tokenizer, [], chats, seq_len)[0]
+
+    as_written = None if shuffle_sentences else passage_examples(train_texts)
 
     def epoch_examples(epoch: int) -> list[tuple[list[int], list[int]]]:
         rng = random.Random(seed * 1_000 + epoch)
-        shown = [reorder_sentences(t, rng) for t in train_texts] if shuffle_sentences else train_texts
-        texts = tokenize(tokenizer, shown, [], seq_len)[0] if shuffle_sentences else as_written
-        if document_chats:
-            texts = texts + tokenize(tokenizer, [], [document_chat(t) for t in shown], seq_len)[0]
+        texts = passage_examples([reorder_sentences(t, rng) for t in train_texts]) if shuffle_sentences \
+            else as_written
         replayed = [replay_examples[(epoch * per_epoch + i) % len(replay_examples)] for i in range(per_epoch)]
         return texts + chat_examples + replayed
 
@@ -312,6 +315,12 @@ def shrink_embedding(model):
 HEAD_AUTO_MAX = 32_000_000  # --train-head auto: a head of at most this many parameters (<= 512 MB with its AdamW state)
 
 
+def small_model(model) -> bool:
+    """Whether the model has at most REPLAY_SMALL_MAX_PARAMS parameters: its replies are quick to generate, so the
+    replay defaults to REPLAY_SMALL of them, generated 64 rows at a time."""
+    return sum(p.numel() for p in model.parameters()) <= REPLAY_SMALL_MAX_PARAMS
+
+
 def small_head(model) -> bool:
     return model.lm_head.in_features * model.lm_head.out_features <= HEAD_AUTO_MAX
 
@@ -354,7 +363,7 @@ def replay_conversations(model, tokenizer, n: int, seed: int, max_new_tokens: in
     engine, params = Engine(model, tokenizer), SamplingParams(max_new_tokens=max_new_tokens)
     # rows decoding at once: 64 on a small model (the tiny speedrun model's replies to 256 problems in 18-24 s on 2
     # cores against 30 s at 16 rows; the same replies), 16 on larger ones (a 7B's 64 rows of KV cache take ~4 GB)
-    rows = 64 if sum(p.numel() for p in model.parameters()) <= REPLAY_SMALL_MAX_PARAMS else 16
+    rows = 64 if small_model(model) else 16
     done = [c for i in range(0, n, rows) for c in engine.generate(prompts[i: i + rows], params)]
     model.train(was_training)
     return [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": c.text}]
@@ -391,8 +400,7 @@ def run(args):
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize, shrink=False)
     lora.validate(model)  # bad flags fail before the replay's minutes
-    n_replay = args.replay if args.replay is not None else REPLAY_SMALL if sum(
-        p.numel() for p in model.parameters()) <= REPLAY_SMALL_MAX_PARAMS else REPLAY_LARGE
+    n_replay = args.replay if args.replay is not None else REPLAY_SMALL if small_model(model) else REPLAY_LARGE
     replay = load_replay(Path(args.out), model, tokenizer, n_replay, args.seed, info.is_main)
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
