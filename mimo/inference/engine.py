@@ -206,7 +206,7 @@ class EngineSession:
             if self.spec is not None:
                 tokens, counts, logprobs = self.spec.step(m, flags, max_len, min(self.host_length[s] for s in rows))
             else:
-                tokens, logprobs = self._decode(m, flags, max_len)
+                tokens, logprobs = self._decode(rows, m, flags, max_len)
                 counts = [1] * m
         for s in rows:
             req = self.slots[s]
@@ -223,21 +223,32 @@ class EngineSession:
                 self._free(req)
         return events
 
-    def _decode(self, m: int, flags: SamplingFlags, max_len: int):
-        """One token for rows 0..m-1 (free slots among them compute garbage that nobody reads)."""
-        L = self.length[:m]  # committed tokens; x[L-1] is not in the cache yet
-        pos = (L - 1)[:, None]  # [m, 1]
-        logits = self.runner.decode(self.hist[:m].gather(1, pos), pos, max_len)  # [m, V]
+    def _decode(self, rows: list[int], m: int, flags: SamplingFlags, max_len: int):
+        """One token for the running slots `rows` (ascending) -> per-slot token and log-prob lists for slots
+        0..m-1. Dense (every slot up to the last live one live, or m every slot: weights packed for the full
+        batch): rows 0..m-1 run through cache views, free slots computing garbage that nobody reads. Else only
+        the live slots run: rows leave in any order, so a batch draining to its stragglers would compute its
+        highest live slot's worth of rows (1.4x the live rows over a tiny RL rollout of 128 slots)."""
+        dense = len(rows) == m or m > rows[-1] + 1
+        dev = self.engine.device
+        order = range(m) if dense else rows
+        idx = torch.arange(m, device=dev) if dense else torch.tensor(rows, device=dev)  # [b]
+        L = self.length[idx]  # [b] committed tokens; x[L-1] is not in the cache yet
+        logits = self.runner.decode(self.hist[idx, L - 1][:, None], (L - 1)[:, None], max_len,
+                                    None if dense else idx)  # [b, V]
         if flags.greedy:  # the token and its log-prob without a separate argmax
             logits = logits.float()
             top, tokens = logits.max(-1)
             lp = top - logits.logsumexp(-1)
         else:
-            tokens = self.sampler.sample(logits, slice(0, m), L, flags)  # [m]
+            tokens = self.sampler.sample(logits, idx, L, flags)  # [b]
             lp = token_logprobs(logits, tokens)
-        self.hist[:m].scatter_(1, L[:, None], tokens[:, None])
-        L += self.active[:m]
-        return tokens[:, None].tolist(), lp[:, None].tolist()
+        self.hist[idx, L] = tokens
+        self.length[idx] = L + self.active[idx]
+        out_tokens, out_lp = [None] * m, [None] * m
+        for s, t, p in zip(order, tokens.tolist(), lp.tolist()):
+            out_tokens[s], out_lp[s] = [t], [p]
+        return out_tokens, out_lp
 
     def _admit(self, events: list[Event]):
         """Prefill waiting requests into free slots (one right-padded batch) and sample their first tokens. Rows

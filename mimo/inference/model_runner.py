@@ -352,14 +352,14 @@ class ModelRunner:
         """One token for rows 0..b-1: ids, positions [b, 1] -> logits [b, V] (static shapes: the whole cache)."""
         return self.logits(self.hidden(ids, self.context(positions))[:, 0])
 
-    def decode(self, ids, positions, kv_len: int):
-        """One token for rows 0..b-1: ids, positions [b, 1] -> logits [b, V]."""
+    def decode(self, ids, positions, kv_len: int, slots=None):
+        """One token for rows 0..b-1 (or for cache slots `slots` [b]): ids, positions [b, 1] -> logits [b, V]."""
         b = ids.shape[0]
-        n = self.compiled_rows(b)
+        n = self.compiled_rows(b) if slots is None else 0
         if n:
             if b < n:  # free slots fill the compiled batch (attending to position 0 only)
                 pad = ids.new_zeros(n - b, 1)
                 ids, positions = torch.cat([ids, pad]), torch.cat([positions, pad])
             return self.compiled_decode(ids, positions)[:b]
-        ctx = self.context(positions, None, kv_len, mask=b > 1)
+        ctx = self.context(positions, slots, kv_len, mask=b > 1)
         return self.logits(self.hidden(ids, ctx)[:, 0])

@@ -149,6 +149,39 @@ def test_session_rows_join_and_leave():
     session.abort(rids[0])  # forgetting a finished request is allowed
 
 
+@pytest.mark.parametrize("method", [None, "int8"])
+def test_a_draining_batch_decodes_only_its_live_rows(method):
+    """Rows leave in any order: once a low slot is free, a step runs the live slots alone (the torch blocks, and
+    block.c for int8), each row decoding what it would alone (greedy) or with its own seed (sampled)."""
+    from mimo import kernels
+    from mimo.quantize import quantize_model
+
+    if method and not kernels.available():
+        pytest.skip("no C compiler")
+    model = tiny_model(vocab_size=64)
+    if method:
+        model = quantize_model(model, method)
+    engine = Engine(model, None)
+    prompts, budgets = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]], [2, 9, 4, 7]
+    alone = []
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        session = engine.session(max_batch=1)
+        session.add(p, SamplingParams(max_new_tokens=n, temperature=1.0 if i % 2 else 0.0, seed=i))
+        while session.has_work():
+            session.step()
+        alone.append(session.completion(0).tokens)
+    session = engine.session(max_batch=4)
+    rows, decode = [], session.runner.decode
+    session.runner.decode = lambda ids, *a: (rows.append((ids.shape[0], len(session.running()))), decode(ids, *a))[1]
+    rids = [session.add(p, SamplingParams(max_new_tokens=n, temperature=1.0 if i % 2 else 0.0, seed=i))
+            for i, (p, n) in enumerate(zip(prompts, budgets))]
+    while session.has_work():
+        session.step()
+    assert [session.completion(r).tokens for r in rids] == alone
+    assert (4, 4) in rows and (3, 3) in rows and (1, 1) in rows  # slot 0 left first: slots 1-3, then 1 alone
+    assert all(b == live for b, live in rows)
+
+
 def test_session_abort_and_runner_reuse():
     engine = Engine(tiny_model(vocab_size=64), None)
     session = engine.session(max_batch=2)

@@ -125,6 +125,7 @@ def test_the_block_kernel_computes_what_the_torch_blocks_do(method, dtype, heads
             got += [r.decode(ids[:, t:t + 1], torch.tensor([[t]]), t + 1) for t in range(5, 8)]
             ctx = r.context(torch.tensor([[5, 6, 7], [2, 3, 4]]), torch.tensor([1, 2]), 8)
             got.append(r.logits(r.hidden(torch.tensor([[1, 2, 3], [4, 5, 6]]), ctx)))
+            got.append(r.decode(torch.tensor([[4], [6]]), torch.tensor([[5], [8]]), 9, torch.tensor([2, 1])))
             z = r.mtp(0, h[:, :4], ids[:, 1:5], r.context(torch.arange(4)[None], torch.tensor([1]), 4))
             got.append(r.mtp_logits(0, z))
             wide = (torch.arange(40) * 7 + 3) % 64  # the small model's wide passes: 20 fresh rows of 2 tokens,
