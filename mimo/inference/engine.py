@@ -96,6 +96,12 @@ class _Request:
     adapter: int = 0  # the LoRA adapter's index in the engine's stack (Engine.adapters)
 
 
+@dataclass
+class _HeldPrompt:
+    slots: set[int]  # running rows whose cache holds the prompt's keys and values
+    hidden: torch.Tensor  # [n, H] the main model's last hidden states over the prompt's last n positions
+
+
 class EngineSession:
     """A running batch: requests join with add() and leave when they finish, freeing their KV-cache slot.
 
@@ -128,6 +134,7 @@ class EngineSession:
         self.free_slots = list(range(max_batch))  # a heap: rows fill the lowest free slots
         self.waiting: deque[_Request] = deque()
         self.requests: dict[int, _Request] = {}
+        self.held: dict[tuple, _HeldPrompt] = {}  # (adapter, *prompt) of running rows -> their slots (_prefill)
         self._ids = itertools.count()
         self.spec = None
         if n_mtp:
@@ -304,22 +311,46 @@ class EngineSession:
                 self._free(req)
 
     def _prefill(self, batch: list[_Request], ids, slots, ctx: RunContext):
-        """The main model over the prompts ids [b, P] -> hidden [b, P, H]; each distinct prompt computed once."""
-        first: dict[tuple, int] = {}
-        source = [first.setdefault((r.adapter, *r.prompt), i) for i, r in enumerate(batch)]  # the row each copies
-        if len(first) == len(batch):
-            return self.runner.hidden(ids, ctx)
+        """The main model over the prompts ids [b, P] -> hidden [b, P, H]. Each prompt is computed once: a row
+        whose prompt another row of the batch has, or a running row holds (the samples of a GRPO group admitted
+        a few at a time as slots free), gets that row's keys and values copied and the hidden states kept for it
+        (every position for the MTP prefill, else the last; positions not kept read zeros, which nobody uses)."""
+        keys = [(r.adapter, *r.prompt) for r in batch]
+        source = {key: min(self.held[key].slots) for key in keys if key in self.held}  # prompt -> a slot holding it
+        fresh: dict[tuple, int] = {}  # prompt -> the row of the batch that computes it
+        for i, key in enumerate(keys):
+            if key not in source:
+                fresh.setdefault(key, i)
         dev, P = ids.device, ids.shape[1]
-        rows = sorted(first.values())
-        rank = {row: n for n, row in enumerate(rows)}
-        unique = torch.tensor(rows, device=dev)
-        hidden = self.runner.hidden(ids[unique], self.runner.context(ctx.positions[unique], slots[unique], P))
-        copies = [i for i, s in enumerate(source) if s != i]
-        self.runner.copy_prefix(slots[[source[i] for i in copies]], slots[copies], P)
-        return hidden[torch.tensor([rank[s] for s in source], device=dev)]
+        if len(fresh) == len(batch):
+            hidden = self.runner.hidden(ids, ctx)
+        elif fresh:
+            unique = torch.tensor(list(fresh.values()), device=dev)
+            hidden = self.runner.hidden(ids[unique], self.runner.context(ctx.positions[unique], slots[unique], P))
+        for key, h in zip(fresh, hidden if fresh else ()):
+            n = len(key) - 1  # the prompt's length
+            self.held[key] = _HeldPrompt(set(), h[0 if self.spec else n - 1:n].clone())
+            source[key] = batch[fresh[key]].slot
+        for r, key in zip(batch, keys):
+            self.held[key].slots.add(r.slot)
+        if len(fresh) == len(batch):
+            return hidden
+        copies = [i for i, key in enumerate(keys) if fresh.get(key) != i]
+        self.runner.copy_prefix(torch.tensor([source[keys[i]] for i in copies], device=dev),
+                                torch.tensor([batch[i].slot for i in copies], device=dev), P)
+        hidden = torch.zeros(len(batch), P, self.engine.cfg.hidden_size, dtype=self.runner.dtype, device=dev)
+        for i, key in enumerate(keys):
+            kept = self.held[key].hidden
+            hidden[i, len(key) - 1 - len(kept):len(key) - 1] = kept
+        return hidden
 
     def _free(self, req: _Request):
         s = req.slot
+        key = (req.adapter, *req.prompt)
+        if key in self.held:
+            self.held[key].slots.discard(s)
+            if not self.held[key].slots:
+                del self.held[key]
         self.slots[s], req.slot = None, -1
         heapq.heappush(self.free_slots, s)
         self.active[s] = 0
