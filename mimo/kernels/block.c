@@ -140,6 +140,29 @@ static void rope(void *x, int64_t heads, int64_t D, const void *cos, const void 
     }
 }
 
+#ifdef BLOCK_AVX512
+/* 16 cached values from p + off (fp32 or bf16) as fp32, in a register: converting a row into a scratch buffer
+ * and loading it back stalled every load on the store just before it */
+static inline __m512 load16(const void *p, int dt, int64_t off) {
+    if (dt == ACT_F32) return _mm512_loadu_ps((const float *)p + off);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + off));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* a[0, 16 NV) += sum over kk < n of w[kk] v[kk], the value rows at vc + off, D apart: NV independent
+ * accumulators, each value row read once, in order */
+static inline __attribute__((always_inline)) void weighted_sum(float *a, const float *w, int64_t n, const void *vc,
+                                                               int dt, int64_t off, int64_t D, const int NV) {
+    __m512 r[8];
+    for (int v = 0; v < NV; v++) r[v] = _mm512_loadu_ps(a + 16 * v);
+    for (int64_t kk = 0; kk < n; kk++) {
+        const __m512 wk = _mm512_set1_ps(w[kk]);
+        for (int v = 0; v < NV; v++) r[v] = _mm512_fmadd_ps(wk, load16(vc, dt, off + kk * D + 16 * v), r[v]);
+    }
+    for (int v = 0; v < NV; v++) _mm512_storeu_ps(a + 16 * v, r[v]);
+}
+#endif
+
 typedef struct { const mimo_block *blk; const mimo_step *s; const void *q; void *out; int failed; } attn_job;
 
 static __thread float *attn_ws = NULL;
@@ -177,9 +200,10 @@ static void attn_chunk(void *ctx, int64_t c) {
     const int64_t es = dt == ACT_F32 ? 4 : 2;  /* bytes a cached value */
     (void)es;
     for (int64_t k = 0; k < S; k++) {  /* scores */
-        to_f32(j->blk->k_cache, dt, (base + k) * D, D, vb);
 #ifdef BLOCK_AVX512
         if (D % 16 == 0) {
+            const void *kc = j->blk->k_cache;
+            const int64_t row = (base + k) * D;
             const char *ahead = (const char *)j->blk->k_cache + (base + k + 8) * D * es;  /* 8 rows ahead */
             for (int64_t l = 0; l < D * es; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
             for (int64_t qi = 0; qi < nq; qi++) {
@@ -187,61 +211,62 @@ static void attn_chunk(void *ctx, int64_t c) {
                 __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();  /* two chains */
                 int64_t d = 0;
                 for (; d + 32 <= D; d += 32) {
-                    a = _mm512_fmadd_ps(_mm512_loadu_ps(vb + d), _mm512_loadu_ps(qf + qi * D + d), a);
-                    b = _mm512_fmadd_ps(_mm512_loadu_ps(vb + d + 16), _mm512_loadu_ps(qf + qi * D + d + 16), b);
+                    a = _mm512_fmadd_ps(load16(kc, dt, row + d), _mm512_loadu_ps(qf + qi * D + d), a);
+                    b = _mm512_fmadd_ps(load16(kc, dt, row + d + 16), _mm512_loadu_ps(qf + qi * D + d + 16), b);
                 }
-                if (d < D) a = _mm512_fmadd_ps(_mm512_loadu_ps(vb + d), _mm512_loadu_ps(qf + qi * D + d), a);
+                if (d < D) a = _mm512_fmadd_ps(load16(kc, dt, row + d), _mm512_loadu_ps(qf + qi * D + d), a);
                 p[qi * S + k] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)) * scale;
             }
             continue;
         }
 #endif
+        to_f32(j->blk->k_cache, dt, (base + k) * D, D, vb);
         for (int64_t qi = 0; qi < nq; qi++)
             if (k < seen[qi]) p[qi * S + k] = mimo_dot(qf + qi * D, vb, D) * scale;
     }
     for (int64_t qi = 0; qi < nq; qi++) {  /* softmax over the visible keys (position 0 always is) */
-        float *pr = p + qi * S, mx = pr[0], sum = 0.0f;
-        const int64_t n = seen[qi];
-        for (int64_t k = 1; k < n; k++) mx = pr[k] > mx ? pr[k] : mx;
-        for (int64_t k = 0; k < n; k++) { pr[k] = exp_f32(pr[k] - mx); sum += pr[k]; }
-        const float inv = 1.0f / sum;
+        float *pr = p + qi * S, mx[LANES], sum[LANES] = {0};
+        const int64_t n = seen[qi], n16 = n - n % LANES;
+        /* LANES partial maxima and sums, so that the loops vectorize (a sum or maximum carried through one
+         * variable does not, without reassociation) */
+        for (int l = 0; l < LANES; l++) mx[l] = pr[0];
+        for (int64_t k = 0; k < n16; k += LANES)
+            for (int l = 0; l < LANES; l++) mx[l] = pr[k + l] > mx[l] ? pr[k + l] : mx[l];
+        for (int64_t k = n16; k < n; k++) mx[0] = pr[k] > mx[0] ? pr[k] : mx[0];
+        for (int l = 1; l < LANES; l++) mx[0] = mx[l] > mx[0] ? mx[l] : mx[0];
+        for (int64_t k = 0; k < n; k++) pr[k] = exp_f32(pr[k] - mx[0]);
+        for (int64_t k = 0; k < n16; k += LANES)
+            for (int l = 0; l < LANES; l++) sum[l] += pr[k + l];
+        for (int64_t k = n16; k < n; k++) sum[0] += pr[k];
+        for (int w = LANES / 2; w > 0; w /= 2)
+            for (int l = 0; l < w; l++) sum[l] += sum[l + w];
+        const float inv = 1.0f / sum[0];
         for (int64_t k = 0; k < n; k++) pr[k] *= inv;
     }
     memset(acc, 0, (size_t)(nq * D) * sizeof(float));
     const int64_t D16 = D - D % LANES;
     for (int64_t k0 = 0; k0 < S; k0 += KEY_BLOCK) {  /* weighted sums of the values, KEY_BLOCK rows at a time */
         const int64_t nk = S - k0 < KEY_BLOCK ? S - k0 : KEY_BLOCK;
-        to_f32(j->blk->v_cache, dt, (base + k0) * D, nk * D, vb);
 #ifdef BLOCK_AVX512
         const char *ahead = (const char *)j->blk->v_cache + (base + k0 + KEY_BLOCK) * D * es;  /* the next block */
         for (int64_t l = 0; l < KEY_BLOCK * D * es; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
+        const void *vc = j->blk->v_cache;
+        const int64_t v0 = (base + k0) * D;
+        if (D % 16 != 0)
 #endif
+        to_f32(j->blk->v_cache, dt, (base + k0) * D, nk * D, vb);
         for (int64_t qi = 0; qi < nq; qi++) {
             const int64_t n = seen[qi] - k0 < nk ? seen[qi] - k0 : nk;
             const float *w = p + qi * S + k0;
             float *a = acc + qi * D;
 #ifdef BLOCK_AVX512
             if (D % 16 == 0) {
-                int64_t d0 = 0;
-                for (; d0 + 128 <= D; d0 += 128) {  /* 8 independent accumulators: no chain of dependent adds */
-                    __m512 a8[8];
-                    for (int v = 0; v < 8; v++) a8[v] = _mm512_loadu_ps(a + d0 + 16 * v);
-                    for (int64_t kk = 0; kk < n; kk++) {
-                        const __m512 wk = _mm512_set1_ps(w[kk]);
-                        for (int v = 0; v < 8; v++)
-                            a8[v] = _mm512_fmadd_ps(wk, _mm512_loadu_ps(vb + kk * D + d0 + 16 * v), a8[v]);
-                    }
-                    for (int v = 0; v < 8; v++) _mm512_storeu_ps(a + d0 + 16 * v, a8[v]);
-                }
-                for (; d0 < D; d0 += 16) {
-                    __m512 a16 = _mm512_loadu_ps(a + d0), b16 = _mm512_setzero_ps();
-                    int64_t kk = 0;
-                    for (; kk + 2 <= n; kk += 2) {
-                        a16 = _mm512_fmadd_ps(_mm512_set1_ps(w[kk]), _mm512_loadu_ps(vb + kk * D + d0), a16);
-                        b16 = _mm512_fmadd_ps(_mm512_set1_ps(w[kk + 1]), _mm512_loadu_ps(vb + (kk + 1) * D + d0), b16);
-                    }
-                    if (kk < n) a16 = _mm512_fmadd_ps(_mm512_set1_ps(w[kk]), _mm512_loadu_ps(vb + kk * D + d0), a16);
-                    _mm512_storeu_ps(a + d0, _mm512_add_ps(a16, b16));
+                for (int64_t d0 = 0, nv; d0 < D; d0 += 16 * nv) {  /* 8, 4, 2 or 1 registers of 16 at a time */
+                    nv = (D - d0) / 16 >= 8 ? 8 : (D - d0) / 16 >= 4 ? 4 : (D - d0) / 16 >= 2 ? 2 : 1;
+                    if (nv == 8) weighted_sum(a + d0, w, n, vc, dt, v0 + d0, D, 8);
+                    else if (nv == 4) weighted_sum(a + d0, w, n, vc, dt, v0 + d0, D, 4);
+                    else if (nv == 2) weighted_sum(a + d0, w, n, vc, dt, v0 + d0, D, 2);
+                    else weighted_sum(a + d0, w, n, vc, dt, v0 + d0, D, 1);
                 }
                 continue;
             }
