@@ -37,12 +37,14 @@ class SamplingParams:
             raise MimoError(f"top_k must be >= 0, got {self.top_k!r}")
 
 
-def filtered_probs_rows(logits, temperature, top_k, top_p, max_top_k: int, any_top_p: bool) -> torch.Tensor:
+def filtered_probs_rows(logits, temperature, top_k, top_p, max_top_k: int, any_top_p: bool,
+                        any_greedy: bool = True) -> torch.Tensor:
     """Per-row sampling distributions. logits [N, V]; temperature, top_p [N] float; top_k [N] long (0 = off);
-    max_top_k / any_top_p: host-side summaries that skip unused filters. Temperature-0 rows get a one-hot at
-    the argmax, so greedy rows fit the speculative acceptance rule unchanged. -> probs [N, V] float32"""
+    max_top_k / any_top_p / any_greedy: host-side summaries that skip unused work. Temperature-0 rows get a
+    one-hot at the argmax, so greedy rows fit the speculative acceptance rule unchanged. -> probs [N, V] float32"""
     V = logits.shape[-1]
-    scores = logits.float() / temperature.clamp(min=1e-6)[:, None]
+    logits = logits.float()  # (an argmax over bf16 logits takes 4x one over fp32 on a CPU)
+    scores = logits / temperature.clamp(min=1e-6)[:, None]
     if 0 < max_top_k:
         k = top_k.clamp(max=V)
         kth = torch.topk(scores, min(max_top_k, V), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
@@ -55,6 +57,8 @@ def filtered_probs_rows(logits, temperature, top_k, top_p, max_top_k: int, any_t
         drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p[:, None]
         scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
+    if not any_greedy:
+        return probs
     greedy = (temperature == 0)[:, None]
     one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy, one_hot, probs)
@@ -95,6 +99,7 @@ class SamplingFlags:
     greedy: bool  # every row is greedy
     max_top_k: int
     any_top_p: bool
+    any_greedy: bool = True  # some row is greedy
 
 
 class RowSampler:
@@ -119,12 +124,12 @@ class RowSampler:
     def flags(self, slots) -> SamplingFlags:
         ps = [self.params[s] for s in slots]
         return SamplingFlags(all(p.temperature == 0 for p in ps), max((p.top_k for p in ps), default=0),
-                             any(p.top_p < 1.0 for p in ps))
+                             any(p.top_p < 1.0 for p in ps), any(p.temperature == 0 for p in ps))
 
     def probs(self, logits, rows, flags: SamplingFlags):
         """logits [N, V], rows [N] slot index of each row -> filtered sampling distributions [N, V]."""
         return filtered_probs_rows(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows],
-                                   flags.max_top_k, flags.any_top_p)
+                                   flags.max_top_k, flags.any_top_p, flags.any_greedy)
 
     def uniforms(self, rows, positions, stream: int):
         """rows [N] slots, positions [N] or [N, T] -> float64 uniforms in (0, 1), same shape as positions."""
