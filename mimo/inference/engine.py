@@ -99,7 +99,7 @@ class _Request:
 @dataclass
 class _HeldPrompt:
     slots: set[int]  # running rows whose cache holds the prompt's keys and values
-    hidden: torch.Tensor  # [n, H] the main model's last hidden states over the prompt's last n positions
+    last: torch.Tensor  # [H] the main model's hidden state at the prompt's last position
 
 
 class EngineSession:
@@ -312,9 +312,11 @@ class EngineSession:
 
     def _prefill(self, batch: list[_Request], ids, slots, ctx: RunContext):
         """The main model over the prompts ids [b, P] -> hidden [b, P, H]. Each prompt is computed once: a row
-        whose prompt another row of the batch has, or a running row holds (the samples of a GRPO group admitted
-        a few at a time as slots free), gets that row's keys and values copied and the hidden states kept for it
-        (every position for the MTP prefill, else the last; positions not kept read zeros, which nobody uses)."""
+        whose prompt another row of the batch has gets that row's keys and values copied, and so, in a session
+        without MTP, does a row whose prompt a running row holds (the samples of a GRPO group admitted a few at a
+        time as slots free), with the prompt's last hidden state, kept while a row holds it. (MTP's prefill
+        reads every position's hidden state: its sessions share prompts within a batch.) Positions a copy does
+        not need read zeros."""
         keys = [(r.adapter, *r.prompt) for r in batch]
         source = {key: min(self.held[key].slots) for key in keys if key in self.held}  # prompt -> a slot holding it
         fresh: dict[tuple, int] = {}  # prompt -> the row of the batch that computes it
@@ -327,22 +329,26 @@ class EngineSession:
         elif fresh:
             unique = torch.tensor(list(fresh.values()), device=dev)
             hidden = self.runner.hidden(ids[unique], self.runner.context(ctx.positions[unique], slots[unique], P))
-        for key, h in zip(fresh, hidden if fresh else ()):
-            n = len(key) - 1  # the prompt's length
-            self.held[key] = _HeldPrompt(set(), h[0 if self.spec else n - 1:n].clone())
+        computed = dict(zip(fresh, hidden)) if fresh else {}  # prompt -> its hidden states [P, H]
+        for key, h in computed.items():
             source[key] = batch[fresh[key]].slot
+            if self.spec is None:
+                self.held[key] = _HeldPrompt(set(), h[len(key) - 2].clone())
         for r, key in zip(batch, keys):
-            self.held[key].slots.add(r.slot)
+            if key in self.held:
+                self.held[key].slots.add(r.slot)
         if len(fresh) == len(batch):
             return hidden
         copies = [i for i, key in enumerate(keys) if fresh.get(key) != i]
         self.runner.copy_prefix(torch.tensor([source[keys[i]] for i in copies], device=dev),
                                 torch.tensor([batch[i].slot for i in copies], device=dev), P)
-        hidden = torch.zeros(len(batch), P, self.engine.cfg.hidden_size, dtype=self.runner.dtype, device=dev)
+        out = torch.zeros(len(batch), P, self.engine.cfg.hidden_size, dtype=self.runner.dtype, device=dev)
         for i, key in enumerate(keys):
-            kept = self.held[key].hidden
-            hidden[i, len(key) - 1 - len(kept):len(key) - 1] = kept
-        return hidden
+            if key in computed:
+                out[i] = computed[key]
+            else:
+                out[i, len(key) - 2] = self.held[key].last
+        return out
 
     def _free(self, req: _Request):
         s = req.slot

@@ -49,19 +49,17 @@ def test_rows_with_the_same_prompt_share_one_prefill():
         assert len({tuple(outs[i].tokens) for i in (0, 2, 3)}) > 1  # same prompt, own seeds
 
 
-@pytest.mark.parametrize("mtp", [False, True])
-def test_a_prompt_a_running_row_holds_is_not_computed_again(mtp):
+def test_a_prompt_a_running_row_holds_is_not_computed_again():
     """Samples of one prompt admitted as slots free (a GRPO group in a full batch) copy a running row's keys and
-    values and reuse its hidden states: the main model sees the prompt once while a row holds it, and every
+    values and reuse its last hidden state: the main model sees the prompt once while a row holds it, and every
     row decodes what it would alone (its own seed). Once no row holds it, it is computed afresh."""
-    model = tiny_model(vocab_size=64, num_mtp=1)
+    model = tiny_model(vocab_size=64)
     engine = Engine(model, None)
     a, b = [5, 9, 2, 7, 1], [3, 3, 8]
     prompts, budgets = [a, b, a, a, b, a], [20, 2, 2, 3, 2, 2]  # the first a runs throughout
-    session = engine.session(max_batch=2, mtp=mtp)
+    session = engine.session(max_batch=2)
     prefills, hidden = [], session.runner.hidden
-    # passes of 3+ tokens are prompts (MTP's verify passes here are 2)
-    session.runner.hidden = lambda ids, ctx: (ids.shape[1] > 2 and prefills.append(ids.tolist()),
+    session.runner.hidden = lambda ids, ctx: (ids.shape[1] > 1 and prefills.append(ids.tolist()),
                                               hidden(ids, ctx))[1]
     rids = [session.add(p, SamplingParams(max_new_tokens=n, temperature=1.0, seed=i))
             for i, (p, n) in enumerate(zip(prompts, budgets))]
@@ -70,12 +68,12 @@ def test_a_prompt_a_running_row_holds_is_not_computed_again(mtp):
     assert prefills == [[a, b + [0, 0]], [b]]  # a once; b again: no running row held it by then
     assert session.held == {}
     for i, (p, n) in enumerate(zip(prompts, budgets)):
-        alone = engine.session(max_batch=1, mtp=mtp)
+        alone = engine.session(max_batch=1)
         rid = alone.add(p, SamplingParams(max_new_tokens=n, temperature=1.0, seed=i))
         while alone.has_work():
             alone.step()
         assert session.completion(rids[i]).tokens == alone.completion(rid).tokens
-    again = engine.session(max_batch=2, mtp=mtp)
+    again = engine.session(max_batch=2)
     again.runner.hidden = session.runner.hidden
     again.add(a, SamplingParams(max_new_tokens=2))
     again.step()
