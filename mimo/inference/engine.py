@@ -466,15 +466,16 @@ class Engine:
         """A continuous-batching session (MTP needs a model with MTP layers; without them it decodes plainly)."""
         return EngineSession(self, max_batch, max_seq_len, mtp, num_draft)
 
-    def _generation_session(self, prompts, params: SamplingParams, mtp: bool, num_draft: int) -> EngineSession:
+    def _generation_session(self, prompts, params: SamplingParams, mtp: bool, num_draft: int,
+                            max_batch: int | None = None) -> EngineSession:
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise MimoError("every prompt needs at least one token")
         longest = max(len(p) for p in prompts)
         if longest >= self.max_seq_len:
             raise MimoError(f"prompt of {longest} tokens does not fit the context of {self.max_seq_len}")
-        return self.session(len(prompts), min(self.max_seq_len, longest + max(1, params.max_new_tokens)), mtp,
-                            num_draft)
+        return self.session(min(len(prompts), max_batch or len(prompts)),
+                            min(self.max_seq_len, longest + max(1, params.max_new_tokens)), mtp, num_draft)
 
     def warm_up(self, prompts: list[list[int]], params: SamplingParams, *, mtp: bool = False, num_draft: int = 1,
                 tokens: int = 4):
@@ -491,14 +492,15 @@ class Engine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  on_text: Callable[[int, str], None] | None = None, *, mtp: bool = False,
-                 num_draft: int = 1) -> list[Completion]:
+                 num_draft: int = 1, max_batch: int | None = None) -> list[Completion]:
         """Complete each prompt (token ids). on_text(row, new_text) streams text as it is produced.
 
         mtp: speculative decoding with the model's MTP layers drafting num_draft tokens per step (lossless:
         greedy output is identical, sampled output has the same distribution). Row i samples with seed
-        row_seed(params.seed, i).
+        row_seed(params.seed, i). max_batch: rows decoding at once (default every prompt); the others wait and
+        take a slot as soon as one frees (continuous batching).
         """
-        session = self._generation_session(prompts, params, mtp, num_draft)
+        session = self._generation_session(prompts, params, mtp, num_draft, max_batch)
         base = params.seed if params.seed is not None else int(torch.randint(0, 2**31, ()))
         rids = [session.add(p, dataclasses.replace(params, seed=row_seed(base, i))) for i, p in enumerate(prompts)]
         row_of = {rid: i for i, rid in enumerate(rids)}

@@ -361,11 +361,10 @@ def replay_conversations(model, tokenizer, n: int, seed: int, max_new_tokens: in
     was_training = model.training
     model.eval()
     engine, params = Engine(model, tokenizer), SamplingParams(max_new_tokens=max_new_tokens)
-    # rows decoding at once: 64 on a small model (the tiny speedrun model's replies to 256 problems in 18-24 s on 2
-    # cores against 30 s at 16 rows; the same replies), 16 on larger ones (a 7B's 64 rows of 400 positions would
-    # take 3.8 GB of bf16 KV cache: 36 layers x 8 KV heads x 128 x 2 x 2 bytes a position)
-    rows = 64 if small_model(model) else 16
-    done = [c for i in range(0, n, rows) for c in engine.generate(prompts[i: i + rows], params)]
+    # rows decoding at once, a finished row's slot taken by the next problem at once: 64 on a small model, 16 on
+    # larger ones (a 7B's 64 rows of 400 positions would take 3.8 GB of bf16 KV cache: 36 layers x 8 KV heads x
+    # 128 x 2 x 2 bytes a position)
+    done = engine.generate(prompts, params, max_batch=64 if small_model(model) else 16)
     model.train(was_training)
     return [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": c.text}]
             for p, c in zip(problems, done) if c.finish_reason == "stop"]

@@ -18,6 +18,16 @@ def test_ragged_batch_equals_one_by_one(tokenizer):
         assert o.text == tokenizer.decode(o.tokens)
 
 
+def test_generate_with_fewer_rows_than_prompts_gives_the_same_completions():
+    """max_batch: rows decode a few at a time, a finished row's slot going to the next prompt; every completion
+    is what it is with all rows at once (greedy, and sampled with each row's seed)."""
+    engine = Engine(tiny_model(vocab_size=64), None)
+    prompts = [[1 + i, 2 * i % 64, 5] for i in range(7)]
+    for params in (SamplingParams(max_new_tokens=6), SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)):
+        want = [c.tokens for c in engine.generate(prompts, params)]
+        assert [c.tokens for c in engine.generate(prompts, params, max_batch=2)] == want
+
+
 def test_rows_with_the_same_prompt_share_one_prefill():
     """Duplicate prompts are prefilled once and their keys/values copied: every row still decodes as if alone
     (greedy, sampled with its own seed, with and without MTP), and the main model runs on the distinct prompts."""
