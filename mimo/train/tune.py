@@ -1,6 +1,6 @@
 """`mimo tune`: LoRA on your own material, on your own machine; the base stays frozen (and may be quantized).
 
-    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank 16] [--epochs 24]
+    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank 16] [--epochs 30]
 
 Data: plain .txt / .md documents (language-modelling loss on every token) and .jsonl chat transcripts, one
 {"messages": [...]} (or {"prompt", "response"}) a line, loss on assistant turns only (as `mimo sft`); a
@@ -486,7 +486,7 @@ def add_arguments(p):
                    help="each passage of the documents also learnt as a chat: the user asks what their notes say "
                         "(about the passage's heading), the assistant answers with it; so that questions in a chat "
                         "reach facts only the documents state")
-    p.add_argument("--epochs", type=float, default=24.0, help="passes over the training rows (sets the steps)")
+    p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")
