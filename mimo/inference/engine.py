@@ -108,7 +108,8 @@ class EngineSession:
     Each step() admits waiting requests into free slots (one batched, ragged prefill that samples their first
     token), then advances every running row by one decode step (or one MTP draft-and-verify step) and returns
     the events. A row's state is its slot: `length` committed tokens (the newest not yet in the cache) whose ids
-    are in `hist`. Rows are kept in the lowest free slots; decode runs over slots 0..m-1 through cache views.
+    are in `hist`. Rows are kept in the lowest free slots; decode runs over slots 0..m-1 through cache views, or
+    over the live slots alone once a lower slot is free (_decode).
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_seq_len: int | None = None, mtp: bool = False,
