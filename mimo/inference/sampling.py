@@ -99,7 +99,7 @@ class SamplingFlags:
     greedy: bool  # every row is greedy
     max_top_k: int
     any_top_p: bool
-    any_greedy: bool = True  # some row is greedy
+    any_greedy: bool  # some row is greedy
 
 
 class RowSampler:
@@ -156,4 +156,4 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The sampling distribution: temperature, then top-k, then top-p (nucleus). logits [B, V] -> probs [B, V]."""
     B = logits.shape[0]
     return filtered_probs_rows(logits, torch.full((B,), float(p.temperature)), torch.full((B,), p.top_k),
-                               torch.full((B,), float(p.top_p)), p.top_k, p.top_p < 1.0)
+                               torch.full((B,), float(p.top_p)), p.top_k, p.top_p < 1.0, p.temperature == 0)

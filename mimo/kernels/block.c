@@ -252,15 +252,17 @@ static void attn_chunk(void *ctx, int64_t c) {
         for (int64_t l = 0; l < KEY_BLOCK * D * es; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
         const void *vc = j->blk->v_cache;
         const int64_t v0 = (base + k0) * D;
-        if (D % 16 != 0)
+        const int in_registers = D % 16 == 0;  /* weighted_sum reads the cache itself */
+#else
+        const int in_registers = 0;
 #endif
-        to_f32(j->blk->v_cache, dt, (base + k0) * D, nk * D, vb);
+        if (!in_registers) to_f32(j->blk->v_cache, dt, (base + k0) * D, nk * D, vb);
         for (int64_t qi = 0; qi < nq; qi++) {
             const int64_t n = seen[qi] - k0 < nk ? seen[qi] - k0 : nk;
             const float *w = p + qi * S + k0;
             float *a = acc + qi * D;
 #ifdef BLOCK_AVX512
-            if (D % 16 == 0) {
+            if (in_registers) {
                 for (int64_t d0 = 0, nv; d0 < D; d0 += 16 * nv) {  /* 8, 4, 2 or 1 registers of 16 at a time */
                     nv = (D - d0) / 16 >= 8 ? 8 : (D - d0) / 16 >= 4 ? 4 : (D - d0) / 16 >= 2 ? 2 : 1;
                     if (nv == 8) weighted_sum(a + d0, w, n, vc, dt, v0 + d0, D, 8);
