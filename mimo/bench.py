@@ -30,6 +30,7 @@ import torch
 from mimo.checkpoint import build_model
 from mimo.config import QUANTIZATIONS
 from mimo.errors import MimoError
+from mimo.inference.engine_args import DRAFT_VOCAB
 from mimo.memory import module_bytes
 from mimo.timing import Load, Spread, load_average, speedup_contradiction, spread_warning
 from mimo.train.loop import TrainConfig, autocast_context, make_optimizer
@@ -155,14 +156,15 @@ def median_run(runs: list, seconds) -> tuple:
 def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens: int = 32, mtp: bool = False,
                  num_draft: int = 1, quantize: str | None = None, device: str = "cpu", seed: int = 0,
                  compile: bool = False, draft_quantize: str | None = None, dtype: str | None = None,
-                 prefill_tokens: int = 0, mtp_cost: bool = False, repeats: int = 3) -> dict:
+                 prefill_tokens: int = 0, mtp_cost: bool = False, repeats: int = 3,
+                 draft_vocab: int | None = None) -> dict:
     """Greedy decoding of random prompts (no stop tokens: every row makes exactly new_tokens tokens), timed
     after a warm-up run (which also compiles, with compile=True), `repeats` times: the median run's figures,
     with the range of decode tokens/s and the load average around the timed runs. A model directory loads as
     stored (dtype None) with quantize applied as each tensor is read; a preset builds random fp32 weights.
     prefill_tokens: also time one prompt of that many tokens to its first token (prefill tokens/s). mtp_cost:
     also decode the same prompts with MTP (num_draft drafts a step) and report a draft-and-verify step's time
-    against a plain step's."""
+    against a plain step's. draft_vocab: MTP drafts among the vocabulary's first ids only (Engine's)."""
     from pathlib import Path
 
     from mimo.checkpoint import load_model
@@ -189,32 +191,44 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
     load_s = time.perf_counter() - t0
     mtp = mtp and model.config.num_nextn_predict_layers > 0
     engine = Engine(model, None, max_seq_len=max(prompt_tokens + new_tokens, prefill_tokens) + 1, compile=compile,
-                    draft_quantize=draft_quantize)
+                    draft_quantize=draft_quantize, draft_vocab=draft_vocab)
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_tokens), generator=g).tolist()
     params = SamplingParams(max_new_tokens=new_tokens)
     cold = engine.generate(prompts[:1], SamplingParams(max_new_tokens=2), mtp=mtp, num_draft=num_draft)[0]
     engine.warm_up(prompts, params, mtp=mtp, num_draft=num_draft, tokens=4)
+    with_cost = mtp_cost and not mtp and model.config.num_nextn_predict_layers > 0
+    if with_cost:
+        engine.warm_up(prompts, params, mtp=True, num_draft=num_draft, tokens=4)
     load_before = load_average()
-    outs, decode = median_run([engine.generate(prompts, params, mtp=mtp, num_draft=num_draft)
-                               for _ in range(repeats)], lambda run: max(o.decode_time_s for o in run))
-    decode_s = max(o.decode_time_s for o in outs)
+    runs, spec_runs = [], []
+    for _ in range(repeats):  # with_cost: plain and speculative runs take turns, so each pair shares the minute
+        runs.append(engine.generate(prompts, params, mtp=mtp, num_draft=num_draft))
+        if with_cost:
+            spec_runs.append(engine.generate(prompts, params, mtp=True, num_draft=num_draft))
+
+    def run_s(run):
+        return max(o.decode_time_s for o in run)
+
+    outs, decode = median_run(runs, run_s)
+    decode_s = run_s(outs)
     decoded = sum(len(o.tokens) - 1 for o in outs)
     stats = SpecStats.merge(o.spec for o in outs) if mtp else None
     steps = max(o.spec.verify_steps for o in outs) if mtp else new_tokens - 1
     step_bytes = decode_step_bytes(model, num_draft if mtp else 0, engine.drafter)
     cost = {}
     warnings = [spread_warning("decode time", decode)]
-    if mtp_cost and not mtp and model.config.num_nextn_predict_layers:
-        engine.warm_up(prompts, params, mtp=True, num_draft=num_draft, tokens=4)
-        spec_outs, _ = median_run([engine.generate(prompts, params, mtp=True, num_draft=num_draft)
-                                   for _ in range(repeats)], lambda run: max(o.decode_time_s for o in run))
-        spec_s = max(o.decode_time_s for o in spec_outs) / max(o.spec.verify_steps for o in spec_outs)
+    if with_cost:
+        def step_s(run):
+            return run_s(run) / max(o.spec.verify_steps for o in run)
+
+        ratios = Spread.of([step_s(spec) / (run_s(plain) / steps) for plain, spec in zip(runs, spec_runs)])
+        spec_outs, _ = median_run(spec_runs, run_s)
         merged = SpecStats.merge(o.spec for o in spec_outs)
-        cost = {"mtp_step_s": spec_s, "mtp_step_cost": spec_s / (decode_s / steps),
+        cost = {"mtp_step_s": step_s(spec_outs), "mtp_step_cost": ratios.median,
+                "mtp_step_cost_min": ratios.low, "mtp_step_cost_max": ratios.high,
                 "mtp_tokens_per_step": merged.mean_accepted_length,
-                "mtp_decode_tokens_per_s": sum(len(o.tokens) - 1 for o in spec_outs) /
-                max(o.decode_time_s for o in spec_outs)}
+                "mtp_decode_tokens_per_s": sum(len(o.tokens) - 1 for o in spec_outs) / run_s(spec_outs)}
         warnings.append(speedup_contradiction(cost["mtp_decode_tokens_per_s"] * decode_s / decoded,
                                               merged.mean_accepted_length))
     prefill_tps = None
@@ -229,6 +243,7 @@ def bench_decode(spec: str, batch: int = 1, new_tokens: int = 128, prompt_tokens
             "mtp": mtp, "num_draft": num_draft if mtp else 0, "quantize": quantize, "compile": compile,
             "dtype": str(model.model.embed_tokens.weight.dtype).removeprefix("torch."),
             "draft_quantize": draft_quantize if mtp else None, "load_s": load_s,
+            "draft_vocab": engine.drafter[1].out_features if mtp or cost else None,
             "time_to_first_token_s": sum(o.time_to_first_token_s for o in outs) / len(outs),
             "first_request_time_to_first_token_s": cold.time_to_first_token_s,
             "repeats": repeats, "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
@@ -252,12 +267,14 @@ def cmd_bench_decode(args):
     r = bench_decode(args.model, args.batch, args.new_tokens, args.prompt_tokens, args.mtp, args.num_draft,
                      args.quantize, args.device, compile=args.compile, draft_quantize=args.draft_quantize,
                      dtype=None if args.dtype == "auto" else args.dtype, prefill_tokens=args.prefill_tokens,
-                     mtp_cost=args.mtp_cost, repeats=args.repeats)
+                     mtp_cost=args.mtp_cost, repeats=args.repeats, draft_vocab=args.draft_vocab)
     drafts = f"{r['num_draft']} {r['draft_quantize']}" if r["draft_quantize"] else str(r["num_draft"])
     mtp = (f", MTP {drafts} draft(s): acceptance {r['acceptance_rate']:.2f} (first "
            f"{r['first_acceptance_rate']:.2f}), {r['mean_accepted_length']:.2f} tokens/step") if r["mtp"] else ""
-    cost = (f", a draft-and-verify step costs {r['mtp_step_cost']:.2f} plain steps ({r['mtp_tokens_per_step']:.2f} "
-            "tokens a step)") if "mtp_step_cost" in r else ""
+    cost = (f", a draft-and-verify step costs {r['mtp_step_cost']:.2f} plain steps (median of {r['repeats']} runs taking "
+            f"turns with plain ones: {r['mtp_step_cost_min']:.2f}-{r['mtp_step_cost_max']:.2f}; "
+            f"{r['mtp_tokens_per_step']:.2f} tokens a step, drafts over {r['draft_vocab']:,} ids)") \
+        if "mtp_step_cost" in r else ""
     prefill = (f", prefill of {r['prefill_tokens']} tokens {r['prefill_tokens_per_s']:.1f} tokens/s"
                if r["prefill_tokens"] else "")
     spread = (f" (median of {r['repeats']}: {r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f})"
@@ -296,6 +313,8 @@ def add_arguments(p):
     d.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="weight-only quantization")
     d.add_argument("--draft-quantize", choices=QUANTIZATIONS, default=None,
                    help="draft with quantized copies of the MTP layers and LM head")
+    d.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, metavar="N",
+                   help="MTP drafts among the vocabulary's first N ids (0: all), as mimo generate's --draft-vocab")
     d.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiled in warm-up)")
     d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: a directory as stored, a preset in float32")

@@ -441,6 +441,29 @@ def quantized_copy(module: nn.Module, method: str) -> nn.Module:
     return _swap_linears(copy.deepcopy(module, shared), method).eval()
 
 
+def first_rows(linear: nn.Module, n: int) -> nn.Module:
+    """A module computing outputs [0, n) of linear (an nn.Linear or a block-quantized one) alone, its weight a view
+    of the first n rows of linear's (no copy; n a multiple of 8, whole tiles of a q4_0x8 layout). MTP drafts
+    pick among the first ids of the vocabulary through such a head (Engine's draft_vocab)."""
+    if n % 8 or not 0 < n <= linear.out_features:
+        raise MimoError(f"the first {n} rows of a linear with {linear.out_features} outputs: need a multiple of 8")
+    bias = None if linear.bias is None else linear.bias[:n]
+    if isinstance(linear, _BlockLinear):  # in rows, or tiled by 8 rows: either way the first n rows lead
+        part = copy.copy(linear)
+        part._parameters, part._buffers = dict(linear._parameters), dict(linear._buffers)
+        part._buffers["blocks"] = linear.blocks[:n]
+        part.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        part.out_features = n
+        return part
+    if not isinstance(linear, nn.Linear):
+        raise MimoError(f"cannot take rows of a {type(linear).__name__}")
+    part = nn.Linear(linear.in_features, n, bias=bias is not None, device="meta")
+    part.weight = nn.Parameter(linear.weight[:n], requires_grad=False)
+    if bias is not None:
+        part.bias = nn.Parameter(bias, requires_grad=False)
+    return part.eval()
+
+
 def quantize_int8(model: MiMoForCausalLM) -> MiMoForCausalLM:
     return quantize_linears(model, "int8")
 

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from mimo.cli import build_parser, main
+from mimo.config import preset_config
 
 
 def subcommand_paths(parser, prefix=()):
@@ -105,6 +106,10 @@ def test_generate_json_reports_mtp_and_quantize(capsys, model_dir):
     assert main(args + ["--draft-quantize", "int4", "--num-draft", "2"]) == 0
     drafted = json.loads(capsys.readouterr().out)
     assert drafted["draft_quantize"] == "int4" and drafted["text"] == mtp["text"]  # lossless
+    assert main(args + ["--draft-vocab", "64", "--num-draft", "2"]) == 0  # drafts among the first 64 ids
+    assert json.loads(capsys.readouterr().out)["text"] == mtp["text"]
+    assert main(args + ["--draft-vocab", "-1"]) == 2
+    assert "--draft-vocab must be 0" in capsys.readouterr().err
 
 
 def test_bench_decode_json(capsys):
@@ -117,4 +122,9 @@ def test_bench_decode_json(capsys):
     assert "tokens/s (median of 3: " in out[0] and "load average" in out[0]
     assert r["repeats"] == 3 and r["decode_tokens_per_s_min"] <= r["decode_tokens_per_s"] <= r["decode_tokens_per_s_max"]
     assert isinstance(r["load"]["busy"], bool) and isinstance(r["flags"], list)
+    assert main(["bench", "decode", "nano", "--new-tokens", "4", "--prompt-tokens", "3", "--no-mtp", "--mtp-cost",
+                 "--repeats", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["mtp_step_cost_min"] <= r["mtp_step_cost"] <= r["mtp_step_cost_max"] and r["mtp_step_s"] > 0
+    assert r["draft_vocab"] == preset_config("nano").vocab_size  # below --draft-vocab's default: all of it
     assert main(["bench", "decode", "nano", "--repeats", "0"]) == 2

@@ -119,6 +119,29 @@ def test_q4_0_tiled_by_8_rows_computes_and_saves_as_the_rows(monkeypatch):
     assert moved.fmt == "q4_0"
 
 
+@pytest.mark.parametrize("tiles", ["1", "0"])
+def test_first_rows_compute_the_first_outputs_from_a_view(tiles, monkeypatch):
+    """first_rows (the drafter's head over the first ids): outputs [0, n) of the module, read from its own
+    blocks or weight (no copy) in every layout: float rows, Q8_0, Q4_0 in rows and tiled by 8 rows."""
+    monkeypatch.setenv("MIMO_Q4_0_TILES", tiles)
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 288), torch.randn(48)
+    linear = torch.nn.Linear(288, 48)
+    with torch.no_grad():
+        linear.weight.copy_(w), linear.bias.copy_(b)
+    for module in (linear, Int8Linear.from_weight(w, b), Int4Linear.from_weight(w, b)):
+        part = Q.first_rows(module, 16)
+        weight = part.weight if isinstance(part, torch.nn.Linear) else part.blocks
+        whole = module.weight if isinstance(module, torch.nn.Linear) else module.blocks
+        assert part.out_features == 16 and weight.data_ptr() == whole.data_ptr()
+        for m in (1, 2, 5, 40):
+            x = torch.randn(m, 288)
+            assert torch.equal(part(x), module(x)[:, :16]), (type(module).__name__, m)
+        assert module.out_features == 48 and module(x).shape == (40, 48)  # the original is left whole
+    with pytest.raises(MimoError, match="multiple of 8"):
+        Q.first_rows(linear, 12)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 64, 100])
 def test_kernel_matches_the_torch_path(method, m, monkeypatch):

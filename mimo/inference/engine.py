@@ -395,7 +395,7 @@ class EngineSession:
 class Engine:
     def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer | None, max_seq_len: int | None = None,
                  compile: bool = False, draft_quantize: str | None = None, pack_weights: bool = False,
-                 adapters: AdapterSelection | None = None, default_adapter: int = 0):
+                 adapters: AdapterSelection | None = None, default_adapter: int = 0, draft_vocab: int | None = None):
         """tokenizer None: token ids only (no text, no stop tokens), as benchmarks want.
         compile: torch.compile the plain decode step and MTP's greedy draft-verify step for batches of 1-2 rows,
         with the weights frozen into the graphs and every matmul autotuned (InferenceCompiled; the first call per
@@ -404,6 +404,12 @@ class Engine:
         draft_quantize "int8" | "int4": MTP drafts come from weight-only quantized copies of the MTP layers and
         the LM head, which read a quarter or an eighth of the bytes. Still lossless: the full-precision model
         verifies every draft, so only the acceptance rate can change.
+        draft_vocab N: MTP drafts pick among the vocabulary's first N ids only (rounded down to a multiple of 8;
+        None or >= the vocabulary: all of it), through a head that is a view of the LM head's first N rows. A
+        byte-pair vocabulary numbers its tokens in the order its merges were learnt, frequent pieces first, so
+        the first ids hold most of what a model says (FR-Spec, Zhao et al. 2025, ranks by counted frequency);
+        MiMo-7B's head is 151,680 rows, 9% of an int4 step's bytes, and a draft reads it again. Lossless too:
+        the verify pass scores every id, and a token outside the first N is never drafted, only verified.
         pack_weights: sessions of PACK_MIN_BATCH rows or more keep MKL-packed copies of the linear weights for
         their full batch (and MTP's verify pass over it) and run a nearly full batch as a full one (pack_rows;
         fp32 on x86 CPUs; copies up to PACK_MAX_BYTES). Like compile, for weights that no longer change.
@@ -425,6 +431,12 @@ class Engine:
 
             self.drafter = ([quantized_copy(layer, draft_quantize) for layer in model.model.mtp_layers],
                             quantized_copy(model.lm_head, draft_quantize))
+        if draft_vocab is not None and draft_vocab < 0:
+            raise MimoError(f"--draft-vocab must be 0 (the whole vocabulary) or a number of ids, got {draft_vocab}")
+        if draft_vocab and draft_vocab // 8 * 8 < self.cfg.vocab_size and len(model.model.mtp_layers):
+            from mimo.quantize import first_rows
+
+            self.drafter = (self.drafter[0], first_rows(self.drafter[1], max(8, draft_vocab // 8 * 8)))
         self._idle_runner: ModelRunner | None = None  # KV cache (and compiled step) kept between sessions
         if tokenizer is not None and tokenizer.vocab_size > self.cfg.vocab_size:
             raise MimoError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "

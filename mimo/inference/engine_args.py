@@ -18,6 +18,10 @@ from mimo.config import QUANTIZATIONS
 from mimo.errors import MimoError
 from mimo.inference.sampling import SamplingParams
 
+# --draft-vocab's default: a fifth of MiMo-7B's 151,680-token head (FR-Spec cut Llama-3's 128K-token head to a
+# quarter); models with smaller vocabularies draft over all of theirs
+DRAFT_VOCAB = 32768
+
 
 def add_engine_arguments(s):
     """How the model runs: what load_engine reads, plus MTP speculation (generate, chat, serve)."""
@@ -29,6 +33,9 @@ def add_engine_arguments(s):
                         "decoding; int4 loses more accuracy)")
     s.add_argument("--draft-quantize", choices=QUANTIZATIONS, default=None,
                    help="MTP drafts from quantized copies of the MTP layers and LM head (faster, still lossless)")
+    s.add_argument("--draft-vocab", type=int, default=DRAFT_VOCAB, metavar="N",
+                   help="MTP drafts pick among the vocabulary's first N ids (a byte-pair vocabulary's frequent "
+                        "pieces; 0: all of them): a draft reads that much of the LM head (still lossless)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow first call)")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations (auto: as stored; float16 becomes float32 on a CPU)")
@@ -90,7 +97,7 @@ def load_engine(args, n_slots: int = 1, quiet: bool = False, many_adapters: bool
               + (f"; adapter(s) {', '.join(adapters.names)}" if adapters else ""), file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_seq_len=context, compile=args.compile,
                     draft_quantize=args.draft_quantize, pack_weights=True,  # the weights never change here
-                    adapters=adapters)
+                    adapters=adapters, draft_vocab=args.draft_vocab)
     return engine, tokenizer
 
 

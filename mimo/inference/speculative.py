@@ -88,15 +88,15 @@ class MTPSpeculator:
 
     def _draft(self, i: int, layer: int, z, rows, positions, flags: SamplingFlags):
         """Draft i (0-based) from MTP layer `layer`'s output z [b, H]; write it at positions [b] of hist."""
-        logits = self.runner.mtp_logits(layer, z)  # [b, V]
+        logits = self.runner.mtp_logits(layer, z)  # [b, V'], V' <= V: the drafter's head may cover the first ids only
         if flags.greedy:
             d = logits.argmax(-1)
         else:
             q = self.sampler.probs(logits, rows, flags)
             d = self.sampler.sample_from(q, rows, positions, DRAFT)
-            if self.q is None:
-                self.q = q.new_zeros(len(self.rows), self.num_draft, q.shape[-1])
-            self.q[rows, i] = q
+            if self.q is None:  # [n, num_draft, V]: ids past V' are never drafted, q stays 0 there
+                self.q = q.new_zeros(len(self.rows), self.num_draft, self.runner.cfg.vocab_size)
+            self.q[rows, i, : q.shape[-1]] = q
         self.session.hist[rows, positions] = d
 
     def _chain(self, z, rows, slots, L, flags: SamplingFlags, kv_len: int):

@@ -150,8 +150,9 @@ def exact_pair_distributions(model, prompt, params):
     return joint01, joint12
 
 
-def sample_pairs(model, prompt, params, n, draft_quantize=None, **kw):
-    outs = Engine(model, None, draft_quantize=draft_quantize).generate([prompt] * n, params, **kw)
+def sample_pairs(model, prompt, params, n, draft_quantize=None, draft_vocab=None, **kw):
+    outs = Engine(model, None, draft_quantize=draft_quantize, draft_vocab=draft_vocab).generate([prompt] * n, params,
+                                                                                                **kw)
     toks = torch.tensor([o.tokens[:3] for o in outs])
     V = model.config.vocab_size
     c01 = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).double()
@@ -204,6 +205,35 @@ def test_quantized_drafts_stay_lossless(method):
     joint01, joint12 = exact_pair_distributions(model, [1, 4, 2], params)
     spec01, spec12, stats = sample_pairs(model, [1, 4, 2], params, n, draft_quantize=method, mtp=True, num_draft=2)
     assert 0.1 < stats.acceptance_rate < 0.95
+    for counts, exact in ((spec01, joint01), (spec12, joint12)):
+        stat, df = chi2_statistic(counts, n * exact.flatten().double())
+        assert stat < chi2_critical(df), (stat, df)
+
+
+@pytest.mark.parametrize("method", [None, "int4"])
+def test_drafts_over_the_first_ids_stay_lossless(method):
+    """draft_vocab: drafts pick among the first ids only, through a view of the head's first rows; greedy output
+    unchanged, sampled output still distributed as the model's, and a token past the first ids is never drafted
+    (never accepted as a draft)."""
+    model = structured_model(vocab=16, num_mtp=2, noise=0.1)
+    engine = Engine(model, None, draft_quantize=method, draft_vocab=8)
+    head = engine.drafter[1]
+    assert head.out_features == 8
+    if method is None:
+        assert head.weight.data_ptr() == model.lm_head.weight.data_ptr()  # a view, not a copy
+    assert Engine(model, None, draft_vocab=16).drafter[1] is model.lm_head  # the whole vocabulary: the head itself
+    plain = Engine(model, None).generate(PROMPTS, SamplingParams(max_new_tokens=14))
+    full = Engine(model, None, draft_quantize=method).generate(PROMPTS, SamplingParams(max_new_tokens=14), mtp=True)
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=14), mtp=True, num_draft=2)
+    assert [o.tokens for o in outs] == [o.tokens for o in plain]
+    assert 0 < SpecStats.merge(o.spec for o in outs).acceptance_rate < SpecStats.merge(o.spec for o in full).acceptance_rate
+    model = structured_model(vocab=16, num_mtp=1, sharp=0.04, noise=0.3, mtp_noise=0.5)
+    params = SamplingParams(max_new_tokens=3, temperature=1.0, seed=14)
+    n = 6000
+    joint01, joint12 = exact_pair_distributions(model, [1, 4, 2], params)
+    spec01, spec12, stats = sample_pairs(model, [1, 4, 2], params, n, draft_quantize=method, draft_vocab=8,
+                                         mtp=True, num_draft=2)
+    assert 0.05 < stats.acceptance_rate < 0.95
     for counts, exact in ((spec01, joint01), (spec12, joint12)):
         stat, df = chi2_statistic(counts, n * exact.flatten().double())
         assert stat < chi2_critical(df), (stat, df)
