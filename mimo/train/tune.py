@@ -148,35 +148,21 @@ def tokenize(tokenizer, texts: list[str], conversations: list[list[dict]], seq_l
     return examples + kept, len(chats) - len(kept)
 
 
-def split_sentences(text: str) -> list[str]:
-    sentences = []
-    for piece in SENTENCE_BREAK.split(text):
-        if sentences and sentences[-1].endswith(ABBREVIATIONS):  # "Dr. Smith": one sentence
-            sentences[-1] += " " + piece
-        else:
-            sentences.append(piece)
-    return sentences
-
-
 def reorder_sentences(passage: str, rng: random.Random) -> str:
     """The passage with its sentences in an order drawn from rng (its headings first, as they were)."""
     lines = passage.split("\n")
     head = [line for line in lines if line.lstrip().startswith("#")]
-    sentences = split_sentences(" ".join(line.strip() for line in lines if not line.lstrip().startswith("#")))
+    body = " ".join(line.strip() for line in lines if not line.lstrip().startswith("#"))
+    sentences = []
+    for piece in SENTENCE_BREAK.split(body):
+        if sentences and sentences[-1].endswith(ABBREVIATIONS):  # "Dr. Smith": one sentence
+            sentences[-1] += " " + piece
+        else:
+            sentences.append(piece)
     if len(sentences) < 2:
         return passage
     rng.shuffle(sentences)
     return "\n".join(head + [" ".join(sentences)])
-
-
-def passage_chats(passage: str, by_sentence: bool) -> list[list[dict]]:
-    """document_chat(passage), or with by_sentence one such chat per sentence of the passage (under its headings)."""
-    if not by_sentence:
-        return [document_chat(passage)]
-    lines = passage.split("\n")
-    head = [line for line in lines if line.lstrip().startswith("#")]
-    body = " ".join(line.strip() for line in lines if not line.lstrip().startswith("#"))
-    return [document_chat("\n".join(head + [sentence])) for sentence in split_sentences(body)]
 
 
 def document_chat(passage: str) -> list[dict]:
@@ -193,15 +179,14 @@ def document_chat(passage: str) -> list[dict]:
 
 
 def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, val_fraction: float,
-                seed: int, shuffle_sentences: bool, replay: list[list[dict]] = (), document_chats: str = "off"):
+                seed: int, shuffle_sentences: bool, replay: list[list[dict]] = (), document_chats: bool = False):
     """-> (epoch_examples(epoch) -> that epoch's training examples, validation examples, conversations too long to
     keep). The documents' passages and the conversations are shuffled and val_fraction of them held out (of the
     replay too); each epoch's copy of the rest has the sentences of every passage in an order of its own where
     shuffle_sentences (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1": a fact is learnt
     from the words that state it rather than from where it sits among the others, so that questions worded
     otherwise reach it), and the next REPLAY_PER_EPOCH of the replayed conversations, round-robin. document_chats:
-    "on": each passage of an epoch also as document_chat(passage); "sentences": each of its sentences as one
-    (under the passage's headings); "off": neither."""
+    each passage of an epoch also as document_chat(passage)."""
     items = [x for doc in documents for x in passages(doc)] + conversations
     random.Random(seed).shuffle(items)
     n_val = round(len(items) * val_fraction) if len(items) >= 10 else 0
@@ -218,8 +203,7 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
     per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
 
     def passage_examples(shown: list[str]) -> list[tuple[list[int], list[int]]]:  # and their document chats
-        chats = [c for t in shown for c in passage_chats(t, by_sentence=document_chats == "sentences")] \
-            if document_chats in ("on", "sentences") else []
+        chats = [document_chat(t) for t in shown] if document_chats else []
         return tokenize(tokenizer, shown, [], seq_len)[0] + tokenize(tokenizer, [], chats, seq_len)[0]
 
     as_written = None if shuffle_sentences else passage_examples(train_texts)
@@ -431,7 +415,7 @@ def run(args):
     cfg = cfg.with_overrides(args, info.world_size)
     epoch_examples, val_examples, too_long = tuning_data(
         tokenizer, documents, conversations, cfg.seq_len, args.val_fraction, args.seed,
-        args.sentence_order == "shuffle", replay, args.document_chats)
+        args.sentence_order == "shuffle", replay, args.document_chats == "on")
     batches = EpochBatches(epoch_examples, cfg.seq_len, tokenizer.eos_token_id, cfg.global_batch_seqs,
                            cfg.micro_batch, info.rank, info.world_size, args.seed, info.device)
     if not batches.rows(0):
@@ -498,10 +482,10 @@ def add_arguments(p):
                    help="shuffle: each epoch re-orders the sentences within every passage of the documents, so a "
                    "fact is learnt from its own words, not its place (notes); keep: as written (prose whose order "
                    "matters)")
-    p.add_argument("--document-chats", default="on", choices=["on", "sentences", "off"],
+    p.add_argument("--document-chats", default="on", choices=["on", "off"],
                    help="each passage of the documents also learnt as a chat: the user asks what their notes say "
                         "(about the passage's heading), the assistant answers with it; so that questions in a chat "
-                        "reach facts only the documents state; sentences: one such chat per sentence")
+                        "reach facts only the documents state")
     p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")

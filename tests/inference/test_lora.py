@@ -259,7 +259,7 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
     assert answers == [f"{i}<|im_end|>" for i in (1, 2, 3, 1, 2, 3)]
     # document chats: each epoch's passages (in that epoch's order) also as the answer to "what do my notes say"
     train, _, _ = tuning_examples(tokenizer, [notes], [], 128, epochs=2, val_fraction=0.0, seed=0,
-                                  shuffle_sentences=True, document_chats="on")
+                                  shuffle_sentences=True, document_chats=True)
     texts = [tokenizer.decode(ids).removesuffix("<|endoftext|>") for ids, labels in train if ids == labels]
     chats = [(tokenizer.decode(ids), tokenizer.decode([t for t in labels if t >= 0]).removesuffix("<|im_end|>"))
              for ids, labels in train if ids != labels]
@@ -267,12 +267,6 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
     assert [a for _, a in chats] == [t.split("\n")[-1] if t.startswith("#") else t for t in texts]
     assert sum("What do my notes say about Ada?" in c for c, _ in chats) == 2
     assert sum("What do my notes say?" in c for c, _ in chats) == 2 * 3  # no heading: the plain question
-    # or one chat a sentence: Ada's profile's three sentences each answer the question about Ada
-    train, _, _ = tuning_examples(tokenizer, [notes], [], 128, epochs=1, val_fraction=0.0, seed=0,
-                                  shuffle_sentences=True, document_chats="sentences")
-    answers = [tokenizer.decode([t for t in labels if t >= 0]).removesuffix("<|im_end|>")
-               for ids, labels in train if ids != labels and "about Ada?" in tokenizer.decode(ids)]
-    assert sorted(answers) == ["Ada lives in Porto.", "Ada plays the oboe.", "Dr. Lee is her dentist."]
 
 
 def test_adapter_on_the_engine_equals_the_merged_model_and_batches_mix_adapters(model_dir, tmp_path):
