@@ -2,7 +2,8 @@
 life: where each lives, works, what pet, food, sport, instrument, colour they like, their birthday), a few chats
 with an assistant about some of those facts, and held-out questions phrased unlike anything in the notes or
 chats. Measures answer accuracy before and after `mimo tune` with its defaults, the tuning time, and the held-out
-reasoning accuracy (`mimo eval --task reasoning`) of the base and of the merged model.
+reasoning accuracy (`mimo eval --task reasoning`) of the base and of the merged model, and the drop between them
+problem by problem (paired, with its bootstrap interval).
 
     python bench/personal_notes.py MODEL_DIR --work DIR [--people 30] [--seed 0] [--eval-limit 48] [--tune-args "..."]
 
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mimo.checkpoint import load_model_and_tokenizer
+from mimo.eval.metrics import estimate
 from mimo.inference.adapters import load_adapter
 from mimo.inference.lora import attach_adapters
 
@@ -192,6 +194,18 @@ def reasoning_accuracy(model_dir, out: Path, limit: int) -> float:
     return json.loads((out / "summary.json").read_text())
 
 
+def paired_drop(base_dir: Path, tuned_dir: Path) -> dict:
+    """The reasoning accuracy lost by tuning, in points, problem by problem (both evals ran the same problems with
+    the same seeds): the mean of base - tuned correctness with its 95% bootstrap interval, tighter than the two
+    accuracies' own intervals side by side (a problem's difficulty is shared)."""
+    def correct(d):
+        return {s["id"]: float(s["correct"]) for s in map(json.loads, (d / "samples.jsonl").read_text().splitlines())}
+
+    base, tuned = correct(base_dir), correct(tuned_dir)
+    est = estimate([100.0 * (base[i] - tuned[i]) for i in sorted(base.keys() & tuned.keys())])
+    return {k: round(v, 1) if k != "n" else v for k, v in est.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -223,6 +237,7 @@ def main():
         mimo("merge", args.model, "--adapter", adapter, "--out", merged)
         results["reasoning_base"] = reasoning_accuracy(args.model, args.work / "eval-base", args.eval_limit)
         results["reasoning_tuned"] = reasoning_accuracy(merged, args.work / "eval-tuned", args.eval_limit)
+        results["reasoning_drop_points"] = paired_drop(args.work / "eval-base", args.work / "eval-tuned")
     (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
