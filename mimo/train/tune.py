@@ -70,7 +70,6 @@ LR_WIDTH = 384  # the default peak rate, TUNE_DEFAULTS.lr, is for models this wi
 # generation: 1,024 take ~2 minutes on the tiny model and would take an hour on a 7B, which gets 64
 REPLAY_SMALL, REPLAY_LARGE, REPLAY_SMALL_MAX_PARAMS = 1024, 64, 100_000_000
 REPLAY_PER_EPOCH = 64
-REPLAY_WEIGHT = 1.0  # --replay-weight: a replayed token's KL against one token of the user's cross-entropy
 TEXT_SUFFIXES = (".txt", ".md")
 CHAT_SUFFIXES = (".jsonl",)
 
@@ -281,12 +280,12 @@ class ReplayDistillation:
     """A tuning step's loss (mimo.train.loop's objective): the next-token cross-entropy on the rows of the user's
     material and, on the rows of the replayed reasoning chats, the KL divergence KL(base || tuned) from the base
     model's next-token distribution (the adapter off, the base's head) to the tuned model's, at every token of
-    each chat (the problem too: its keys and values feed the reply), weighted by replay_weight. Summed over
-    tokens and divided by all of them, as one cross-entropy would be. Soft targets keep the whole distribution of the base where the base's
+    each chat (the problem too: its keys and values feed the reply). Summed over tokens and divided by all of
+    them, as one cross-entropy would be. Soft targets keep the whole distribution of the base where the base's
     greedy replies as labels keep only their argmax path (docs/benchmarks.md, "Personal models")."""
 
-    def __init__(self, model, base_head: nn.Module, replay_weight: float = REPLAY_WEIGHT):
-        self.model, self.base_head, self.replay_weight = model, base_head, replay_weight
+    def __init__(self, model, base_head: nn.Module):
+        self.model, self.base_head = model, base_head
 
     @torch.no_grad()
     def base_logits(self, x, positions):
@@ -312,7 +311,7 @@ class ReplayDistillation:
             kl = entropy_term - (p_base * tuned).sum() + torch.logsumexp(tuned, -1).sum()
             n_replayed = at.sum()
         out.ntp_loss = ce / n_own.clamp(min=1)
-        out.loss = (ce + self.replay_weight * kl) / (n_own + n_replayed).clamp(min=1)
+        out.loss = (ce + kl) / (n_own + n_replayed).clamp(min=1)
         return out
 
 
@@ -454,8 +453,6 @@ def run(args):
         raise MimoError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
     if args.epochs <= 0:
         raise MimoError(f"--epochs must be > 0, got {args.epochs}")
-    if args.replay_weight < 0:
-        raise MimoError(f"--replay-weight must be >= 0, got {args.replay_weight}")
     if args.replay is not None and args.replay < 0:
         raise MimoError(f"--replay must be >= 0, got {args.replay}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
@@ -513,7 +510,7 @@ def run(args):
 
     store = AdapterStore(lora, str(Path(args.model).resolve()))
     row = train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val if n_val else None, title="tune",
-                store=store, objective=ReplayDistillation(model, base_head, args.replay_weight))
+                store=store, objective=ReplayDistillation(model, base_head))
     print0(f"tune: adapter in {run_dir} (PEFT format)")
     return row
 
@@ -559,9 +556,6 @@ def add_arguments(p):
                    f"adapter keeps the model's skills (self-distillation; 0: off; default {REPLAY_SMALL} for a model "
                    f"of at most {REPLAY_SMALL_MAX_PARAMS / 1e6:g}M parameters, {REPLAY_LARGE} for larger ones, whose "
                    "replies take longer to generate)")
-    p.add_argument("--replay-weight", type=float, default=REPLAY_WEIGHT, help="weight of a replayed token's "
-                   "divergence from the base against a token of your material (higher: keeps more of the model's "
-                   "skills, learns your material slower)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the examples held out for validation")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation passes")
