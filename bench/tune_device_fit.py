@@ -5,11 +5,6 @@ peak resident memory (the child process's maxrss) and the training tokens/s from
     python bench/tune_device_fit.py --standin /work/standins/mimo-1.5b --data NOTES --out DIR [--quantize int4]
         [--max-steps 2] [--seq-len 128] [--micro-batch 1] [--replay 64]
 
-The replay's replies are written in advance (DIR/replay.json, which mimo tune reads as a resumed run does): a
-random-weight stand-in's own replies never finish, so it would replay none, and the replayed rows' distillation
-(the base's logits beside the tuned ones: the step that holds the most) would go unmeasured. Verified procedural
-traces (mimo sft's) stand in for the base's replies.
-
 Write the stand-in first, in its own command (its writer's memory must not count here), and delete it after:
     python bench/write_standin.py /work/standins/mimo-1.5b --shape 1.5b
 """
@@ -24,10 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mimo.train.sft import procedural_examples
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,13 +29,9 @@ def main():
     ap.add_argument("--max-steps", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--replay", type=int, default=64, help="mimo tune --replay: that many replies written in "
-                    "advance (verified traces); memory does not grow with it")
+    ap.add_argument("--replay", type=int, default=64, help="mimo tune --replay: its generation takes minutes on a "
+                    "random-weight stand-in (no reply ever stops); memory does not grow with it")
     args = ap.parse_args()
-    if args.replay:  # mimo tune's replay.json: {"n", "seed", "conversations"}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "replay.json").write_text(json.dumps({"n": args.replay, "seed": 0, "conversations":
-                                                          procedural_examples(args.replay, seed=10_007)}) + "\n")
     bin_dir = Path(sys.executable).parent
     if not (args.standin / "config.json").exists():
         sys.exit(f"{args.standin}: no model directory (bench/write_standin.py writes one)")
