@@ -9,14 +9,11 @@ diary or a list of notes), each learnt on its own (packed into rows with the con
 itself), with the sentences of each passage re-ordered every epoch (--sentence-order): notes are a bag of facts,
 and a fact learnt from its own words, not from its neighbours, answers questions worded otherwise
 (docs/benchmarks.md, "Personal models"); each passage is also learnt as a chat, the assistant answering "What do
-my notes say about TOPIC?" with it (--document-chats; TOPIC its heading, or the heading of the notes a
-diary line names), so that facts only the notes state are also stated where
+my notes say about HEADING?" with it (--document-chats), so that facts only the notes state are also stated where
 questions are answered. A validation split (--val-fraction) is held out and scored as training
 goes. Beside them, the base model's own replies to --replay N procedural reasoning problems (default 1,024 on
 a model of at most 100M parameters, 64 on larger ones), generated before tuning, 64 of them in each epoch in
-turn, learnt as the base model's whole next-token distribution at every token (KL(base || tuned), the adapter
-off for the base: ReplayDistillation): the adapter learns the user's material without unlearning how the model
-answers (self-distillation).
+turn: the adapter learns the user's material without unlearning how the model answers (self-distillation).
 
 ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
 mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json, replay.json and checkpoints/; rerunning the command after
@@ -301,14 +298,9 @@ class ReplayDistillation:
         n_own, kl, n_replayed = (y[own] != IGNORE_INDEX).sum(), ce.new_zeros(()), 0
         if replayed.any():
             at = y[replayed] != IGNORE_INDEX  # [r, T]: the replayed chats' tokens, not the padding
-            with torch.no_grad():
-                base = self.base_logits(x[replayed], positions[replayed])[at].float()  # [n, V]
-                log_p = base.sub_(torch.logsumexp(base, -1, keepdim=True))  # in place: [n, V] held once
-                p_base = log_p.exp()
-                entropy_term = (p_base * log_p).sum()  # sum p log p
-            tuned = out.logits[replayed][at].float()  # [n, V]
-            # KL = sum p log p - sum p log q, log q = tuned - logsumexp(tuned): no [n, V] log-softmax kept
-            kl = entropy_term - (p_base * tuned).sum() + torch.logsumexp(tuned, -1).sum()
+            base = self.base_logits(x[replayed], positions[replayed])[at].float()  # [n, V]
+            tuned = out.logits[replayed][at].float()
+            kl = F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
             n_replayed = at.sum()
         out.ntp_loss = ce / n_own.clamp(min=1)
         out.loss = (ce + kl) / (n_own + n_replayed).clamp(min=1)
