@@ -25,7 +25,6 @@ Adapters on disk are PEFT's (mimo/inference/adapters.py).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -142,20 +141,6 @@ class LoRALinear(nn.Module):
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-@contextmanager
-def adapters_off(model: nn.Module):
-    """Inside the block the model computes as its base: every LoRALinear gives its base product alone (PEFT's
-    disable_adapter)."""
-    loras = list(lora_modules(model).values())
-    for m in loras:
-        m.forward = m.base.__call__  # an instance attribute (a Module would be registered as a child instead)
-    try:
-        yield model
-    finally:
-        for m in loras:
-            del m.forward
 
 
 def add_lora(model: MiMoForCausalLM, cfg: LoRAConfig, seed: int = 0) -> MiMoForCausalLM:

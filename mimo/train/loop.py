@@ -254,12 +254,6 @@ def unpack_batch(batch: tuple) -> tuple:
     return (*batch, None) if len(batch) == 2 else batch
 
 
-def next_token_objective(forward, batch: tuple, mtp_weight: float):
-    """A training step's loss on one micro batch, the default: the model's own (next-token + mtp_weight x MTP)."""
-    x, y, positions = unpack_batch(batch)
-    return forward(x, targets=y, mtp_weight=mtp_weight, positions=positions)
-
-
 @torch.no_grad()
 def evaluate(model, batches, precision: str, device) -> dict:
     """Validation next-token loss and the first MTP layer's top-1 accuracy on token t+2."""
@@ -283,12 +277,10 @@ def evaluate(model, batches, precision: str, device) -> dict:
 
 
 def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, val_batches=None,
-          title: str = "training", extra_state: dict | None = None, store: ModelStore | None = None,
-          objective=next_token_objective):
+          title: str = "training", extra_state: dict | None = None, store: ModelStore | None = None):
     """Run (or resume) training; returns the final metrics row. `batches.micro_batches(step)` yields (x, y);
     `val_batches()` returns an iterable of validation (x, y). store: what checkpoints and the final output hold
-    (default: the whole model). objective(forward, micro batch, mtp_weight) -> the model's output with .loss,
-    .ntp_loss and .mtp_losses set (default: next_token_objective)."""
+    (default: the whole model)."""
     store = store or ModelStore()
     run_dir = Path(run_dir)
     device = info.device
@@ -322,8 +314,9 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
         sums = torch.zeros(3, device=device)  # loss, ntp, mtp
         micro = list(batches.micro_batches(step))
         for m, batch in enumerate(micro):
+            x, y, positions = unpack_batch(batch)
             with no_sync(wrapped, sync=m == len(micro) - 1), autocast_context(cfg.precision, device):
-                out = objective(forward, batch, w)
+                out = forward(x, targets=y, mtp_weight=w, positions=positions)
                 (out.loss / len(micro)).backward()
             mtp = torch.stack(out.mtp_losses).mean().detach() if out.mtp_losses else torch.zeros((), device=device)
             sums += torch.stack([out.loss.detach().float(), out.ntp_loss.detach().float(), mtp.float()])

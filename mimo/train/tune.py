@@ -38,7 +38,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -50,7 +49,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mimo.errors import MimoError
 from mimo.inference.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, save_adapter
-from mimo.inference.lora import DEFAULT_TARGETS, LoRAConfig, adapters_off, add_lora
+from mimo.inference.lora import DEFAULT_TARGETS, LoRAConfig, add_lora
 from mimo.model import IGNORE_INDEX
 from mimo.parallel import init_distributed, print0
 from mimo.train.loop import FULL_STATE, ModelStore, TrainConfig, train
@@ -166,40 +165,29 @@ def reorder_sentences(passage: str, rng: random.Random) -> str:
     return "\n".join(head + [" ".join(sentences)])
 
 
-def heading(passage: str) -> str | None:
-    """The passage's last markdown heading (what it is about), if it has one."""
-    head = [line.lstrip("#").strip() for line in passage.split("\n") if line.lstrip().startswith("#")]
-    return head[-1] if head and head[-1] else None
-
-
-def document_chat(passage: str, topics: tuple[str, ...] = ()) -> list[dict]:
-    """A passage as a chat: the user asks what their notes say about the passage's topic and the assistant answers
-    with the passage. The topic is the passage's last heading or, for a passage without one (a diary line), the
-    first of the notes' topics (their headings: the people, places, projects they are about) that it names. Learnt
-    beside the passage itself, the facts of the notes are then also stated inside the assistant's turn, where
-    questions are answered, and tied to what they are about: tuned on notes and chats alone, a small model answers
-    a question about someone only the notes mention with a value the chats gave someone else (docs/benchmarks.md,
-    "Personal models", "Notes as chats")."""
-    body = "\n".join(line for line in passage.split("\n") if not line.lstrip().startswith("#"))
-    named = [(m.start(), t) for t in topics if (m := re.search(rf"\b{re.escape(t)}\b", body))]
-    about = heading(passage) or (min(named)[1] if named else None)
-    ask = f"What do my notes say about {about}?" if about else "What do my notes say?"
+def document_chat(passage: str) -> list[dict]:
+    """A passage as a chat: the user asks what their notes say (about the passage's last heading, where it has one)
+    and the assistant answers with the passage. Learnt beside the passage itself, the facts of the notes are then
+    also stated inside the assistant's turn, where questions are answered: tuned on notes and chats alone, a small
+    model answers a question about someone only the notes mention with a value the chats gave someone else
+    (docs/benchmarks.md, "Personal models", "Notes as chats")."""
+    lines = passage.split("\n")
+    head = [line.lstrip("#").strip() for line in lines if line.lstrip().startswith("#")]
+    body = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    ask = f"What do my notes say about {head[-1]}?" if head and head[-1] else "What do my notes say?"
     return [{"role": "user", "content": ask}, {"role": "assistant", "content": body}]
 
 
 def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, val_fraction: float,
                 seed: int, shuffle_sentences: bool, replay: list[list[dict]] = (), document_chats: bool = False):
-    """-> (epoch_examples(epoch) -> (that epoch's training examples of the user's material, its replayed
-    examples), validation examples, conversations too long to keep). The documents' passages and the conversations
-    are shuffled and val_fraction of them held out (of the replay too); each epoch's copy of the rest has the
-    sentences of every passage in an order of its own where shuffle_sentences (knowledge augmentation, Allen-Zhu &
-    Li, "Physics of Language Models 3.1": a fact is learnt from the words that state it rather than from where it
-    sits among the others, so that questions worded otherwise reach it), and the next REPLAY_PER_EPOCH of the
-    replayed conversations, round-robin, each a target at every token, prompt included (ReplayDistillation).
-    document_chats: each passage of an epoch also as document_chat(passage), its topic among the passages'
-    headings."""
+    """-> (epoch_examples(epoch) -> that epoch's training examples, validation examples, conversations too long to
+    keep). The documents' passages and the conversations are shuffled and val_fraction of them held out (of the
+    replay too); each epoch's copy of the rest has the sentences of every passage in an order of its own where
+    shuffle_sentences (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1": a fact is learnt
+    from the words that state it rather than from where it sits among the others, so that questions worded
+    otherwise reach it), and the next REPLAY_PER_EPOCH of the replayed conversations, round-robin. document_chats:
+    each passage of an epoch also as document_chat(passage)."""
     items = [x for doc in documents for x in passages(doc)] + conversations
-    topics = tuple(dict.fromkeys(h for x in items if isinstance(x, str) and (h := heading(x))))
     random.Random(seed).shuffle(items)
     n_val = round(len(items) * val_fraction) if len(items) >= 10 else 0
     n_val_replay = round(len(replay) * val_fraction) if len(replay) >= 10 else 0
@@ -212,21 +200,20 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
     val, too_long_val = tokenize(tokenizer, val_texts, val_chats + list(replay[:n_val_replay]), seq_len)
     chat_examples, too_long = tokenize(tokenizer, [], train_chats, seq_len)
     replay_examples, too_long_replay = tokenize(tokenizer, [], list(replay[n_val_replay:]), seq_len)
-    replay_examples = [(ids, ids) for ids, _ in replay_examples]
     per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
 
     def passage_examples(shown: list[str]) -> list[tuple[list[int], list[int]]]:  # and their document chats
-        chats = [document_chat(t, topics) for t in shown] if document_chats else []
+        chats = [document_chat(t) for t in shown] if document_chats else []
         return tokenize(tokenizer, shown, [], seq_len)[0] + tokenize(tokenizer, [], chats, seq_len)[0]
 
     as_written = None if shuffle_sentences else passage_examples(train_texts)
 
-    def epoch_examples(epoch: int) -> tuple[list, list]:
+    def epoch_examples(epoch: int) -> list[tuple[list[int], list[int]]]:
         rng = random.Random(seed * 1_000 + epoch)
         texts = passage_examples([reorder_sentences(t, rng) for t in train_texts]) if shuffle_sentences \
             else as_written
         replayed = [replay_examples[(epoch * per_epoch + i) % len(replay_examples)] for i in range(per_epoch)]
-        return texts + chat_examples, replayed
+        return texts + chat_examples + replayed
 
     return epoch_examples, val, too_long + too_long_val + too_long_replay
 
@@ -234,9 +221,8 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
 class EpochBatches(SFTBatches):
     """SFTBatches whose every epoch is packed from its own copy of the data (tuning_data's epoch_examples) when
     first reached, and reshuffled with the seed; step s takes global rows [s*G, (s+1)*G) of the epochs laid end to
-    end. Memory holds two epochs' rows, not all of them. Yields (inputs, targets, positions) [micro, T] (each
-    example attends to itself only: document mask) and replayed [micro]: the rows that hold replayed examples
-    (packed apart from the user's), which ReplayDistillation scores against the base model."""
+    end. Memory holds two epochs' rows, not all of them. Yields (inputs, targets, positions) [micro, T]: each
+    example attends to itself only (document mask)."""
 
     def __init__(self, epoch_examples, seq_len: int, pad_id: int, global_seqs: int, micro: int, rank: int,
                  world: int, seed: int, device):
@@ -246,12 +232,10 @@ class EpochBatches(SFTBatches):
         self.cache: dict[int, tuple] = {}
 
     def packed_epoch(self, epoch: int) -> tuple:
-        """(inputs, targets, positions) [rows, T] and replayed [rows] of one epoch, in a seeded order."""
+        """(inputs, targets, positions) [rows, T] of one epoch, in a seeded order."""
         if epoch not in self.cache:
-            parts = [(*pack(examples, self.seq_len, self.pad_id), pack_positions(examples, self.seq_len))
-                     for examples in self.epoch_examples(epoch)]  # the user's, the replayed
-            flags = [torch.full((len(part[0]),), k == 1) for k, part in enumerate(parts)]
-            rows = (*(torch.cat(ts) for ts in zip(*parts)), torch.cat(flags))
+            examples = self.epoch_examples(epoch)
+            rows = (*pack(examples, self.seq_len, self.pad_id), pack_positions(examples, self.seq_len))
             order = torch.randperm(len(rows[0]), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
             self.cache = {e: v for e, v in self.cache.items() if e == epoch - 1}  # a micro batch may span two
             self.cache[epoch] = tuple(t[order] for t in rows)
@@ -270,41 +254,7 @@ class EpochBatches(SFTBatches):
 
     def take(self, rows: range) -> tuple:
         where = [self._locate(i) for i in rows]
-        return tuple(torch.stack([self.packed_epoch(e)[k][j] for e, j in where]) for k in range(4))
-
-
-class ReplayDistillation:
-    """A tuning step's loss (mimo.train.loop's objective): the next-token cross-entropy on the rows of the user's
-    material and, on the rows of the replayed reasoning chats, the KL divergence KL(base || tuned) from the base
-    model's next-token distribution (the adapter off, the base's head) to the tuned model's, at every token of
-    each chat (the problem too: its keys and values feed the reply). Summed over tokens and divided by all of
-    them, as one cross-entropy would be. Soft targets keep the whole distribution of the base where the base's
-    greedy replies as labels keep only their argmax path (docs/benchmarks.md, "Personal models")."""
-
-    def __init__(self, model, base_head: nn.Module):
-        self.model, self.base_head = model, base_head
-
-    @torch.no_grad()
-    def base_logits(self, x, positions):
-        with adapters_off(self.model):
-            return self.base_head(self.model.model.norm(self.model.hidden_states(x, positions)))  # [r, T, V]
-
-    def __call__(self, forward, batch: tuple, mtp_weight: float):
-        x, y, positions, replayed = batch  # [B, T] x3, [B] bool
-        out = forward(x, positions=positions)  # logits [B, T, V]; tuning loads no MTP layers
-        own = ~replayed
-        ce = F.cross_entropy(out.logits[own].flatten(0, 1).float(), y[own].flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
-        n_own, kl, n_replayed = (y[own] != IGNORE_INDEX).sum(), ce.new_zeros(()), 0
-        if replayed.any():
-            at = y[replayed] != IGNORE_INDEX  # [r, T]: the replayed chats' tokens, not the padding
-            base = self.base_logits(x[replayed], positions[replayed])[at].float()  # [n, V]
-            tuned = out.logits[replayed][at].float()
-            kl = F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="sum")
-            n_replayed = at.sum()
-        out.ntp_loss = ce / n_own.clamp(min=1)
-        out.loss = (ce + kl) / (n_own + n_replayed).clamp(min=1)
-        return out
+        return tuple(torch.stack([self.packed_epoch(e)[k][j] for e, j in where]) for k in range(3))
 
 
 class AdapterStore(ModelStore):
@@ -455,7 +405,6 @@ def run(args):
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
     head_trains = args.train_head == "on" or (args.train_head == "auto" and small_head(model))
-    base_head = model.lm_head  # frozen; the replay's distillation targets come from it
     if head_trains:
         train_head(model)
     recompute = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and args.quantize)
@@ -476,7 +425,7 @@ def run(args):
     n_val = len(val_examples)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = {"documents": len(documents), "conversations": len(conversations), "replay": len(replay),
-             "dropped_too_long": too_long, "examples_per_epoch": sum(map(len, epoch_examples(0))),
+             "dropped_too_long": too_long, "examples_per_epoch": len(epoch_examples(0)),
              "validation_examples": n_val, "rows_per_epoch": batches.rows(0), "sentence_order": args.sentence_order,
              "document_chats": args.document_chats,
              "train_tokens_per_epoch": int((batches.packed_epoch(0)[1] != IGNORE_INDEX).sum()),
@@ -502,7 +451,7 @@ def run(args):
 
     store = AdapterStore(lora, str(Path(args.model).resolve()))
     row = train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val if n_val else None, title="tune",
-                store=store, objective=ReplayDistillation(model, base_head))
+                store=store)
     print0(f"tune: adapter in {run_dir} (PEFT format)")
     return row
 

@@ -200,46 +200,6 @@ def test_replay_is_the_base_models_own_finished_replies_to_train_split_problems(
                  "--quantize", "int4", "--replay", "2", "--max-steps", "2", "--seq-len", "64"]) == 0
 
 
-def test_replayed_rows_are_distilled_from_the_base_and_the_users_rows_are_cross_entropy():
-    from mimo.inference.lora import adapters_off
-    from mimo.model import IGNORE_INDEX
-    from mimo.train.tune import ReplayDistillation, train_head
-
-    torch.manual_seed(0)
-    model = add_lora(tiny_model(vocab_size=300), LoRAConfig(r=4))
-    base_head = model.lm_head
-    train_head(model)
-    x, positions = torch.randint(0, 300, (3, 10)), torch.arange(10).repeat(3, 1)
-    y = x.roll(-1, 1)
-    y[0, :4] = IGNORE_INDEX  # a chat's prompt: no target on the user's row
-    replayed = torch.tensor([False, True, True])
-    y[2, 7:] = IGNORE_INDEX  # padding after the replayed chat
-    objective = ReplayDistillation(model, base_head)
-
-    # a fresh adapter (and the head as the base's) is the base: no divergence, the loss is the user's rows' CE over
-    # every token
-    out = objective(model, (x, y, positions, replayed), 0.0)
-    ce = torch.nn.functional.cross_entropy(model(x[:1]).logits[0], y[0], ignore_index=IGNORE_INDEX, reduction="sum")
-    assert torch.allclose(out.loss, ce / (6 + 10 + 7), atol=1e-6) and torch.allclose(out.ntp_loss, ce / 6)
-    # a moved update: the replayed rows cost KL(base || tuned) at each of their tokens, and pull the update back
-    fresh_hidden = model.hidden_states(x).detach()
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.normal_(0.0, 0.2)
-    with adapters_off(model):
-        base_hidden = model.hidden_states(x)
-    assert torch.equal(base_hidden, fresh_hidden) and not torch.allclose(model.hidden_states(x), base_hidden)
-    out = objective(model, (x, y, positions, replayed), 0.0)
-    logp = torch.log_softmax(model(x).logits, -1)
-    logp_base = torch.log_softmax(base_head(model.model.norm(base_hidden)), -1)
-    kl = (logp_base.exp() * (logp_base - logp)).sum(-1)  # [3, T]
-    expect_kl = kl[1].sum() + kl[2, :7].sum()
-    ce = torch.nn.functional.cross_entropy(model(x[:1]).logits[0], y[0], ignore_index=IGNORE_INDEX, reduction="sum")
-    assert expect_kl > 0.01 and torch.allclose(out.loss, (ce + expect_kl) / 23, atol=1e-5)
-    out.loss.backward()
-    assert all(m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0 for m in lora_modules(model).values())
-
-
 def test_only_assistant_turns_and_every_document_token_are_targets(tokenizer):
     from mimo.train.tune import tokenize
 
@@ -255,9 +215,9 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
     from mimo.train import tune as tune_module
     from mimo.train.tune import passages, tuning_data
 
-    def tuning_examples(*args, epochs, **kwargs):  # every epoch's examples (the user's, the replayed), end to end
+    def tuning_examples(*args, epochs, **kwargs):  # every epoch's examples, laid end to end
         epoch_examples, val, too_long = tuning_data(*args, **kwargs)
-        return [x for e in range(epochs) for part in epoch_examples(e) for x in part], val, too_long
+        return [x for e in range(epochs) for x in epoch_examples(e)], val, too_long
 
     notes = ("# People\n\n## Ada\nAda lives in Porto. Ada plays the oboe. Dr. Lee is her dentist.\n\n"
              "Called Ada today.\nBo visited Ada!\n\nProse wrapped\nacross two lines.\n")
@@ -286,26 +246,18 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
     batches = tune_module.EpochBatches(tuning_data(tokenizer, [notes] * 3, [chat] * 6, 64, 0.0, 0, True)[0], 64,
                                        tokenizer.eos_token_id, 2, 1, 0, 1, 0, "cpu")
     n = batches.rows(0) + batches.rows(1)
-    seen = [tuple(x[0].tolist()) for step in range(n // 2) for x, *_ in batches.micro_batches(step)]
+    seen = [tuple(x[0].tolist()) for step in range(n // 2) for x, _, _ in batches.micro_batches(step)]
     expect = [tuple(r.tolist()) for e in (0, 1) for r in batches.packed_epoch(e)[0]]
     assert n % 2 == 0 and batches.rows(0) > 2 and sorted(seen) == sorted(expect)
     assert sorted(seen[: batches.rows(0)]) == sorted(expect[: batches.rows(0)])
-    # the replay: REPLAY_PER_EPOCH of its conversations in each epoch, in turn, every token a target (distilled),
-    # packed in rows of their own, which the batches flag
+    # the replay: REPLAY_PER_EPOCH of its conversations in each epoch, in turn
     monkeypatch.setattr(tune_module, "REPLAY_PER_EPOCH", 2)
     replay = [[{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"}] for i in range(3)]
-    epoch_examples = tuning_data(tokenizer, [notes], [], 64, 0.0, 0, False, replay=replay)[0]
-    replayed = [x for e in range(3) for x in epoch_examples(e)[1]]
-    assert all(ids == labels for ids, labels in replayed)
-    assert [tokenizer.decode(ids).split("assistant")[-1].strip() for ids, _ in replayed] == \
-        [f"{i}<|im_end|>" for i in (1, 2, 3, 1, 2, 3)]
-    batches = tune_module.EpochBatches(epoch_examples, 64, tokenizer.eos_token_id, 2, 2, 0, 1, 0, "cpu")
-    x, _, _, flags = batches.packed_epoch(0)
-    replay_rows = [tokenizer.decode(r.tolist()) for r in x[flags]]
-    assert flags.sum() >= 1 and all("+ 1?" in r for r in replay_rows)
-    assert not any("+ 1?" in tokenizer.decode(r.tolist()) for r in x[~flags])
+    train, _, _ = tuning_examples(tokenizer, [notes], [], 64, epochs=3, val_fraction=0.0, seed=0,
+                                  shuffle_sentences=False, replay=replay)
+    answers = [tokenizer.decode([t for t in labels if t >= 0]) for ids, labels in train if ids != labels]
+    assert answers == [f"{i}<|im_end|>" for i in (1, 2, 3, 1, 2, 3)]
     # document chats: each epoch's passages (in that epoch's order) also as the answer to "what do my notes say"
-    # about the passage's heading, or about the first heading of the notes that a passage without one names
     train, _, _ = tuning_examples(tokenizer, [notes], [], 128, epochs=2, val_fraction=0.0, seed=0,
                                   shuffle_sentences=True, document_chats=True)
     texts = [tokenizer.decode(ids).removesuffix("<|endoftext|>") for ids, labels in train if ids == labels]
@@ -313,8 +265,8 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
              for ids, labels in train if ids != labels]
     assert len(texts) == len(chats) == 2 * 4
     assert [a for _, a in chats] == [t.split("\n")[-1] if t.startswith("#") else t for t in texts]
-    assert sum("What do my notes say about Ada?" in c for c, _ in chats) == 2 * 3  # the profile, 2 diary lines
-    assert sum("What do my notes say?" in c for c, _ in chats) == 2  # no heading, names none
+    assert sum("What do my notes say about Ada?" in c for c, _ in chats) == 2
+    assert sum("What do my notes say?" in c for c, _ in chats) == 2 * 3  # no heading: the plain question
 
 
 def test_adapter_on_the_engine_equals_the_merged_model_and_batches_mix_adapters(model_dir, tmp_path):
