@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mimo.checkpoint import load_model_and_tokenizer
+from mimo.eval.evaluate import read_samples
 from mimo.eval.metrics import estimate
 from mimo.inference.adapters import load_adapter
 from mimo.inference.lora import attach_adapters
@@ -199,7 +200,7 @@ def paired_drop(base_dir: Path, tuned_dir: Path) -> dict:
     the same seeds): the mean of base - tuned correctness with its 95% bootstrap interval, tighter than the two
     accuracies' own intervals side by side (a problem's difficulty is shared)."""
     def correct(d):
-        return {s["id"]: float(s["correct"]) for s in map(json.loads, (d / "samples.jsonl").read_text().splitlines())}
+        return {s["id"]: float(s["correct"]) for s in read_samples(d / "samples.jsonl")}
 
     base, tuned = correct(base_dir), correct(tuned_dir)
     est = estimate([100.0 * (base[i] - tuned[i]) for i in sorted(base.keys() & tuned.keys())])
