@@ -277,7 +277,8 @@ def evaluate(model, batches, precision: str, device) -> dict:
 
 
 def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, val_batches=None,
-          title: str = "training", extra_state: dict | None = None, store: ModelStore | None = None):
+          title: str = "training", extra_state: dict | None = None, store: ModelStore | None = None,
+          after_step=None):
     """Run (or resume) training; returns the final metrics row. `batches.micro_batches(step)` yields (x, y);
     `val_batches()` returns an iterable of validation (x, y). store: what checkpoints and the final output hold
     (default: the whole model)."""
@@ -323,6 +324,8 @@ def train(model, tokenizer, batches, cfg: TrainConfig, run_dir, info: DistInfo, 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         tokens_since += tokens_per_step
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:

@@ -1,6 +1,6 @@
 """`mimo tune`: LoRA on your own material, on your own machine; the base stays frozen (and may be quantized).
 
-    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank 16] [--epochs 30]
+    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank R] [--epochs 30]
 
 Data: plain .txt / .md documents (language-modelling loss on every token) and .jsonl chat transcripts, one
 {"messages": [...]} (or {"prompt", "response"}) a line, loss on assistant turns only (as `mimo sft`); a
@@ -11,12 +11,19 @@ and a fact learnt from its own words, not from its neighbours, answers questions
 (docs/benchmarks.md, "Personal models"); each passage is also learnt as a chat, the assistant answering "What do
 my notes say about HEADING?" with it (--document-chats), so that facts only the notes state are also stated where
 questions are answered. A validation split (--val-fraction) is held out and scored as training
-goes. Beside them, the base model's own replies to --replay N procedural reasoning problems (default 1,024 on
-a model of at most 100M parameters, 64 on larger ones), generated before tuning, 64 of them in each epoch in
-turn: the adapter learns the user's material without unlearning how the model answers (self-distillation).
+goes. Where several chats ask one question about different people or things and the notes state the answers in
+sentences of one form, that question is asked and answered for every other fact the notes state so
+(--chat-patterns; mimo/train/note_patterns.py). Beside them, the base model's own replies to --replay N
+procedural reasoning problems (default 1,024 on a model of at most 100M parameters, 64 on larger ones), generated
+before tuning, 64 of them in each epoch in turn: the adapter learns the user's material without unlearning how
+the model answers (self-distillation). On such a small model the update is also confined to the directions in
+which the user's material stands out from those replies (--subspace contrast, the default there;
+mimo/train/contrast.py): each LoRA A fixed to them, only B trains, the head's update kept in their span, so that
+stating the notes barely moves the model's reasoning.
 
 ADAPTER_DIR ends up holding the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors: see
-mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json, replay.json and checkpoints/; rerunning the command after
+mimo/inference/adapters.py) beside metrics.jsonl, loss.png, tune_config.json, replay.json, contrast.safetensors
+and checkpoints/; rerunning the command after
 a kill resumes from the newest checkpoint. Only the update's weights train (AdamW, no weight decay), so a
 QLoRA run (--quantize int4|int8: the update on top of ggml Q4_0 / Q8_0 weights, gradients through mimo's
 kernels) holds the base in a quarter or an eighth of its float32 bytes. The frozen token embedding stays in the
@@ -49,10 +56,12 @@ from torch.utils.checkpoint import checkpoint
 
 from mimo.errors import MimoError
 from mimo.inference.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, save_adapter
-from mimo.inference.lora import DEFAULT_TARGETS, LoRAConfig, add_lora
+from mimo.inference.lora import DEFAULT_TARGETS, PARENT, LoRAConfig, add_lora, target_shape
 from mimo.model import IGNORE_INDEX
 from mimo.parallel import init_distributed, print0
+from mimo.train.contrast import confine
 from mimo.train.loop import FULL_STATE, ModelStore, TrainConfig, train
+from mimo.train.note_patterns import chat_pattern_conversations
 from mimo.train.sft import SFTBatches, pack, pack_positions, read_examples, tokenize_example
 from mimo.weights import DTYPES
 
@@ -66,6 +75,10 @@ LR_WIDTH = 384  # the default peak rate, TUNE_DEFAULTS.lr, is for models this wi
 # generation: 1,024 take ~2 minutes on the tiny model and would take an hour on a 7B, which gets 64
 REPLAY_SMALL, REPLAY_LARGE, REPLAY_SMALL_MAX_PARAMS = 1024, 64, 100_000_000
 REPLAY_PER_EPOCH = 64
+CONTRAST_RANK = 64  # --rank under --subspace contrast: A is fixed there, and 64 fixed directions learn more facts
+# than 16 (docs/benchmarks.md, "Personal models")
+CONTRAST_HEAD_SHARE = 2 / 3  # --head-subspace default: this share of the hidden size, 256 of the tiny model's 384
+# (docs/benchmarks.md, "Personal models")
 TEXT_SUFFIXES = (".txt", ".md")
 CHAT_SUFFIXES = (".jsonl",)
 
@@ -387,10 +400,22 @@ def load_replay(run_dir: Path, model, tokenizer, n: int, seed: int, write: bool)
     return conversations
 
 
+def lora_config(args, model, contrast: bool) -> LoRAConfig:
+    """The update's settings from the flags; the rank defaults to CONTRAST_RANK under --subspace contrast (or the
+    smallest targeted dimension, where that is smaller)."""
+    targets = tuple(args.target_modules.split(","))
+    rank = args.rank
+    if rank is None and contrast and all(t in PARENT for t in targets):
+        rank = min(CONTRAST_RANK, *(min(target_shape(model, t)) for t in targets))
+    rank = LoRAConfig.r if rank is None else rank
+    return LoRAConfig(r=rank, alpha=args.alpha if args.alpha is not None else 2.0 * rank, dropout=args.dropout,
+                      target_modules=targets)
+
+
 def run(args):
     info = init_distributed(args.device)
-    lora = LoRAConfig(r=args.rank, alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
-                      dropout=args.dropout, target_modules=tuple(args.target_modules.split(",")))
+    if args.head_subspace is not None and args.head_subspace < 1:
+        raise MimoError(f"--head-subspace must be >= 1, got {args.head_subspace}")
     if not 0.0 <= args.val_fraction < 0.5:
         raise MimoError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
     if args.epochs <= 0:
@@ -399,9 +424,29 @@ def run(args):
         raise MimoError(f"--replay must be >= 0, got {args.replay}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
     model, tokenizer = load_base(args.model, args.quantize, shrink=False)
-    lora.validate(model)  # bad flags fail before the replay's minutes
     n_replay = args.replay if args.replay is not None else REPLAY_SMALL if small_model(model) else REPLAY_LARGE
+    contrast = args.subspace == "contrast" or (args.subspace == "auto" and small_model(model) and n_replay > 0)
+    if contrast and n_replay == 0:
+        raise MimoError("--subspace contrast contrasts your material with the replayed reasoning: it needs --replay > 0")
+    lora = lora_config(args, model, contrast)
+    lora.validate(model)  # bad flags fail before the replay's minutes
+    head_dims = args.head_subspace or round(model.config.hidden_size * CONTRAST_HEAD_SHARE)
+    if head_dims > model.config.hidden_size:
+        raise MimoError(f"--head-subspace {head_dims} exceeds the hidden size ({model.config.hidden_size})")
+    if args.chat_patterns == "on":
+        patterned = chat_pattern_conversations(documents, conversations)
+        if patterned:
+            print0(f"tune: {len(patterned)} chat(s) asking the chats' questions of facts only the notes state "
+                   "(--chat-patterns off: none)")
+        conversations = conversations + patterned
     replay = load_replay(Path(args.out), model, tokenizer, n_replay, args.seed, info.is_main)
+    if contrast and not replay:
+        if args.subspace == "contrast":
+            raise MimoError("--subspace contrast: none of the replayed replies finished, so there is no reasoning to "
+                            "contrast your material with (--subspace full tunes without it)")
+        print0("tune: none of the replayed replies finished: the update is not confined (--subspace full)")
+        contrast, lora = False, lora_config(args, model, False)
+        lora.validate(model)
     shrink_embedding(model)
     add_lora(model, lora, seed=args.seed)
     head_trains = args.train_head == "on" or (args.train_head == "auto" and small_head(model))
@@ -416,6 +461,14 @@ def run(args):
     epoch_examples, val_examples, too_long = tuning_data(
         tokenizer, documents, conversations, cfg.seq_len, args.val_fraction, args.seed,
         args.sentence_order == "shuffle", replay, args.document_chats == "on")
+    keep_head_in_span = None
+    if contrast:
+        keep = tokenize(tokenizer, [], list(replay), cfg.seq_len)[0]
+        user = [x for x in epoch_examples(0) if x not in keep]  # the material's examples of the first epoch
+        print0(f"tune: the update confined to the directions where {len(user)} examples of your material stand out "
+               f"from {len(keep)} replayed replies (--subspace full: no confinement)")
+        keep_head_in_span = confine(model, Path(args.out), user, keep, head_dims if head_trains else None,
+                                    info.is_main)
     batches = EpochBatches(epoch_examples, cfg.seq_len, tokenizer.eos_token_id, cfg.global_batch_seqs,
                            cfg.micro_batch, info.rank, info.world_size, args.seed, info.device)
     if not batches.rows(0):
@@ -427,7 +480,8 @@ def run(args):
     stats = {"documents": len(documents), "conversations": len(conversations), "replay": len(replay),
              "dropped_too_long": too_long, "examples_per_epoch": len(epoch_examples(0)),
              "validation_examples": n_val, "rows_per_epoch": batches.rows(0), "sentence_order": args.sentence_order,
-             "document_chats": args.document_chats,
+             "document_chats": args.document_chats, "chat_patterns": args.chat_patterns,
+             "subspace": "contrast" if contrast else "full",
              "train_tokens_per_epoch": int((batches.packed_epoch(0)[1] != IGNORE_INDEX).sum()),
              "trainable_parameters": trainable}
     print0(f"tune: {len(documents)} document(s), {len(conversations)} conversation(s), {len(replay)} replayed "
@@ -441,7 +495,7 @@ def run(args):
             {"command": "tune", "model": str(args.model), "data": str(args.data), "quantize": args.quantize,
              "train_head": head_trains,
              "activation_checkpointing": bool(recompute),
-             "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
+             "head_subspace": head_dims if contrast and head_trains else None, "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
     val_packed = (*pack(val_examples, cfg.seq_len, tokenizer.eos_token_id),
                   pack_positions(val_examples, cfg.seq_len)) if n_val else ()
 
@@ -451,7 +505,7 @@ def run(args):
 
     store = AdapterStore(lora, str(Path(args.model).resolve()))
     row = train(model, tokenizer, batches, cfg, run_dir, info, val_batches=val if n_val else None, title="tune",
-                store=store)
+                store=store, after_step=keep_head_in_span)
     print0(f"tune: adapter in {run_dir} (PEFT format)")
     return row
 
@@ -463,7 +517,8 @@ def add_arguments(p):
                    help=".txt/.md documents and .jsonl chat transcripts ('messages'), a file or a directory")
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="the adapter (PEFT format), metrics, "
                    "checkpoints; rerunning resumes")
-    p.add_argument("--rank", type=int, default=d.r, help="LoRA rank r")
+    p.add_argument("--rank", type=int, default=None, help=f"LoRA rank r (default {CONTRAST_RANK} with --subspace "
+                   f"contrast, whose A is fixed and only B trains; {d.r} otherwise)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (the update is scaled by alpha / r; "
                    "default 2 r)")
     p.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the update's input")
@@ -486,6 +541,19 @@ def add_arguments(p):
                    help="each passage of the documents also learnt as a chat: the user asks what their notes say "
                         "(about the passage's heading), the assistant answers with it; so that questions in a chat "
                         "reach facts only the documents state")
+    p.add_argument("--chat-patterns", default="on", choices=["on", "off"],
+                   help="where several chats ask one question about different people or things and the notes state "
+                        "the answers in sentences of one form, that question asked and answered for every other "
+                        "fact the notes state in that form (mimo/train/note_patterns.py)")
+    p.add_argument("--subspace", default="auto", choices=["auto", "contrast", "full"],
+                   help="contrast: each LoRA A fixed to the r directions of its input where your material's "
+                        "activations stand out most from the replayed reasoning's, and the trained head's update "
+                        "kept within --head-subspace such directions, so that tuning barely moves the model's "
+                        "reasoning (mimo/train/contrast.py); full: a free LoRA update. auto: contrast on models of "
+                        "at most 100M parameters with a replay, full on larger ones (the statistics would not fit)")
+    p.add_argument("--head-subspace", type=int, default=None,
+                   help="with --subspace contrast and a trained head: the directions of the head's input its update "
+                        f"may use (default {CONTRAST_HEAD_SHARE:.2g} of the hidden size)")
     p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")

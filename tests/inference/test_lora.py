@@ -498,3 +498,70 @@ def test_serve_lists_adapters_and_the_model_field_picks_one(model_dir, tmp_path)
             (200, name, alone[name]) for name in ["a", "b", "tiny"] * 2]
         code, body = complete("c")
         assert code == 404 and "`tiny`, `a`, `b`" in body["error"]["message"]
+
+
+def test_contrast_directions_are_where_the_material_outweighs_what_is_kept():
+    from mimo.train.contrast import contrast_directions, span_projector
+
+    keep, user = torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.01])), torch.diag(torch.tensor([1.0, 3.0, 1.0, 1.0]))
+    V = contrast_directions(user.double(), keep.double(), 2)  # ratios 1, 3, 1, 100
+    assert V.shape == (4, 2) and V[:, 0].abs().argmax() == 3 and V[:, 1].abs().argmax() == 1
+    P = span_projector(V)
+    torch.testing.assert_close(P, torch.diag(torch.tensor([0.0, 1.0, 0.0, 1.0])), atol=1e-6, rtol=0)
+
+
+def test_tune_confined_to_the_contrast_subspace_moves_the_replayed_reasoning_less_and_resumes(
+        model_dir, notes, tmp_path, monkeypatch, capfd):
+    from mimo.train import loop
+    from mimo.train import tune as tune_module
+    from mimo.train.contrast import FILE, HEAD
+
+    replay = [[{"role": "user", "content": f"What is {i} + {i + 3}?"}, {"role": "assistant", "content": f"{2 * i + 3}"}]
+              for i in range(40)]
+    monkeypatch.setattr(tune_module, "replay_conversations", lambda *a, **k: replay)
+
+    def tune(out, *extra):
+        return main(["tune", str(model_dir), "--data", str(notes), "--out", str(out), "--max-steps", "6",
+                     "--save-every", "3", "--seq-len", "64", "--rank", "4", "--lr", "3e-2", "--replay", "40",
+                     "--train-head", "on", "--head-subspace", "16", *extra])
+
+    assert tune(tmp_path / "free", "--subspace", "full") == 0
+    out = tmp_path / "confined"
+    assert tune(out, "--subspace", "contrast") == 0
+    assert json.loads((out / "tune_config.json").read_text())["data_stats"]["subspace"] == "contrast"
+    directions = load_file(str(out / FILE))
+    adapter = load_adapter(out, load_model(model_dir), model_dir)
+    # A stays on its directions (only B trains); the head's update stays within the span it was given
+    for name, (A, B, _) in adapter.updates.items():
+        assert torch.equal(A, directions[name]) and B.abs().max() > 0
+    base_head = load_model(model_dir).lm_head.weight.detach()
+    outside = (adapter.head - base_head) @ (torch.eye(64) - directions[HEAD])
+    assert outside.abs().max() < 1e-4 < (adapter.head - base_head).abs().max()
+
+    def output_change(run_dir, conversations) -> float:
+        """Mean squared change of the logits the tuned model gives those chats, against the base's."""
+        from mimo.train.sft import tokenize_example
+        model, tok = load_model_and_tokenizer(model_dir)
+        tuned = copy.deepcopy(model)
+        attach_adapters(tuned, [load_adapter(run_dir, tuned, model_dir)])
+        total = 0.0
+        with torch.no_grad():
+            for c in conversations:
+                ids = torch.tensor([tokenize_example(tok, c)[0]])
+                total += float((tuned.eval()(ids).logits - model.eval()(ids).logits).pow(2).mean())
+        return total / len(conversations)
+
+    chats = [json.loads(line)["messages"] for line in (notes / "chats.jsonl").read_text().splitlines()]
+    free = output_change(tmp_path / "free", replay) / output_change(tmp_path / "free", chats)
+    confined = output_change(out, replay) / output_change(out, chats)
+    assert confined < 0.01 * free, (confined, free)  # measured: 4.5e-5 against 0.99
+
+    # a killed run resumes from the directions it wrote, to the same adapter
+    killed = tmp_path / "killed"
+    run_killed_at_checkpoint(monkeypatch, loop, 6, lambda: tune(killed, "--subspace", "contrast"))
+    capfd.readouterr()
+    monkeypatch.setattr("mimo.train.contrast.compute", lambda *a, **k: pytest.fail("directions computed again"))
+    assert tune(killed, "--subspace", "contrast") == 0
+    assert "resuming from step 3" in capfd.readouterr().err
+    first, again = load_file(str(out / "adapter_model.safetensors")), load_file(str(killed / "adapter_model.safetensors"))
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
