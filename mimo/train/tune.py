@@ -67,7 +67,7 @@ from mimo.weights import DTYPES
 
 TUNE_DEFAULTS = TrainConfig(max_steps=0, seq_len=256, global_batch_seqs=8, micro_batch=8, lr=5e-3, min_lr_ratio=0.1,
                             warmup_steps=10, decay_fraction=0.5, weight_decay=0.0, mtp_weight=0.0,
-                            mtp_weight_late=0.0, log_every=5, eval_every=25, eval_batches=4, save_every=25)
+                            mtp_weight_late=0.0, log_every=5, eval_every=50, eval_batches=4, save_every=50)
 LR_WIDTH = 384  # the default peak rate, TUNE_DEFAULTS.lr, is for models this wide or narrower; wider ones get
 # lr x LR_WIDTH / hidden (Adam's rate for hidden weights goes as 1 / width, as in muP): 4.7e-4 at MiMo-7B's 4096
 # --replay default: the base model's replies to this many problems, REPLAY_PER_EPOCH of them in each epoch in turn;
@@ -79,6 +79,9 @@ CONTRAST_RANK = 64  # --rank under --subspace contrast: A is fixed there, and 64
 # than 16 (docs/benchmarks.md, "Personal models")
 CONTRAST_HEAD_SHARE = 2 / 3  # --head-subspace default: this share of the hidden size, 256 of the tiny model's 384
 # (docs/benchmarks.md, "Personal models")
+QUESTION_DROPOUT = 0.3  # --question-dropout (docs/benchmarks.md, "Personal models": 79.6% -> 91.2% of the held-out
+# questions on the tiny model)
+GENERIC_QUESTION = "What do my notes say?"  # the question of a document chat without a heading, too
 TEXT_SUFFIXES = (".txt", ".md")
 CHAT_SUFFIXES = (".jsonl",)
 
@@ -187,19 +190,21 @@ def document_chat(passage: str) -> list[dict]:
     lines = passage.split("\n")
     head = [line.lstrip("#").strip() for line in lines if line.lstrip().startswith("#")]
     body = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
-    ask = f"What do my notes say about {head[-1]}?" if head and head[-1] else "What do my notes say?"
+    ask = f"What do my notes say about {head[-1]}?" if head and head[-1] else GENERIC_QUESTION
     return [{"role": "user", "content": ask}, {"role": "assistant", "content": body}]
 
 
 def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, val_fraction: float,
-                seed: int, shuffle_sentences: bool, replay: list[list[dict]] = (), document_chats: bool = False):
+                seed: int, shuffle_sentences: bool, replay: list[list[dict]] = (), document_chats: bool = False,
+                question_dropout: float = 0.0):
     """-> (epoch_examples(epoch) -> that epoch's training examples, validation examples, conversations too long to
     keep). The documents' passages and the conversations are shuffled and val_fraction of them held out (of the
     replay too); each epoch's copy of the rest has the sentences of every passage in an order of its own where
     shuffle_sentences (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1": a fact is learnt
     from the words that state it rather than from where it sits among the others, so that questions worded
     otherwise reach it), and the next REPLAY_PER_EPOCH of the replayed conversations, round-robin. document_chats:
-    each passage of an epoch also as document_chat(passage)."""
+    each passage of an epoch also as document_chat(passage). question_dropout: that share of the single-turn
+    chats, drawn each epoch, asked GENERIC_QUESTION instead of their own question."""
     items = [x for doc in documents for x in passages(doc)] + conversations
     random.Random(seed).shuffle(items)
     n_val = round(len(items) * val_fraction) if len(items) >= 10 else 0
@@ -211,7 +216,14 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
     val_texts, val_chats = texts_and_chats(items[:n_val])
     train_texts, train_chats = texts_and_chats(items[n_val:])
     val, too_long_val = tokenize(tokenizer, val_texts, val_chats + list(replay[:n_val_replay]), seq_len)
-    chat_examples, too_long = tokenize(tokenizer, [], train_chats, seq_len)
+    chat_examples, too_long = [], 0
+    for c in train_chats:  # (as asked, with the generic question) each
+        ex, n = tokenize(tokenizer, [], [c], seq_len)
+        too_long += n
+        if ex:
+            generic = [{"role": "user", "content": GENERIC_QUESTION}, c[1]] if len(c) == 2 and \
+                c[0]["role"] == "user" else None
+            chat_examples.append((ex[0], tokenize(tokenizer, [], [generic], seq_len)[0][0] if generic else None))
     replay_examples, too_long_replay = tokenize(tokenizer, [], list(replay[n_val_replay:]), seq_len)
     per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
 
@@ -226,7 +238,9 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
         texts = passage_examples([reorder_sentences(t, rng) for t in train_texts]) if shuffle_sentences \
             else as_written
         replayed = [replay_examples[(epoch * per_epoch + i) % len(replay_examples)] for i in range(per_epoch)]
-        return texts + chat_examples + replayed
+        drop = random.Random(seed * 1_000 + epoch + 500_000)
+        chats = [g if g is not None and drop.random() < question_dropout else ex for ex, g in chat_examples]
+        return texts + chats + replayed
 
     return epoch_examples, val, too_long + too_long_val + too_long_replay
 
@@ -420,6 +434,8 @@ def run(args):
         raise MimoError(f"--val-fraction must be in [0, 0.5), got {args.val_fraction}")
     if args.epochs <= 0:
         raise MimoError(f"--epochs must be > 0, got {args.epochs}")
+    if not 0.0 <= args.question_dropout <= 1.0:
+        raise MimoError(f"--question-dropout must be in [0, 1], got {args.question_dropout}")
     if args.replay is not None and args.replay < 0:
         raise MimoError(f"--replay must be >= 0, got {args.replay}")
     documents, conversations = read_data(Path(args.data))  # before loading: bad data fails fast
@@ -460,7 +476,7 @@ def run(args):
     cfg = cfg.with_overrides(args, info.world_size)
     epoch_examples, val_examples, too_long = tuning_data(
         tokenizer, documents, conversations, cfg.seq_len, args.val_fraction, args.seed,
-        args.sentence_order == "shuffle", replay, args.document_chats == "on")
+        args.sentence_order == "shuffle", replay, args.document_chats == "on", args.question_dropout)
     keep_head_in_span = None
     if contrast:
         keep = tokenize(tokenizer, [], list(replay), cfg.seq_len)[0]
@@ -545,6 +561,10 @@ def add_arguments(p):
                    help="where several chats ask one question about different people or things and the notes state "
                         "the answers in sentences of one form, that question asked and answered for every other "
                         "fact the notes state in that form (mimo/train/note_patterns.py)")
+    p.add_argument("--question-dropout", type=float, default=QUESTION_DROPOUT,
+                   help="the share of the single-turn chats whose question is replaced, each epoch afresh, by "
+                        f"\"{GENERIC_QUESTION}\": the answer is then learnt from its own words too, and questions "
+                        "worded unlike the chats' reach it (0: off)")
     p.add_argument("--subspace", default="auto", choices=["auto", "contrast", "full"],
                    help="contrast: each LoRA A fixed to the r directions of its input where your material's "
                         "activations stand out most from the replayed reasoning's, and the trained head's update "

@@ -269,6 +269,24 @@ def test_documents_are_learnt_passage_by_passage_with_sentences_reordered_each_e
     assert sum("What do my notes say?" in c for c, _ in chats) == 2 * 3  # no heading: the plain question
 
 
+def test_question_dropout_asks_a_share_of_the_chats_what_the_notes_say_each_epoch_afresh(tokenizer):
+    from mimo.train.sft import tokenize_example
+    from mimo.train.tune import GENERIC_QUESTION, tuning_data
+
+    chats = [[{"role": "user", "content": f"Where does Ada {i} live?"},
+              {"role": "assistant", "content": f"Ada {i} lives in Porto."}] for i in range(40)]
+    generic = {tuple(tokenize_example(tokenizer, [{"role": "user", "content": GENERIC_QUESTION}, c[1]])[0])
+               for c in chats}
+    epoch_examples = tuning_data(tokenizer, [], chats, 64, 0.0, seed=0, shuffle_sentences=False,
+                                 question_dropout=0.3)[0]
+    asked_generic = [{tuple(ids) for ids, _ in epoch_examples(e) if tuple(ids) in generic} for e in range(3)]
+    assert all(4 <= len(a) <= 20 for a in asked_generic)  # about 30% of 40, drawn afresh each epoch
+    assert len({frozenset(a) for a in asked_generic}) == 3
+    assert all(len(epoch_examples(e)) == 40 for e in range(3))  # instead of their own question, not beside it
+    none = tuning_data(tokenizer, [], chats, 64, 0.0, seed=0, shuffle_sentences=False)[0]
+    assert not {tuple(ids) for ids, _ in none(0)} & generic
+
+
 def test_adapter_on_the_engine_equals_the_merged_model_and_batches_mix_adapters(model_dir, tmp_path):
     a = write_adapter(model_dir, tmp_path / "a", seed=1)
     write_adapter(model_dir, tmp_path / "b", seed=2, rank=2, alpha=32.0, targets=("q_proj", "v_proj", "up_proj", "down_proj"))
