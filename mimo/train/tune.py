@@ -1,6 +1,6 @@
 """`mimo tune`: LoRA on your own material, on your own machine; the base stays frozen (and may be quantized).
 
-    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank R] [--epochs 30]
+    mimo tune MODEL_DIR --data NOTES_DIR_OR_FILE --out ADAPTER_DIR [--quantize int4] [--rank R] [--epochs 25]
 
 Data: plain .txt / .md documents (language-modelling loss on every token) and .jsonl chat transcripts, one
 {"messages": [...]} (or {"prompt", "response"}) a line, loss on assistant turns only (as `mimo sft`); a
@@ -80,7 +80,7 @@ CONTRAST_RANK = 64  # --rank under --subspace contrast: A is fixed there, and 64
 CONTRAST_HEAD_SHARE = 2 / 3  # --head-subspace default: this share of the hidden size, 256 of the tiny model's 384
 # (docs/benchmarks.md, "Personal models")
 QUESTION_DROPOUT = 0.3  # --question-dropout (docs/benchmarks.md, "Personal models": 79.6% -> 91.2% of the held-out
-# questions on the tiny model)
+# questions on the tiny model, at 30 epochs)
 GENERIC_QUESTION = "What do my notes say?"  # the question of a document chat without a heading, too
 TEXT_SUFFIXES = (".txt", ".md")
 CHAT_SUFFIXES = (".jsonl",)
@@ -574,7 +574,7 @@ def add_arguments(p):
     p.add_argument("--head-subspace", type=int, default=None,
                    help="with --subspace contrast and a trained head: the directions of the head's input its update "
                         f"may use (default {CONTRAST_HEAD_SHARE:.2g} of the hidden size)")
-    p.add_argument("--epochs", type=float, default=30.0, help="passes over the training rows (sets the steps)")
+    p.add_argument("--epochs", type=float, default=25.0, help="passes over the training rows (sets the steps)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--seq-len", type=int, default=TUNE_DEFAULTS.seq_len, help="tokens per row")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward pass (less memory when smaller)")
