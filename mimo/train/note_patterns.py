@@ -22,6 +22,7 @@ sentence, the same phrasing from entry to entry) and empty where they are not.""
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 
@@ -45,15 +46,11 @@ def slot(text: str, value: str, name: str) -> str | None:
 
 
 def common_ends(texts: list[str]) -> tuple[int, int]:
-    """Lengths of the prefix and the suffix all texts share, cut back to word boundaries."""
-    pre = len(next(iter(texts)))
-    for t in texts:
-        pre = min(pre, next((i for i, (x, y) in enumerate(zip(t, texts[0])) if x != y), min(len(t), len(texts[0]))))
+    """Lengths of the prefix and the suffix all texts share (not overlapping), cut back to word boundaries."""
+    pre = len(os.path.commonprefix(texts))
     while pre and any(pre < len(t) and t[pre - 1].isalnum() and t[pre].isalnum() for t in texts):
         pre -= 1
-    suf = 0
-    while all(len(t) - pre > suf for t in texts) and len({t[len(t) - 1 - suf] for t in texts}) == 1:
-        suf += 1
+    suf = min(len(os.path.commonprefix([t[::-1] for t in texts])), min(len(t) for t in texts) - pre)
     while suf and any(len(t) - suf > 0 and t[len(t) - suf].isalnum() and t[len(t) - suf - 1].isalnum()
                       for t in texts):
         suf -= 1

@@ -197,8 +197,8 @@ def document_chat(passage: str) -> list[dict]:
 def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]], seq_len: int, val_fraction: float,
                 seed: int, shuffle_sentences: bool, replay: list[list[dict]] = (), document_chats: bool = False,
                 question_dropout: float = 0.0):
-    """-> (epoch_examples(epoch) -> that epoch's training examples, validation examples, conversations too long to
-    keep). The documents' passages and the conversations are shuffled and val_fraction of them held out (of the
+    """-> (epoch_examples(epoch, replayed=True) -> that epoch's training examples (replayed=False: the user's
+    material's alone), validation examples, conversations too long to keep). The documents' passages and the conversations are shuffled and val_fraction of them held out (of the
     replay too); each epoch's copy of the rest has the sentences of every passage in an order of its own where
     shuffle_sentences (knowledge augmentation, Allen-Zhu & Li, "Physics of Language Models 3.1": a fact is learnt
     from the words that state it rather than from where it sits among the others, so that questions worded
@@ -216,14 +216,15 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
     val_texts, val_chats = texts_and_chats(items[:n_val])
     train_texts, train_chats = texts_and_chats(items[n_val:])
     val, too_long_val = tokenize(tokenizer, val_texts, val_chats + list(replay[:n_val_replay]), seq_len)
-    chat_examples, too_long = [], 0
-    for c in train_chats:  # (as asked, with the generic question) each
+    chat_examples, too_long = [], 0  # (as asked, with the generic question or None) each
+    for c in train_chats:
         ex, n = tokenize(tokenizer, [], [c], seq_len)
         too_long += n
+        single_turn = len(c) == 2 and c[0]["role"] == "user"
+        generic = tokenize(tokenizer, [], [[{"role": "user", "content": GENERIC_QUESTION}, c[1]]], seq_len)[0] \
+            if single_turn else []
         if ex:
-            generic = [{"role": "user", "content": GENERIC_QUESTION}, c[1]] if len(c) == 2 and \
-                c[0]["role"] == "user" else None
-            chat_examples.append((ex[0], tokenize(tokenizer, [], [generic], seq_len)[0][0] if generic else None))
+            chat_examples.append((ex[0], generic[0] if generic else None))
     replay_examples, too_long_replay = tokenize(tokenizer, [], list(replay[n_val_replay:]), seq_len)
     per_epoch = min(REPLAY_PER_EPOCH, len(replay_examples))
 
@@ -233,14 +234,16 @@ def tuning_data(tokenizer, documents: list[str], conversations: list[list[dict]]
 
     as_written = None if shuffle_sentences else passage_examples(train_texts)
 
-    def epoch_examples(epoch: int) -> list[tuple[list[int], list[int]]]:
+    def epoch_examples(epoch: int, replayed: bool = True) -> list[tuple[list[int], list[int]]]:
         rng = random.Random(seed * 1_000 + epoch)
         texts = passage_examples([reorder_sentences(t, rng) for t in train_texts]) if shuffle_sentences \
             else as_written
-        replayed = [replay_examples[(epoch * per_epoch + i) % len(replay_examples)] for i in range(per_epoch)]
         drop = random.Random(seed * 1_000 + epoch + 500_000)
         chats = [g if g is not None and drop.random() < question_dropout else ex for ex, g in chat_examples]
-        return texts + chats + replayed
+        if not replayed:
+            return texts + chats
+        return texts + chats + [replay_examples[(epoch * per_epoch + i) % len(replay_examples)]
+                                for i in range(per_epoch)]
 
     return epoch_examples, val, too_long + too_long_val + too_long_replay
 
@@ -480,7 +483,7 @@ def run(args):
     keep_head_in_span = None
     if contrast:
         keep = tokenize(tokenizer, [], list(replay), cfg.seq_len)[0]
-        user = [x for x in epoch_examples(0) if x not in keep]  # the material's examples of the first epoch
+        user = epoch_examples(0, replayed=False)  # the material's examples of the first epoch
         print0(f"tune: the update confined to the directions where {len(user)} examples of your material stand out "
                f"from {len(keep)} replayed replies (--subspace full: no confinement)")
         keep_head_in_span = confine(model, Path(args.out), user, keep, head_dims if head_trains else None,
@@ -511,7 +514,8 @@ def run(args):
             {"command": "tune", "model": str(args.model), "data": str(args.data), "quantize": args.quantize,
              "train_head": head_trains,
              "activation_checkpointing": bool(recompute),
-             "head_subspace": head_dims if contrast and head_trains else None, "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
+             "head_subspace": head_dims if contrast and head_trains else None,
+             "lora": asdict(lora), "train": asdict(cfg), "data_stats": stats}, indent=2) + "\n")
     val_packed = (*pack(val_examples, cfg.seq_len, tokenizer.eos_token_id),
                   pack_positions(val_examples, cfg.seq_len)) if n_val else ()
 
